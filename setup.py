@@ -1,0 +1,26 @@
+from setuptools import setup
+
+# kernels/ lives at the top level (one concept per file, no model knowledge) but is
+# installed as fmfast.kernels, for both `pip install .` and `pip install -e .`.
+setup(
+    name="fmfast",
+    version="0.1.0",
+    description="Fast FmFormer: cross-modal (video + arc current) anomaly detection for fused magnesium furnaces",
+    python_requires=">=3.10",
+    packages=["fmfast", "fmfast.data", "fmfast.nn", "fmfast.ops", "fmfast.models", "fmfast.kernels"],
+    package_dir={"fmfast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        "triton; platform_system=='Linux'",
+        "numpy",
+        "einops",
+        "h5py",
+        "decord",
+        "rich",
+        "pyyaml",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "nvtx"],
+    },
+)
