@@ -1,7 +1,7 @@
 """Model configuration. Defaults are the paper's FmFormer (Wu et al., TCSVT 2025)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 TASKS = ("classification", "segmentation")
 

@@ -1,0 +1,132 @@
+"""Evaluate a checkpoint on an FMF split: ``python -m fmfast.evaluate --checkpoint PATH``.
+
+Reads fmfast checkpoints and the reference code's ``state_dict`` files alike; prints a table
+and writes the metrics as JSON."""
+from __future__ import annotations
+
+
+import json
+import time
+
+import torch
+
+from fmfast.cli import Parser
+from fmfast.metrics import MetricAccumulator
+from fmfast.runner import autocast, forward, to_device
+
+
+@torch.no_grad()
+def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None, max_samples: int = 0,
+             progress=None, keep: int = 0) -> tuple[dict, dict]:
+    """Run ``model`` over ``ds`` in order -> ``(metrics, examples)``.
+
+    ``examples`` holds the first ``keep`` inputs' clips, labels and predictions (for the mask
+    overlay plots); ``metrics`` includes samples/s of the whole pass."""
+    was_training = model.training
+    model.eval()
+    acc = MetricAccumulator(ds.task)
+    n = len(ds) if not max_samples else min(max_samples, len(ds))
+    examples: dict = {}
+    task_id = progress.add_task("evaluate", total=n, loss=float("nan")) if progress is not None else None
+    t0 = time.perf_counter()
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(start + batch_size, n))
+        clips, currents, labels = to_device(ds.batch(idx), device)
+        with autocast(device, amp_dtype):
+            logits = forward(model, model_name, clips, currents)
+        acc.update(logits.float(), labels)
+        if keep and start == 0:
+            k = min(keep, len(idx))
+            examples = {"clips": clips[:k].cpu(), "labels": labels[:k].cpu(), "pred": logits[:k].float().argmax(1).cpu(),
+                        "prob": torch.softmax(logits[:k].float(), 1)[:, 1].cpu(), "keys": [ds.sample_key(int(i)) for i in idx[:k]]}
+        if progress is not None:
+            progress.update(task_id, advance=len(idx))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    if progress is not None:
+        progress.remove_task(task_id)
+    model.train(was_training)
+    metrics = acc.compute()
+    metrics["samples"] = n
+    metrics["samples_per_s"] = n / elapsed if elapsed > 0 else float("inf")
+    return metrics, examples
+
+
+def metrics_table(metrics: dict, title: str = "metrics"):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            table.add_row(k, f"{v:.4f}")
+        elif isinstance(v, int):
+            table.add_row(k, str(v))
+        elif isinstance(v, list) and v and not isinstance(v[0], list):
+            table.add_row(k, " ".join(f"{x:.4f}" for x in v))
+    return table
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m fmfast.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="fmfast checkpoint (best.pt/last.pt) or a reference state_dict")
+    p.add_argument("--data", default=None, help="dataset root (V1 or V2 layout); default: the built-in synthetic benchmark")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--task", choices=["classification", "segmentation"], help="required for reference state_dicts whose task is ambiguous")
+    p.add_argument("--model", choices=["fmformer", "video", "current"], help="the model the checkpoint must hold")
+    p.add_argument("--num-frames", type=int)
+    p.add_argument("--stride", type=int)
+    p.add_argument("--current-seconds", type=int)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-samples", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="off", choices=["auto", "bf16", "fp16", "off"])
+    p.add_argument("--out", default=None, help="JSON file for the metrics (default: next to the checkpoint)")
+    return p
+
+
+def main(argv=None) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from fmfast.checkpoint import load_model
+    from fmfast.cli import UserError, atomic_write
+    from fmfast.data import FMFDataset
+    from fmfast.data.cache import default_synthetic_root
+    from fmfast.runner import resolve_amp, resolve_device
+    from fmfast.progress import progress_bar
+
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True)
+    device = resolve_device(args.device)
+    amp = resolve_amp(args.amp, device)
+    model, meta = load_model(args.checkpoint, task=args.task, model_name=args.model)
+    cfg, data = model.config, meta.get("data", {})
+    root = args.data or data.get("root") or default_synthetic_root(console=console)
+    if not Path(root).exists():
+        raise UserError(f"{root}: data folder not found")
+    ds = FMFDataset(
+        root, split=args.split, task=cfg.task, train=False,
+        num_frames=args.num_frames or data.get("num_frames", cfg.num_frames),
+        stride=args.stride or data.get("stride", 1),
+        current_seconds=args.current_seconds or data.get("current_seconds", cfg.current_len // 2),
+    )
+    model.to(device)
+    with progress_bar(console) as progress:
+        metrics, _ = evaluate(model, meta["model_name"], ds, args.batch_size, device, amp, args.max_samples, progress)
+    metrics.update(checkpoint=str(args.checkpoint), data=str(root), split=args.split, model=meta["model_name"], task=cfg.task)
+    Console().print(metrics_table(metrics, f"{meta['model_name']} · {cfg.task} · {args.split} split"))
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(f".{args.split}-metrics.json")
+    with atomic_write(out) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2))
+    console.print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from fmfast.cli import run_main
+
+    raise SystemExit(run_main(main))

@@ -1,0 +1,257 @@
+"""The training loop behind ``python -m fmfast.train``.
+
+Batches come from ``FMFDataset.batch`` (vectorised gathers from the frame store, no
+DataLoader workers); the epoch order is a pure function of (seed, epoch), so a run killed at
+any point resumes from ``last.pt`` with the same optimiser, scheduler, order and RNG state and
+ends with the same weights as an uninterrupted one."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from fmfast import checkpoint as ckpt
+from fmfast import distributed as dist
+from fmfast.cli import UserError, atomic_write
+from fmfast.evaluate import evaluate
+from fmfast.initialization import reference_init
+from fmfast.optim import build_optimizer, build_scheduler
+from fmfast.progress import progress_bar
+from fmfast.runner import autocast, forward, resolve_amp, resolve_device, to_device
+from fmfast.settings import model_config
+
+
+def epoch_order(n: int, seed: int, epoch: int, limit: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g)
+    return order[:limit] if limit else order
+
+
+def _comparable(settings: dict) -> dict:
+    # what makes two runs "the same run": everything but where it is written and how long it goes
+    s = json.loads(json.dumps(settings))
+    s["train"].pop("out", None)
+    s["train"].pop("epochs", None)
+    return s
+
+
+def _diff(a, b, where="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{where}{k}.")]
+    return [] if a == b else [where.rstrip(".")]
+
+
+class Trainer:
+    def __init__(self, settings: dict, resume: str | None = None, console=None):
+        from rich.console import Console
+
+        self.s = settings
+        t = settings["train"]
+        self.device = resolve_device(t["device"])
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", dist.local_rank())
+            torch.cuda.set_device(self.device)
+        self.rank, self.world = dist.init(self.device)
+        self.main = self.rank == 0
+        self.console = console or Console(stderr=True, quiet=not self.main)
+        self.amp = resolve_amp(t["amp"], self.device)
+        self.out = Path(t["out"])
+        self._check_run_folder(resume)
+
+        self.train_ds, self.test_ds = self._datasets()
+        self.model_name = settings["model"]["name"]
+        frame_hw = tuple(self.train_ds.frames.shape[-2:])
+        self.cfg = model_config(settings, frame_hw)
+        from fmfast.models import build_model
+
+        torch.manual_seed(t["seed"])
+        self.model = reference_init(build_model(self.model_name, self.cfg)).to(self.device)
+        self.module = self.model
+        if self.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.opt = build_optimizer(self.model.parameters(), settings["optim"], fused=self.device.type == "cuda")
+        self.sched = build_scheduler(self.opt, settings["schedule"], t["epochs"], self.steps_per_epoch, settings["optim"]["lr"])
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.epoch, self.step, self.global_step = 0, 0, 0
+        self.history: list[dict] = []
+        self.losses: list[float] = []
+        self.best = -math.inf
+        if resume:
+            self._load(resume)
+
+    # ---------------------------------------------------------------- set-up
+    def _check_run_folder(self, resume):
+        cfg_file = self.out / "config.yaml"
+        if cfg_file.is_file():
+            try:
+                old = yaml.safe_load(cfg_file.read_text())
+            except yaml.YAMLError:
+                raise UserError(f"{cfg_file}: unreadable run config; choose another --out") from None
+            diff = _diff(_comparable(old or {}), _comparable(self.s))
+            if diff:
+                raise UserError(f"{self.out}: holds a different run (settings differ in {', '.join(diff[:6])}); choose another --out")
+            if not resume and (self.out / "last.pt").exists():
+                raise UserError(f"{self.out}: already holds this run; pass --resume auto to continue it, or another --out")
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with atomic_write(cfg_file) as tmp:
+                tmp.write_text(yaml.safe_dump(self.s, sort_keys=False))
+
+    def _datasets(self):
+        from fmfast.data import FMFDataset
+
+        d = self.s["data"]
+        kw = dict(num_frames=d["num_frames"], stride=d["stride"], current_seconds=d["current_seconds"],
+                  task=self.s["model"]["task"], seed=self.s["train"]["seed"])
+        train = FMFDataset(d["root"], split="train", train=True, **kw)
+        test = FMFDataset(d["root"], split="test", train=False, **kw)
+        if len(train) == 0 or len(test) == 0:
+            raise UserError(f"{d['root']}: the train or test split is empty")
+        return train, test
+
+    def _steps_per_epoch(self) -> int:
+        t = self.s["train"]
+        n = min(t["max_train_samples"] or len(self.train_ds), len(self.train_ds))
+        per_rank = math.ceil(n / self.world)
+        return math.ceil(per_rank / t["batch_size"])
+
+    # ---------------------------------------------------------------- checkpoints
+    def _state(self) -> dict:
+        d = self.s["data"]
+        state = ckpt.model_payload(self.model_name, self.module, {
+            "root": str(d["root"]), "num_frames": d["num_frames"], "stride": d["stride"],
+            "current_seconds": d["current_seconds"], "frame_size": list(self.cfg.frame_hw),
+        })
+        state.update(
+            settings=self.s, epoch=self.epoch, step=self.step, global_step=self.global_step,
+            optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), scaler=self.scaler.state_dict(),
+            rng={"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})},
+            history=self.history, losses=self.losses, best=self.best,
+        )
+        return state
+
+    def _save(self, name: str) -> None:
+        if self.main:
+            ckpt.save(self.out / name, self._state())
+
+    def _load(self, path) -> None:
+        state = ckpt.read(path, map_location="cpu")
+        if state.get("format") != ckpt.FORMAT or "optimizer" not in state:
+            raise UserError(f"{path}: not an fmfast training checkpoint (use it with --init or evaluate instead)")
+        diff = _diff(_comparable(state["settings"]), _comparable(self.s))
+        if diff:
+            raise UserError(f"{path}: was trained with different settings ({', '.join(diff[:6])})")
+        self.module.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
+        self.history, self.losses, self.best = state["history"], state["losses"], state["best"]
+        self.console.print(f"resumed from {path}: epoch {self.epoch + 1}, step {self.step}")
+
+    # ---------------------------------------------------------------- loop
+    def _train_step(self, idx: torch.Tensor) -> float:
+        clips, currents, labels = to_device(self.train_ds.batch(idx), self.device)
+        with autocast(self.device, self.amp):
+            logits = forward(self.model, self.model_name, clips, currents)
+        loss = F.cross_entropy(logits.float(), labels.long())
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        return loss.item()
+
+    def fit(self) -> dict:
+        t = self.s["train"]
+        every = t["checkpoint_every"]
+        self._log_start()
+        with progress_bar(self.console, disable=not self.main) as progress:
+            while self.epoch < t["epochs"]:
+                self.train_ds.set_epoch(self.epoch)
+                order = dist.shard(epoch_order(len(self.train_ds), t["seed"], self.epoch, t["max_train_samples"]), self.rank, self.world)
+                batches = order.split(t["batch_size"])
+                bar = progress.add_task(f"epoch {self.epoch + 1}/{t['epochs']}", total=len(order), loss=float("nan"),
+                                        completed=min(self.step * t["batch_size"], len(order)))
+                t0, seen, run_loss = time.perf_counter(), 0, []
+                for i in range(self.step, len(batches)):
+                    loss = self._train_step(batches[i])
+                    self.step, self.global_step = i + 1, self.global_step + 1
+                    self.losses.append(loss)
+                    run_loss.append(loss)
+                    seen += len(batches[i])
+                    progress.update(bar, advance=len(batches[i]), loss=sum(run_loss[-20:]) / len(run_loss[-20:]))
+                    if every and self.step % every == 0 and self.step < len(batches):
+                        self._save("last.pt")
+                train_time = time.perf_counter() - t0
+                progress.remove_task(bar)
+                self._end_epoch(progress, run_loss, seen, train_time)
+        dist.cleanup(self.world)
+        return self.history[-1] if self.history else {}
+
+    def _end_epoch(self, progress, run_loss, seen, train_time):
+        t = self.s["train"]
+        metrics = {}
+        if self.main:
+            metrics, self._examples = evaluate(self.module, self.model_name, self.test_ds, t["eval_batch_size"], self.device,
+                                               self.amp, t["max_eval_samples"], progress, keep=8)
+        row = {
+            "epoch": self.epoch + 1,
+            "train_loss": sum(run_loss) / len(run_loss) if run_loss else float("nan"),
+            "train_samples_per_s": seen * self.world / train_time if train_time > 0 else float("nan"),
+            "lr": self.opt.param_groups[0]["lr"],
+            "test": metrics,
+        }
+        self.history.append(row)
+        self.epoch, self.step = self.epoch + 1, 0
+        if self.main:
+            key = "f1" if self.cfg.task == "classification" else "miou"
+            improved = metrics.get(key, -math.inf) > self.best
+            if improved:
+                self.best = metrics[key]
+            self._save("last.pt")
+            if improved:
+                self._save("best.pt")
+            with atomic_write(self.out / "metrics.jsonl") as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            self._log_epoch(row, improved)
+            from fmfast import plots
+
+            plots.training_report(self.out, self.history, self.losses, self.cfg.task, getattr(self, "_examples", None))
+        dist.barrier(self.world)
+
+    # ---------------------------------------------------------------- reporting
+    def _log_start(self):
+        n_params = sum(p.numel() for p in self.module.parameters())
+        d = self.s["data"]
+        self.console.print(
+            f"[bold]fmfast[/] training {self.model_name} ({self.cfg.task}, {n_params:,} parameters) on {d['root']}\n"
+            f"  train {len(self.train_ds):,} / test {len(self.test_ds):,} samples · clip {self.cfg.num_frames}×{self.cfg.frame_hw[0]}×{self.cfg.frame_hw[1]}"
+            f" stride {d['stride']} · current {self.cfg.current_len}×3 · batch {self.s['train']['batch_size']}"
+            f" · {self.device} · amp {self.amp or 'off'} · {self.world} process(es)\n  run folder {self.out}"
+        )
+
+    def _log_epoch(self, row, improved):
+        from rich.table import Table
+
+        m = row["test"]
+        table = Table(show_header=self.epoch == 1 or not hasattr(self, "_printed"), box=None, pad_edge=False)
+        self._printed = True
+        cols = ["epoch", "loss", "lr", "train/s"]
+        keys = ["accuracy", "f1", "fdr", "mdr", "auroc"] if self.cfg.task == "classification" else ["pixel_accuracy", "miou", "frame_accuracy"]
+        for c in cols + keys + ["best"]:
+            table.add_column(c, justify="right", min_width=8)
+        table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", f"{row['lr']:.2e}", f"{row['train_samples_per_s']:.0f}",
+                      *[f"{m.get(k, float('nan')):.4f}" for k in keys], "*" if improved else "")
+        self.console.print(table)
