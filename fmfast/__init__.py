@@ -1,0 +1,6 @@
+"""fmfast: a fast, faithful FmFormer (video + arc current anomaly detection for fused magnesium furnaces)."""
+from fmfast.config import ModelConfig
+from fmfast.models import CurrentViT, FmFormer, VideoViT, build_model
+
+__version__ = "0.1.0"
+__all__ = ["CurrentViT", "FmFormer", "ModelConfig", "VideoViT", "build_model"]

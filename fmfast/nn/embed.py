@@ -1,0 +1,131 @@
+"""Tokenizers: multiscale video tubelets and current time steps, with cls token and positions."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from fmfast.ops.tokenize import ScaleParams, current_tokens_ref, multiscale_tokens
+
+
+def _hw(frame_hw) -> tuple[int, int]:
+    return (frame_hw, frame_hw) if isinstance(frame_hw, int) else (int(frame_hw[0]), int(frame_hw[1]))
+
+
+class TubeletScale(nn.Module):
+    """Weights of one video scale: LayerNorm(patch_dim) -> Linear -> LayerNorm(dim), + positions."""
+
+    def __init__(self, patch_dim: int, dim: int, num_pos: int):
+        super().__init__()
+        self.norm_in = nn.LayerNorm(patch_dim)
+        self.proj = nn.Linear(patch_dim, dim)
+        self.norm_out = nn.LayerNorm(dim)
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_pos, dim))
+
+    def params(self) -> ScaleParams:
+        return ScaleParams(
+            self.norm_in.weight, self.norm_in.bias, self.proj.weight, self.proj.bias,
+            self.norm_out.weight, self.norm_out.bias, self.pos_embedding,
+        )
+
+
+class MultiscaleTubeletEmbed(nn.Module):
+    """Video ``[B,C,T,H,W]`` (uint8 or float 0..255) -> tokens ``[B, 1 + sum_i n_i, D]``.
+
+    Scale i tokenizes the clip subsampled by ``dilations[i]`` (rows/columns 0, d, 2d, ...) into
+    ``pf x p x p`` tubelets with its own weights; ``n_i = T/pf * H/(d p) * W/(d p)``. Output order:
+    cls token, then the scales' tokens, each in (t, h, w) order. Scale 0's position embedding
+    has ``1 + n_0`` rows (row 0 is the cls token's), the others ``n_i``, as in the reference.
+
+    Supported: H, W divisible by ``d * p`` for every dilation d, T divisible by ``pf``, and the
+    input's C, T, H, W equal to the constructor's. ``forward(store, frame_index)`` reads the clip
+    from a frame store ``[N,C,H,W]`` uint8 with a ``[B,T]`` int64 frame table.
+    """
+
+    def __init__(
+        self,
+        frame_hw: int | tuple[int, int],
+        num_frames: int,
+        patch_size: int,
+        frame_patch_size: int,
+        dim: int,
+        channels: int = 3,
+        dilations: Sequence[int] = (1, 2),
+    ):
+        super().__init__()
+        h, w = _hw(frame_hw)
+        p, pf = patch_size, frame_patch_size
+        dilations = tuple(int(d) for d in dilations)
+        if not dilations or dilations[0] != 1 or any(d < 1 for d in dilations):
+            raise ValueError(f"dilations must start with 1 and be positive, got {dilations}")
+        if num_frames % pf:
+            raise ValueError(f"num_frames {num_frames} must be divisible by frame_patch_size {pf}")
+        for d in dilations:
+            if h % (d * p) or w % (d * p):
+                raise ValueError(
+                    f"frame size {h}x{w} must be divisible by dilation*patch_size = {d}*{p} for dilation {d}"
+                )
+        self.frame_hw, self.num_frames, self.channels = (h, w), num_frames, channels
+        self.patch_size, self.frame_patch_size, self.dilations, self.dim = p, pf, dilations, dim
+        t = num_frames // pf
+        self.grids = tuple((t, h // (d * p), w // (d * p)) for d in dilations)
+        self.num_tokens = tuple(a * b * c for a, b, c in self.grids)
+        patch_dim = channels * p * p * pf
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.scales = nn.ModuleList(
+            TubeletScale(patch_dim, dim, n + (1 if i == 0 else 0)) for i, n in enumerate(self.num_tokens)
+        )
+
+    @property
+    def seq_len(self) -> int:
+        return 1 + sum(self.num_tokens)
+
+    def _check(self, video: torch.Tensor, frame_index: torch.Tensor | None) -> None:
+        c, (h, w), t = self.channels, self.frame_hw, self.num_frames
+        if frame_index is None:
+            if video.dim() != 5 or tuple(video.shape[1:]) != (c, t, h, w):
+                raise ValueError(
+                    f"video: expected shape [B, {c}, {t}, {h}, {w}] (uint8 or float 0..255), got {list(video.shape)}"
+                )
+            return
+        if video.dim() != 4 or tuple(video.shape[1:]) != (c, h, w):
+            raise ValueError(f"frame store: expected shape [N, {c}, {h}, {w}], got {list(video.shape)}")
+        if frame_index.dim() != 2 or frame_index.shape[1] != t:
+            raise ValueError(f"frame_index: expected shape [B, {t}], got {list(frame_index.shape)}")
+        if frame_index.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"frame_index: expected an integer (int64) tensor, got {frame_index.dtype}")
+
+    def forward(self, video: torch.Tensor, frame_index: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(video, frame_index)
+        return multiscale_tokens(
+            video, self.cls_token, [s.params() for s in self.scales],
+            patch_size=self.patch_size, frame_patch_size=self.frame_patch_size,
+            dilations=self.dilations, frame_index=frame_index,
+        )
+
+
+class CurrentEmbed(nn.Module):
+    """Current ``[B, L, C]`` -> ``[B, 1+L, D]``: cls, then one token per time step, + positions."""
+
+    def __init__(self, length: int, channels: int, dim: int):
+        super().__init__()
+        self.length, self.channels, self.dim = length, channels, dim
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.norm_in = nn.LayerNorm(channels)
+        self.proj = nn.Linear(channels, dim)
+        self.norm_out = nn.LayerNorm(dim)
+        self.pos_embedding = nn.Parameter(torch.randn(1, 1 + length, dim))
+
+    @property
+    def seq_len(self) -> int:
+        return 1 + self.length
+
+    def forward(self, current: torch.Tensor) -> torch.Tensor:
+        if current.dim() != 3 or tuple(current.shape[1:]) != (self.length, self.channels):
+            raise ValueError(f"current: expected shape [B, {self.length}, {self.channels}], got {list(current.shape)}")
+        p = ScaleParams(
+            self.norm_in.weight, self.norm_in.bias, self.proj.weight, self.proj.bias,
+            self.norm_out.weight, self.norm_out.bias, self.pos_embedding,
+        )
+        return current_tokens_ref(current, self.cls_token, p)
