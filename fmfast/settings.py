@@ -119,6 +119,11 @@ def merge(base: dict, update: dict, where: str = "") -> dict:
                 raise UserError(f"setting '{path}' is a section; give one of its keys, e.g. {path}.{next(iter(out[k]))}=...")
             out[k] = merge(out[k], v, path + ".")
         else:
+            if isinstance(out[k], float) and isinstance(v, str):
+                try:  # YAML 1.1 reads "1e-3" as a string
+                    v = float(v)
+                except ValueError:
+                    pass
             out[k] = v
     return out
 
@@ -145,6 +150,11 @@ def parse_override(text: str) -> dict:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     out: dict = {}
     node = out
     parts = key.strip().split(".")
