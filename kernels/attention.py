@@ -1,0 +1,418 @@
+"""Block-sparse attention over a packed sequence of segments (Triton forward and backward).
+
+``q, k, v: [B, H, N, Dh]`` share one block layout (see ``fmfast.ops.layout.BlockLayout``): query
+block m attends the key blocks ``kv_indices[m, :kv_num_blocks[m]]``; the backward walks the
+transpose (``q_indices``/``q_num_blocks``) for dk/dv. Inside a block, elements are masked by
+segment ids (query i sees key j iff bit ``k_seg[j]`` of ``q_bits[i]`` is set), an optional local
+window over grid coordinates and an optional exact element bitmask, so segment lengths need not
+be multiples of the block size.
+
+Flash-attention style: online softmax with fp32 accumulation, the forward saves the logsumexp;
+the backward precomputes ``delta = rowsum(dO * O)`` and runs one launch whose first programs
+compute dk/dv per key block and whose last programs compute dq per query block (no atomics).
+
+Empty rows (a query that sees no key) are defined as ``out = 0`` with ``lse = -inf``; their
+gradients are exactly 0 and nothing is NaN. ``block_sparse_attention_ref`` does the same.
+
+The layout argument is duck typed: ``seq_len``, ``block_m``, ``block_n``, ``radius`` (window
+half-extents or None) and ``device_tensors(device)`` returning the kernel's int32 tensors.
+"""
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_HEAD_DIMS = (16, 32, 64, 128)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---- Triton ------------------------------------------------------------------------------------
+@triton.jit
+def _visible(qbits, qc, offs_m, kseg, kc, offs_n, N, EBITS, ebits_stride, RT, RH, RW,
+             HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr):
+    """Element mask for pre-broadcast 2D operands ([M,1] x [1,N] or the transpose)."""
+    vis = (((qbits >> kseg) & 1) != 0) & (offs_n < N)
+    if HAS_WINDOW:
+        # coords pack t << 20 | y << 10 | x; -1 marks non-grid tokens (never windowed)
+        near = (tl.abs((qc >> 20) - (kc >> 20)) <= RT) \
+            & (tl.abs(((qc >> 10) & 1023) - ((kc >> 10) & 1023)) <= RH) \
+            & (tl.abs((qc & 1023) - (kc & 1023)) <= RW)
+        vis = vis & (near | (qc < 0) | (kc < 0))
+    if HAS_EBITS:
+        words = tl.load(EBITS + offs_m * ebits_stride + offs_n // 32, mask=(offs_m < N) & (offs_n < N), other=0)
+        vis = vis & (((words >> (offs_n % 32)) & 1) != 0)
+    return vis
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                KV_NUM, KV_IDX, kv_idx_stride, QBITS, KSEG, COORDS, EBITS, ebits_stride,
+                N, H, qk_scale, RT, RH, RW,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    O += b * sob + h * soh
+    LSE += bh.to(tl.int64) * N
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_nb = tl.arange(0, BLOCK_N)
+    in_m = offs_m < N
+    q = tl.load(Q + offs_m[:, None] * sqn + offs_d[None, :], mask=in_m[:, None], other=0.0)
+    qbits = tl.load(QBITS + offs_m, mask=in_m, other=0)  # padding rows see nothing
+    qc = qbits
+    if HAS_WINDOW:
+        qc = tl.load(COORDS + offs_m, mask=in_m, other=-1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    nblk = tl.load(KV_NUM + pid_m)
+    for j in range(0, nblk):
+        kb = tl.load(KV_IDX + pid_m * kv_idx_stride + j)
+        offs_n = kb * BLOCK_N + offs_nb
+        in_n = offs_n < N
+        kT = tl.load(K + offs_n[None, :] * skn + offs_d[:, None], mask=in_n[None, :], other=0.0)
+        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=in_n[:, None], other=0.0)
+        kseg = tl.load(KSEG + offs_n, mask=in_n, other=0)
+        kc = kseg
+        if HAS_WINDOW:
+            kc = tl.load(COORDS + offs_n, mask=in_n, other=-1)
+        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        vis = _visible(qbits[:, None], qc[:, None], offs_m[:, None], kseg[None, :], kc[None, :],
+                       offs_n[None, :], N, EBITS, ebits_stride, RT, RH, RW, HAS_WINDOW, HAS_EBITS)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with nothing visible yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(O + offs_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty), mask=in_m[:, None])
+    tl.store(LSE + offs_m, lse, mask=in_m)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sdob, sdoh, sdon, N, H,
+                      BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_m = offs_m < N
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], mask=in_m[:, None], other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :], mask=in_m[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=in_m)
+
+
+@triton.jit
+def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
+                sdqb, sdqh, sdqn, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+                KV_NUM, KV_IDX, kv_idx_stride, Q_NUM, Q_IDX, q_idx_stride,
+                QBITS, KSEG, COORDS, EBITS, ebits_stride,
+                N, H, NUM_KB, sm_scale, qk_scale, RT, RH, RW,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    DO += b * sdob + h * sdoh
+    LSE += bh.to(tl.int64) * N
+    DELTA += bh.to(tl.int64) * N
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    if pid < NUM_KB:
+        # ---- dk, dv for key block pid: walk the query blocks that see it (transposed tiles)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_n = offs_n < N
+        k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :], mask=in_n[:, None], other=0.0)
+        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=in_n[:, None], other=0.0)
+        kseg = tl.load(KSEG + offs_n, mask=in_n, other=0)
+        kc = kseg
+        if HAS_WINDOW:
+            kc = tl.load(COORDS + offs_n, mask=in_n, other=-1)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        nq = tl.load(Q_NUM + pid)
+        for i in range(0, nq):
+            qb = tl.load(Q_IDX + pid * q_idx_stride + i)
+            offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+            in_m = offs_m < N
+            qT = tl.load(Q + offs_m[None, :] * sqn + offs_d[:, None], mask=in_m[None, :], other=0.0)
+            do = tl.load(DO + offs_m[:, None] * sdon + offs_d[None, :], mask=in_m[:, None], other=0.0)
+            qbits = tl.load(QBITS + offs_m, mask=in_m, other=0)
+            qc = qbits
+            if HAS_WINDOW:
+                qc = tl.load(COORDS + offs_m, mask=in_m, other=-1)
+            # empty rows store lse = -inf: use +inf so every p of the row is exp2(-inf) = 0
+            lse = tl.load(LSE + offs_m, mask=in_m, other=float("inf"))
+            m2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            di = tl.load(DELTA + offs_m, mask=in_m, other=0.0)
+            qkT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale
+            vis = _visible(qbits[None, :], qc[None, :], offs_m[None, :], kseg[:, None], kc[:, None],
+                           offs_n[:, None], N, EBITS, ebits_stride, RT, RH, RW, HAS_WINDOW, HAS_EBITS)
+            pT = tl.where(vis, tl.math.exp2(qkT - m2[None, :]), 0.0)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dsT = pT * (dpT - di[None, :])
+            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
+        dk *= sm_scale
+        DK += b * sdkb + h * sdkh
+        DV += b * sdvb + h * sdvh
+        tl.store(DK + offs_n[:, None] * sdkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=in_n[:, None])
+        tl.store(DV + offs_n[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=in_n[:, None])
+    else:
+        # ---- dq for query block pid - NUM_KB: walk its key blocks
+        pid_m = pid - NUM_KB
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_m = offs_m < N
+        q = tl.load(Q + offs_m[:, None] * sqn + offs_d[None, :], mask=in_m[:, None], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * sdon + offs_d[None, :], mask=in_m[:, None], other=0.0)
+        qbits = tl.load(QBITS + offs_m, mask=in_m, other=0)
+        qc = qbits
+        if HAS_WINDOW:
+            qc = tl.load(COORDS + offs_m, mask=in_m, other=-1)
+        lse = tl.load(LSE + offs_m, mask=in_m, other=float("inf"))
+        m2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        di = tl.load(DELTA + offs_m, mask=in_m, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        nk = tl.load(KV_NUM + pid_m)
+        for j in range(0, nk):
+            kb = tl.load(KV_IDX + pid_m * kv_idx_stride + j)
+            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+            in_n = offs_n < N
+            kT = tl.load(K + offs_n[None, :] * skn + offs_d[:, None], mask=in_n[None, :], other=0.0)
+            vT = tl.load(V + offs_n[None, :] * svn + offs_d[:, None], mask=in_n[None, :], other=0.0)
+            kseg = tl.load(KSEG + offs_n, mask=in_n, other=0)
+            kc = kseg
+            if HAS_WINDOW:
+                kc = tl.load(COORDS + offs_n, mask=in_n, other=-1)
+            qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+            vis = _visible(qbits[:, None], qc[:, None], offs_m[:, None], kseg[None, :], kc[None, :],
+                           offs_n[None, :], N, EBITS, ebits_stride, RT, RH, RW, HAS_WINDOW, HAS_EBITS)
+            p = tl.where(vis, tl.math.exp2(qk - m2[:, None]), 0.0)
+            dp = tl.dot(do, vT, input_precision=DOT_PREC)
+            ds = p * (dp - di[:, None])
+            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PREC)
+        dq *= sm_scale
+        DQ += b * sdqb + h * sdqh
+        tl.store(DQ + offs_m[:, None] * sdqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=in_m[:, None])
+
+
+# ---- launch helpers ----------------------------------------------------------------------------
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 follows PyTorch's matmul setting (TF32 off by default), so fp32 parity stays tight
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _warps(head_dim: int, block_m: int, block_n: int) -> int:
+    return 8 if head_dim * max(block_m, block_n) >= 128 * 64 else 4
+
+
+def _like_bnhd(q: Tensor) -> Tensor:
+    """An empty [B, H, N, D] tensor stored as [B, N, H, D], so 'b h n d -> b n (h d)' is free."""
+    b, h, n, d = q.shape
+    return torch.empty((b, n, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+def _window_args(radius):
+    return (0, 0, 0) if len(radius) == 0 else tuple(int(r) for r in radius)
+
+
+def _dummy(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return like if t is None else t
+
+
+def _fwd_impl(q, k, v, kv_num_blocks, kv_indices, q_bits, k_seg, coords, elem_bits, sm_scale,
+              block_m, block_n, radius):
+    bsz, heads, n, d = q.shape
+    o = _like_bnhd(q)
+    lse = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
+    rt, rh, rw = _window_args(radius)
+    grid = (triton.cdiv(n, block_m), bsz * heads)
+    _fwd_kernel[grid](
+        q, k, v, o, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        kv_num_blocks, kv_indices, kv_indices.stride(0), q_bits, k_seg,
+        _dummy(coords, k_seg), _dummy(elem_bits, k_seg), 0 if elem_bits is None else elem_bits.stride(0),
+        n, heads, sm_scale * _LOG2E, rt, rh, rw,
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, HAS_WINDOW=coords is not None,
+        HAS_EBITS=elem_bits is not None, DOT_PREC=_dot_precision(q.dtype),
+        num_warps=_warps(d, block_m, block_n), num_stages=2)
+    return o, lse
+
+
+def _bwd_impl(do, q, k, v, o, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_bits, k_seg,
+              coords, elem_bits, sm_scale, block_m, block_n, radius):
+    bsz, heads, n, d = q.shape
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    delta = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
+    _bwd_delta_kernel[(triton.cdiv(n, block_m), bsz * heads)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        n, heads, BLOCK_M=block_m, HEAD_DIM=d)
+    dq, dk, dv = _like_bnhd(q), _like_bnhd(k), _like_bnhd(v)
+    rt, rh, rw = _window_args(radius)
+    num_kb = triton.cdiv(n, block_n)
+    grid = (num_kb + triton.cdiv(n, block_m), bsz * heads)
+    _bwd_kernel[grid](
+        q, k, v, do, dq, dk, dv, lse, delta,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        kv_num_blocks, kv_indices, kv_indices.stride(0), q_num_blocks, q_indices, q_indices.stride(0),
+        q_bits, k_seg, _dummy(coords, k_seg), _dummy(elem_bits, k_seg),
+        0 if elem_bits is None else elem_bits.stride(0),
+        n, heads, num_kb, sm_scale, sm_scale * _LOG2E, rt, rh, rw,
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, HAS_WINDOW=coords is not None,
+        HAS_EBITS=elem_bits is not None, DOT_PREC=_dot_precision(q.dtype),
+        num_warps=_warps(d, block_m, block_n), num_stages=2)
+    return dq, dk, dv
+
+
+# ---- custom ops (one graph node each for torch.compile / CUDA graphs) -------------------------
+@torch.library.custom_op("fmfast::block_sparse_attn_fwd", mutates_args=())
+def _attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
+                 q_num_blocks: Tensor, q_indices: Tensor, q_bits: Tensor, k_seg: Tensor,
+                 coords: Optional[Tensor], elem_bits: Optional[Tensor], sm_scale: float,
+                 block_m: int, block_n: int, radius: list[int]) -> tuple[Tensor, Tensor]:
+    return _fwd_impl(q, k, v, kv_num_blocks, kv_indices, q_bits, k_seg, coords, elem_bits, sm_scale,
+                     block_m, block_n, radius)
+
+
+@_attn_fwd_op.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_bits, k_seg, coords, elem_bits,
+      sm_scale, block_m, block_n, radius):
+    b, h, n, _ = q.shape
+    return _like_bnhd(q), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("fmfast::block_sparse_attn_bwd", mutates_args=())
+def _attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                 kv_num_blocks: Tensor, kv_indices: Tensor, q_num_blocks: Tensor, q_indices: Tensor,
+                 q_bits: Tensor, k_seg: Tensor, coords: Optional[Tensor], elem_bits: Optional[Tensor],
+                 sm_scale: float, block_m: int, block_n: int, radius: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_impl(do, q, k, v, o, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_bits,
+                     k_seg, coords, elem_bits, sm_scale, block_m, block_n, radius)
+
+
+@_attn_bwd_op.register_fake
+def _(do, q, k, v, o, lse, *args):
+    return _like_bnhd(q), _like_bnhd(k), _like_bnhd(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *layout, sm_scale, block_m, block_n, radius = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, *(t for t in layout if t is not None))
+    ctx.has = [t is not None for t in layout]
+    ctx.args = (sm_scale, block_m, block_n, radius)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, *saved = ctx.saved_tensors
+    it = iter(saved)
+    layout = [next(it) if has else None for has in ctx.has]
+    dq, dk, dv = _attn_bwd_op(do, q, k, v, o, lse, *layout, *ctx.args)
+    return (dq, dk, dv) + (None,) * (len(layout) + 4)
+
+
+torch.library.register_autograd("fmfast::block_sparse_attn_fwd", _backward, setup_context=_setup_context)
+
+
+# ---- public API --------------------------------------------------------------------------------
+def _check(q: Tensor, k: Tensor, v: Tensor, layout) -> None:
+    where = "kernels/attention.py: block_sparse_attention"
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"{where}: q, k, v must share one [B, H, N, Dh] shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise ValueError(f"{where}: q, k, v must share a dtype in fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{where}: q, k, v on different devices {q.device}, {k.device}, {v.device}")
+    if q.shape[-1] not in _HEAD_DIMS:
+        raise ValueError(f"{where}: head dim must be one of {_HEAD_DIMS}, got {q.shape[-1]}")
+    if q.shape[2] != layout.seq_len:
+        raise ValueError(f"{where}: sequence length {q.shape[2]} != layout.seq_len {layout.seq_len}")
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, sm_scale: Optional[float] = None,
+                           return_lse: bool = False):
+    """Triton block-sparse attention, ``[B, H, N, Dh] -> [B, H, N, Dh]`` (stored as [B, N, H, Dh]).
+    Differentiable in q, k, v; ``lse`` ([B, H, N] fp32, natural log, -inf on empty rows) is not."""
+    _check(q, k, v, layout)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
+    t = layout.device_tensors(q.device)
+    radius = [] if layout.radius is None else [int(r) for r in layout.radius]
+    o, lse = _attn_fwd_op(q, k, v, t.kv_num_blocks, t.kv_indices, t.q_num_blocks, t.q_indices, t.q_bits,
+                          t.k_seg, t.coords, t.elem_bits, sm_scale, layout.block_m, layout.block_n, radius)
+    return (o, lse) if return_lse else o
+
+
+def element_mask(layout, device=None) -> Tensor:
+    """[N, N] bool mask the kernel applies, rebuilt from its own int32 inputs (query i sees key j)."""
+    t = layout.device_tensors(device or "cpu")
+    n, bm, bn = layout.seq_len, layout.block_m, layout.block_n
+    dev = t.k_seg.device
+    qb, kb = t.kv_num_blocks.numel(), -(-n // bn)
+    blocks = torch.zeros(qb, kb + 1, dtype=torch.bool, device=dev)
+    valid = torch.arange(t.kv_indices.shape[1], device=dev)[None, :] < t.kv_num_blocks[:, None]
+    blocks.scatter_(1, torch.where(valid, t.kv_indices.long(), kb), True)
+    i = torch.arange(n, device=dev)
+    vis = blocks[i[:, None] // bm, i[None, :] // bn]
+    vis &= ((t.q_bits[:, None] >> t.k_seg[None, :]) & 1) != 0
+    if t.coords is not None:
+        c = t.coords.long()
+        tt, yy, xx = c >> 20, (c >> 10) & 1023, c & 1023
+        rt, rh, rw = layout.radius
+        near = ((tt[:, None] - tt[None, :]).abs() <= rt) & ((yy[:, None] - yy[None, :]).abs() <= rh) \
+            & ((xx[:, None] - xx[None, :]).abs() <= rw)
+        vis &= near | (c[:, None] < 0) | (c[None, :] < 0)
+    if t.elem_bits is not None:
+        vis &= ((t.elem_bits[:, i // 32] >> (i % 32)) & 1) != 0
+    return vis
+
+
+def block_sparse_attention_ref(q: Tensor, k: Tensor, v: Tensor, layout, sm_scale: Optional[float] = None,
+                               mask: Optional[Tensor] = None) -> Tensor:
+    """Dense masked SDPA twin (materialises the element mask; pass ``mask`` to reuse one).
+    Empty rows give 0 with zero gradients, like the kernel."""
+    _check(q, k, v, layout)
+    mask = element_mask(layout, q.device) if mask is None else mask
+    has_key = mask.any(-1, keepdim=True)
+    # empty rows attend everything, then are zeroed: finite values and exactly zero gradients
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_key, scale=sm_scale)
+    return out * has_key.to(out.dtype)
