@@ -1,0 +1,235 @@
+"""Arc-current logs: read a timestamped 3-phase CSV, resample it to the benchmark's 2 rows/second.
+
+Times are float64 seconds since the Unix epoch of the log's own (naive, local) clock; the V2
+layout stores them as "YYYY-MM-DD HH:MM:SS" strings, one second per pair of rows.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fmfast.cli import UserError
+
+RATE = 2  # rows per second in the V2 layout
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def parse_times(values: list[str], where: str, first_line: int = 2) -> np.ndarray:
+    """ISO-like timestamp strings ("YYYY-MM-DD HH:MM:SS[.fff]", 'T' allowed) -> epoch seconds."""
+    try:
+        t = np.array([v.strip() for v in values], dtype="datetime64[us]")
+    except ValueError:
+        for i, v in enumerate(values):  # find the offending row for the message
+            try:
+                np.datetime64(v.strip(), "us")
+            except ValueError:
+                raise UserError(f"{where}: line {first_line + i}: unparseable timestamp {v.strip()!r} "
+                                f"(expected YYYY-MM-DD HH:MM:SS)") from None
+        raise
+    if np.isnat(t).any():
+        i = int(np.flatnonzero(np.isnat(t))[0])
+        raise UserError(f"{where}: line {first_line + i}: empty timestamp")
+    return t.astype(np.int64).astype(np.float64) * 1e-6
+
+
+def parse_time(value: str, where: str) -> float:
+    """One timestamp (e.g. the --start argument) -> epoch seconds."""
+    try:
+        t = np.datetime64(value.strip(), "us")
+    except ValueError:
+        raise UserError(f"{where}: unparseable timestamp {value!r} (expected YYYY-MM-DD HH:MM:SS)") from None
+    return float(t.astype(np.int64)) * 1e-6
+
+
+def format_seconds(t: np.ndarray | float, frac: bool = False) -> np.ndarray:
+    """Epoch seconds -> "YYYY-MM-DD HH:MM:SS" strings (truncated to the second unless ``frac``)."""
+    t = np.asarray(t, dtype=np.float64)
+    if frac:
+        d = np.round(t * 1e3).astype(np.int64).astype("datetime64[ms]")
+        return np.char.replace(np.datetime_as_string(d, unit="ms"), "T", " ")
+    d = np.floor(t).astype(np.int64).astype("datetime64[s]")
+    return np.char.replace(np.datetime_as_string(d, unit="s"), "T", " ")
+
+
+def _spread_duplicates(t: np.ndarray) -> np.ndarray:
+    """Logs with second-resolution stamps (the V2 layout: two rows share one second) put their
+    k-th of n rows in a second at s + k/n, so a V2 file resamples onto itself exactly."""
+    if t.size == 0:
+        return t
+    new = np.ones(t.size, dtype=bool)
+    new[1:] = t[1:] != t[:-1]
+    starts = np.flatnonzero(new)
+    counts = np.diff(np.append(starts, t.size))
+    group = np.cumsum(new) - 1
+    k = np.arange(t.size) - starts[group]
+    n = counts[group]
+    whole = t == np.floor(t)
+    # only runs of identical whole-second stamps are spread; sub-second stamps are kept
+    return np.where(whole & (n > 1), t + k / n, t)
+
+
+def parse_current_rows(rows: list[list[str]], where: str, first_line: int = 2,
+                       spread: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """CSV rows (header removed) -> (times [N] float64 epoch seconds, values [N,3] float64)."""
+    for i, r in enumerate(rows):
+        if len(r) < 4:
+            raise UserError(f"{where}: line {first_line + i}: expected 4 columns (timestamp, phase A, B, C), "
+                            f"found {len(r)}")
+    times = parse_times([r[0] for r in rows], where, first_line)
+    try:
+        vals = np.array([r[1:4] for r in rows], dtype=np.float64)
+    except ValueError:
+        for i, r in enumerate(rows):
+            try:
+                [float(x) for x in r[1:4]]
+            except ValueError:
+                raise UserError(f"{where}: line {first_line + i}: non-numeric current value in {r[1:4]}") from None
+        raise
+    if rows and not np.isfinite(vals).all():
+        i = int(np.flatnonzero(~np.isfinite(vals).all(1))[0])
+        raise UserError(f"{where}: line {first_line + i}: non-finite current value")
+    back = np.flatnonzero(np.diff(times) < 0)
+    if back.size:
+        raise UserError(f"{where}: line {first_line + back[0] + 1}: timestamps go backwards")
+    return (_spread_duplicates(times) if spread else times), vals.reshape(-1, 3)
+
+
+def read_current_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a current log: header row, then timestamp, phase A, B, C per row."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such current file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read current log ({e})") from None
+    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise UserError(f"{path}: empty current log")
+    header, rows = rows[0], rows[1:]
+    if len(header) < 4:
+        raise UserError(f"{path}: missing columns: expected a header with 4 columns (timestamp, phase A, B, C), "
+                        f"found {header}")
+    if not rows:
+        raise UserError(f"{path}: current log has a header but no rows")
+    return parse_current_rows(rows, str(path))
+
+
+def resample(times: np.ndarray, values: np.ndarray, first_second: int, last_second: int,
+             max_gap: float, where: str) -> np.ndarray:
+    """Resample a log onto 2 rows per second for the whole seconds ``first_second..last_second``.
+
+    Row 2k+j stands for the half second starting at ``first_second + k + j/2``: the mean of the
+    samples inside it (decimation of faster logs), else the linear interpolation at its start
+    (slower logs, small gaps). Values before the first / after the last sample hold the edge
+    value (less than a second; the caller clips the range to the log). A gap between samples
+    longer than ``max_gap`` seconds inside the range is an error, never interpolated over.
+    -> float64 [2 * (last_second - first_second + 1), 3].
+    """
+    n_bins = RATE * (last_second - first_second + 1)
+    if n_bins <= 0:
+        raise UserError(f"{where}: no current samples in the needed time range")
+    lo, hi = first_second, last_second + 1
+    inside = np.flatnonzero((times >= lo) & (times < hi))
+    gaps = np.diff(times)
+    bad = np.flatnonzero((times[1:] > lo) & (times[:-1] < hi) & (gaps > max_gap))
+    if bad.size:
+        g = int(bad[np.argmax(gaps[bad])])
+        t0, t1 = format_seconds(times[g], frac=True), format_seconds(times[g + 1], frac=True)
+        raise UserError(f"{where}: gap of {gaps[g]:.1f} s in the current log between {t0} and {t1} "
+                        f"(longer than --max-gap {max_gap:g} s)")
+    edges = lo + np.arange(n_bins + 1) / RATE
+    out = np.empty((n_bins, values.shape[1]), dtype=np.float64)
+    starts = edges[:-1]
+    for c in range(values.shape[1]):
+        out[:, c] = np.interp(starts, times, values[:, c])  # holds edge values outside the log
+    # bin means where a bin holds samples (identity for a log already at 2 rows/second)
+    sel = times[inside] if inside.size else times[:0]
+    if sel.size:
+        bins = np.floor((sel - lo) * RATE).astype(np.int64)
+        cnt = np.bincount(bins, minlength=n_bins)[:n_bins]
+        full = cnt > 0
+        for c in range(values.shape[1]):
+            s = np.bincount(bins, weights=values[inside, c], minlength=n_bins)[:n_bins]
+            out[full, c] = s[full] / cnt[full]
+    return out
+
+
+def write_current_csv(path: str | os.PathLike, first_second: int, rows: np.ndarray) -> None:
+    """Write the V2 current file: header, then 2 rows per second sharing the second's timestamp."""
+    n_sec = rows.shape[0] // RATE
+    stamps = np.repeat(format_seconds(first_second + np.arange(n_sec)), RATE)
+    with open(path, "w", newline="") as f:
+        f.write("timestamp,A,B,C\n")
+        f.writelines(f"{s},{a:.7g},{b:.7g},{c:.7g}\n" for s, (a, b, c) in zip(stamps, rows.tolist()))
+
+
+def read_frame_times(path: str | os.PathLike) -> np.ndarray:
+    """A frame timestamps file (header row, col 0 the time of each frame) -> epoch seconds [N]."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such timestamps file")
+    rows = [r for r in csv.reader(io.StringIO(path.read_text())) if r and r[0].strip()]
+    if len(rows) < 2:
+        raise UserError(f"{path}: timestamps file has no rows after its header")
+    t = parse_times([r[0] for r in rows[1:]], str(path))
+    back = np.flatnonzero(np.diff(t) < 0)
+    if back.size:
+        raise UserError(f"{path}: line {back[0] + 3}: frame timestamps go backwards")
+    return t
+
+
+def write_frame_times(path: str | os.PathLike, times: np.ndarray) -> None:
+    """The V2 timestamps file: the second of each frame (the key into the current file)."""
+    with open(path, "w", newline="") as f:
+        f.write("timestamp\n")
+        f.writelines(f"{s}\n" for s in format_seconds(times).tolist())
+
+
+class CurrentTail:
+    """Follow a growing current log: each ``poll()`` parses only the complete lines added since
+    the last one; ``times``/``values`` hold every sample so far."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._offset = 0
+        self._line = 1
+        self._header = False
+        self._raw = np.zeros(0)  # stamps as written; spread again over the whole log each poll,
+        self.times = np.zeros(0)  # because the two rows of one second may arrive in two polls
+        self.values = np.zeros((0, 3))
+
+    def poll(self) -> bool:
+        """Read new complete lines; True when samples were added."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return False
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return False
+        self._offset += end + 1
+        lines = chunk[:end + 1].decode(errors="replace").splitlines()
+        first = self._line
+        self._line += len(lines)
+        if not self._header:
+            if len(next(csv.reader([lines[0]]), [])) < 4:
+                raise UserError(f"{self.path}: missing columns: expected a header with 4 columns "
+                                f"(timestamp, phase A, B, C)")
+            self._header, lines, first = True, lines[1:], first + 1
+        rows = [r for r in csv.reader(lines) if r and any(c.strip() for c in r)]
+        if not rows:
+            return False
+        t, v = parse_current_rows(rows, str(self.path), first, spread=False)
+        if self._raw.size and t[0] < self._raw[-1]:
+            raise UserError(f"{self.path}: line {first}: timestamps go backwards")
+        self._raw = np.concatenate([self._raw, t])
+        self.values = np.concatenate([self.values, v])
+        self.times = _spread_duplicates(self._raw)
+        return True
