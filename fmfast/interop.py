@@ -160,10 +160,11 @@ def guess_kind(sd: Mapping[str, torch.Tensor]) -> str | None:
     keys = set(sd)
     if "cls_token1" in keys or any(k.startswith(("to_patch_embedding1.", "to_patch_embedding2.")) for k in keys):
         return "fmformer"
+    # the current ViT's tokenizer starts at index 0 (the video ones at 1, after the rearrange)
+    if "mlp_head.weight" in keys or "to_patch_embedding.0.weight" in keys or "transformer.norm.weight" in keys:
+        return "current"
     if "pos_embedding.pe" in keys or "to_patch_embedding.1.weight" in keys or any(k.startswith("head.") for k in keys):
         return "video"
-    if "mlp_head.weight" in keys or "to_patch_embedding.0.weight" in keys:
-        return "current"
     return None
 
 
@@ -218,6 +219,9 @@ def infer_config(kind: str, sd: Mapping[str, torch.Tensor], task: str, **overrid
     )
     if ncls:
         c["num_classes"] = ncls
+    hidden = [_shape(sd, f"head.decode{i}.0.weight", 1) for i in (1, 2, 3)]
+    if all(hidden):
+        c["seg_hidden_dims"] = tuple(hidden)
     if kind in ("fmformer", "current"):
         cur_pos, cur_norm = ("pos_embedding2", "to_patch_embedding2.0.weight") if kind == "fmformer" else (
             "pos_embedding", "to_patch_embedding.0.weight")
@@ -273,10 +277,18 @@ def _video_geometry(patch_dim: int, n0: int, t_grid: int | None, given: dict) ->
 
 # --------------------------------------------------------------------------- loading
 
-def _listing(keys, limit: int = 8) -> str:
-    keys = sorted(keys)
-    more = f", ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
+def _listing(keys, limit: int = 12) -> str:
+    """Sorted keys, a module's keys folded into ``module.* (n keys)`` when there are many."""
+    groups: dict[str, list[str]] = {}
+    for k in sorted(keys):
+        parts = k.split(".")
+        depth = 3 if len(parts) > 3 and parts[1] == "layers" else 2  # one group per encoder layer
+        groups.setdefault(".".join(parts[:depth]), []).append(k)
+    items = []
+    for g, ks in groups.items():
+        items += ks if len(ks) <= 3 else [f"{g}.* ({len(ks)} keys)"]
+    more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
 def check_fits(model, sd: Mapping[str, torch.Tensor], name: str = "state_dict", asked_task: str | None = None) -> None:
@@ -291,6 +303,12 @@ def check_fits(model, sd: Mapping[str, torch.Tensor], name: str = "state_dict", 
         return
     lines = [f"{name} does not fit fmfast.{FMFAST_NAMES[kind]} "
              f"(reference {OFFICIAL_NAMES[kind]}, task={model.config.task}):"]
+    other, task = guess_kind(sd), guess_task(sd)
+    if other and other != kind:  # hints first: they name the fix
+        lines.append(f"  hint: this looks like a {OFFICIAL_NAMES[other]} checkpoint; "
+                     f"load it with fmfast.{FMFAST_NAMES[other]}.from_official")
+    if task and task != model.config.task:
+        lines.append(f"  hint: this is a {task} checkpoint; pass task={task!r}")
     if missing:
         lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
     if unexpected:
@@ -298,13 +316,6 @@ def check_fits(model, sd: Mapping[str, torch.Tensor], name: str = "state_dict", 
     if shapes:
         lines.append(f"  shape differences ({len(shapes)}): " + "; ".join(shapes[:8])
                      + (f"; ... and {len(shapes) - 8} more" if len(shapes) > 8 else ""))
-    other = guess_kind(sd)
-    if other and other != kind:
-        lines.append(f"  hint: this looks like a {OFFICIAL_NAMES[other]} checkpoint; "
-                     f"load it with fmfast.{FMFAST_NAMES[other]}.from_official")
-    task = guess_task(sd)
-    if task and task != model.config.task:
-        lines.append(f"  hint: this is a {task} checkpoint; pass task={task!r}")
     raise CheckpointMismatch("\n".join(lines))
 
 
