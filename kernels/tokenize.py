@@ -1,0 +1,608 @@
+"""Fused multiscale video tokenization: video -> cls + tubelet tokens of every scale, one launch.
+
+For each scale (dilation d = 1, 2, ...) the clip is read at rows/cols 0, d, 2d, ... (a strided read,
+the same pixels as nearest-neighbour downsampling by d), cut into tubelets of pf frames x p x p,
+each tubelet flattened in the order (p1, p2, pf, c) -- index ((p1*p + p2)*pf + f)*C + c -- then
+``LayerNorm(patch) -> Linear -> LayerNorm(D) -> + pos``. Tokens are ordered (t, h, w); the output is
+``[B, 1 + sum_s n_s, D]``: row 0 is ``cls + pos_0[0]``, then scale 0 (``pos_0[1:]``), scale 1, ...
+
+Input is a clip ``[B, C, T, H, W]`` (uint8 or float, any strides) or a frame store ``[N, C, H, W]``
+plus a ``[B, T]`` integer table of frame indices (clamped into ``[0, N-1]``), so clips are never
+materialised. Each program gathers its tubelets' pixels straight from that memory.
+
+Kernels (grid = token blocks of all scales x batch):
+  ``_tokenize_fwd``     gather, LN(patch) in fp32, tl.dot with the projection, LN(D), + pos, store;
+                        the first block also writes the cls row.
+  ``_tokenize_bwd_tok`` recomputes the forward per block, writes dL/dz (z = pre-LN(D) activations)
+                        and the patch LN stats, and per-program partials of the D-sized gradients
+                        (norm_out, proj bias, pos, cls) accumulated over its slice of the batch.
+  ``_tokenize_bwd_w``   grid = patch-dim chunks x row splits x scales: dW = dz^T @ LN(patch) and the
+                        norm_in gradients, each program a deterministic partial; torch sums them.
+The gradient with respect to the video is NOT computed (video is data, not a parameter).
+
+Internally the patch dimension is walked in the memory-friendly order (c, f, p1, p2) (p2 fastest,
+so a warp reads contiguous pixel rows); LayerNorm and the dot product do not care about the order,
+and parameters are addressed through the map back to the reference order.
+
+Supported: 1-4 scales, D <= 1024, T % pf == 0, H and W divisible by d and H/d, W/d by p.
+"""
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+MAX_SCALES = 4
+MAX_DIM = 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _scale(pid, H, W, TG, d0, d1, d2, d3, P: tl.constexpr, BM: tl.constexpr, BY_BLOCK: tl.constexpr):
+    """Geometry of one scale: (s, its first token block, d, gh, gw, n_tok, first output row).
+    BY_BLOCK: ``pid`` is a token-block index (blocks never span scales; unused scales carry d = 1,
+    so their start lies at or past the grid's end); else ``pid`` is the scale index."""
+    n0 = TG * (H // (d0 * P)) * (W // (d0 * P))
+    n1 = TG * (H // (d1 * P)) * (W // (d1 * P))
+    n2 = TG * (H // (d2 * P)) * (W // (d2 * P))
+    if BY_BLOCK:
+        e1 = tl.cdiv(n0, BM)
+        e2 = e1 + tl.cdiv(n1, BM)
+        e3 = e2 + tl.cdiv(n2, BM)
+        s = (pid >= e1).to(tl.int32) + (pid >= e2).to(tl.int32) + (pid >= e3).to(tl.int32)
+        blk0 = tl.where(s == 0, 0, tl.where(s == 1, e1, tl.where(s == 2, e2, e3)))
+    else:
+        s = pid
+        blk0 = 0
+    d = tl.where(s == 0, d0, tl.where(s == 1, d1, tl.where(s == 2, d2, d3)))
+    row0 = 1 + tl.where(s == 0, 0, tl.where(s == 1, n0, tl.where(s == 2, n0 + n1, n0 + n1 + n2)))
+    gh = H // (d * P)
+    gw = W // (d * P)
+    return s, blk0, d, gh, gw, TG * gh * gw, row0
+
+
+@triton.jit
+def _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it,
+          P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr):
+    """Per-token part of the pixel offset (and of the frame-index offset) for tokens ``tok`` of
+    batch rows ``bb`` (int64): offsets are row part + column part, so they are computed once."""
+    ti = tok // (gh * gw)
+    hi = (tok // gw) % gh
+    wi = tok % gw
+    px = (hi * (P * d)).to(tl.int64) * s_h + (wi * (P * d)).to(tl.int64) * s_w
+    ix = bb * s_ib + (ti * PF) * s_it
+    if not FRAME_STORE:
+        px += bb * s_b + (ti * PF).to(tl.int64) * s_t
+    return px, ix
+
+
+@triton.jit
+def _cols(kk, d, s_c, s_t, s_h, s_w, s_it,
+          C: tl.constexpr, P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr):
+    """Per-column part of the offsets for internal patch columns ``kk`` (order c, f, p1, p2), and
+    each column's index in the reference order (p1, p2, f, c)."""
+    p2 = kk % P
+    p1 = (kk // P) % P
+    f = (kk // (P * P)) % PF
+    c = kk // (P * P * PF)
+    px = c * s_c + (p1 * d) * s_h + (p2 * d) * s_w  # dilation: a strided read, no resampled copy
+    if not FRAME_STORE:
+        px += f * s_t
+    return px, f * s_it, ((p1 * P + p2) * PF + f) * C + c
+
+
+@triton.jit
+def _gather(src_ptr, idx_ptr, rpx, rix, cpx, cix, m, n_store, s_b, FRAME_STORE: tl.constexpr):
+    """Pixels [BM, BK] as fp32; frame-store indices are clamped into [0, n_store - 1]."""
+    off = rpx[:, None] + cpx[None, :]
+    if FRAME_STORE:
+        fid = tl.load(idx_ptr + rix[:, None] + cix[None, :], mask=m, other=0).to(tl.int64)
+        off += tl.minimum(tl.maximum(fid, 0), n_store - 1) * s_b
+    return tl.load(src_ptr + off, mask=m, other=0).to(tl.float32)
+
+
+@triton.jit
+def _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rm, d, n_store, s_b, s_c, s_t, s_h, s_w, s_it,
+                     win_ptr, bin_ptr, w_ptr, bp_ptr, s, eps, D,
+                     C: tl.constexpr, P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr,
+                     BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr):
+    """LN(patch) -> Linear for a block of tokens. Returns z [BM, BD] (fp32, zero past D) and the
+    patch LN mean and rstd [BM]."""
+    K: tl.constexpr = C * P * P * PF
+    # pass 1: patch LN stats, chunk by chunk (Chan's parallel mean/M2 merge, stable in fp32)
+    mean = tl.zeros([BM], dtype=tl.float32)
+    m2 = tl.zeros([BM], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        km = kk < K
+        cpx, cix, _ = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
+        x = _gather(src_ptr, idx_ptr, rpx, rix, cpx, cix, rm[:, None] & km[None, :], n_store, s_b, FRAME_STORE)
+        na = k0 * 1.0
+        nb = tl.minimum(K - k0, BK) * 1.0
+        cm = tl.sum(x, axis=1) / nb
+        dx = tl.where(km[None, :], x - cm[:, None], 0.0)
+        delta = cm - mean
+        mean += delta * (nb / (na + nb))
+        m2 += tl.sum(dx * dx, axis=1) + delta * delta * (na * nb / (na + nb))
+    rstd = 1.0 / tl.sqrt(m2 / K + eps)
+    # pass 2: normalise and project (the pixels come back from L1/L2, not DRAM)
+    nn = tl.arange(0, BD)
+    nm = nn < D
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        km = kk < K
+        cpx, cix, ko = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
+        x = _gather(src_ptr, idx_ptr, rpx, rix, cpx, cix, rm[:, None] & km[None, :], n_store, s_b, FRAME_STORE)
+        g = tl.load(win_ptr + s * K + ko, mask=km, other=0.0).to(tl.float32)
+        be = tl.load(bin_ptr + s * K + ko, mask=km, other=0.0).to(tl.float32)
+        xn = (x - mean[:, None]) * rstd[:, None] * g[None, :] + be[None, :]
+        wt = tl.load(w_ptr + s * D * K + nn[None, :] * K + ko[:, None],
+                     mask=km[:, None] & nm[None, :], other=0.0)  # W^T chunk [BK, BD]
+        if CDT == tl.float32:  # fp32 parity with the reference: no TF32
+            acc = tl.dot(xn, wt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xn.to(CDT), wt.to(CDT), acc)
+    bp = tl.load(bp_ptr + s * D + nn, mask=nm, other=0.0).to(tl.float32)
+    return acc + bp[None, :], mean, rstd
+
+
+@triton.jit
+def _ln_d(z, nm, D, eps):
+    zm = tl.sum(z, axis=1) / D
+    zc = tl.where(nm[None, :], z - zm[:, None], 0.0)
+    zr = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + eps)
+    return zc * zr[:, None], zr
+
+
+@triton.jit
+def _tokenize_fwd(src_ptr, idx_ptr, out_ptr, cls_ptr, pos_ptr,
+                  win_ptr, bin_ptr, w_ptr, bp_ptr, wout_ptr, bout_ptr,
+                  H, W, TG, D, N_OUT, n_store, d0, d1, d2, d3, eps,
+                  s_b, s_c, s_t, s_h, s_w, s_ib, s_it,
+                  C: tl.constexpr, P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr,
+                  BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    s, blk0, d, gh, gw, n_tok, row0 = _scale(pid, H, W, TG, d0, d1, d2, d3, P, BM, True)
+    tok = (pid - blk0) * BM + tl.arange(0, BM)
+    rm = tok < n_tok
+    bb = tl.zeros([BM], dtype=tl.int64) + b
+    rpx, rix = _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
+    z, _, _ = _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rm, d, n_store, s_b, s_c, s_t, s_h, s_w, s_it,
+                               win_ptr, bin_ptr, w_ptr, bp_ptr, s, eps, D,
+                               C, P, PF, FRAME_STORE, BM, BK, BD, CDT)
+    nn = tl.arange(0, BD)
+    nm = nn < D
+    zh, _ = _ln_d(z, nm, D, eps)
+    go = tl.load(wout_ptr + s * D + nn, mask=nm, other=0.0).to(tl.float32)
+    bo = tl.load(bout_ptr + s * D + nn, mask=nm, other=0.0).to(tl.float32)
+    rows = row0 + tok
+    m = rm[:, None] & nm[None, :]
+    pos = tl.load(pos_ptr + rows[:, None] * D + nn[None, :], mask=m, other=0.0).to(tl.float32)
+    y = zh * go[None, :] + bo[None, :] + pos
+    out_base = out_ptr + b.to(tl.int64) * N_OUT * D
+    tl.store(out_base + rows[:, None] * D + nn[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
+    if pid == 0:  # the cls row rides along with the first block
+        cv = tl.load(cls_ptr + nn, mask=nm, other=0.0).to(tl.float32)
+        cv += tl.load(pos_ptr + nn, mask=nm, other=0.0).to(tl.float32)
+        tl.store(out_base + nn, cv.to(out_ptr.dtype.element_ty), mask=nm)
+
+
+@triton.jit
+def _tokenize_bwd_tok(src_ptr, idx_ptr, gout_ptr, dz_ptr, mean_ptr, rstd_ptr,
+                      part_d_ptr, part_pos_ptr,
+                      win_ptr, bin_ptr, w_ptr, bp_ptr, wout_ptr,
+                      B, B_CHUNK, NBLK, H, W, TG, D, N_OUT, n_store, d0, d1, d2, d3, eps,
+                      s_b, s_c, s_t, s_h, s_w, s_ib, s_it,
+                      C: tl.constexpr, P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr):
+    pid = tl.program_id(0)
+    pb = tl.program_id(1)
+    s, blk0, d, gh, gw, n_tok, row0 = _scale(pid, H, W, TG, d0, d1, d2, d3, P, BM, True)
+    tok = (pid - blk0) * BM + tl.arange(0, BM)
+    rm = tok < n_tok
+    rows = row0 + tok
+    nn = tl.arange(0, BD)
+    nm = nn < D
+    m = rm[:, None] & nm[None, :]
+    go = tl.load(wout_ptr + s * D + nn, mask=nm, other=0.0).to(tl.float32)
+    # partials over this program's slice of the batch, kept in registers
+    acc_pos = tl.zeros([BM, BD], dtype=tl.float32)
+    acc_go = tl.zeros([BD], dtype=tl.float32)
+    acc_bo = tl.zeros([BD], dtype=tl.float32)
+    acc_bp = tl.zeros([BD], dtype=tl.float32)
+    acc_cls = tl.zeros([BD], dtype=tl.float32)
+    b_lo = pb * B_CHUNK
+    b_hi = tl.minimum(b_lo + B_CHUNK, B)
+    for b in range(b_lo, b_hi):
+        # the batch index as an int64 vector (the loop variable is a plain int in the interpreter)
+        bb = tl.zeros([BM], dtype=tl.int64) + b
+        rpx, rix = _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
+        z, mu, rs = _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rm, d, n_store, s_b, s_c, s_t, s_h, s_w, s_it,
+                                     win_ptr, bin_ptr, w_ptr, bp_ptr, s, eps, D,
+                                     C, P, PF, FRAME_STORE, BM, BK, BD, CDT)
+        zh, zr = _ln_d(z, nm, D, eps)
+        g = tl.load(gout_ptr + (bb * N_OUT + rows)[:, None] * D + nn[None, :], mask=m, other=0.0).to(tl.float32)
+        acc_pos += g
+        acc_go += tl.sum(g * zh, axis=0)
+        acc_bo += tl.sum(g, axis=0)
+        dzh = g * go[None, :]
+        c1 = tl.sum(dzh, axis=1) / D
+        c2 = tl.sum(dzh * zh, axis=1) / D
+        dz = tl.where(nm[None, :], zr[:, None] * (dzh - c1[:, None] - zh * c2[:, None]), 0.0)
+        acc_bp += tl.sum(dz, axis=0)
+        r = bb * (N_OUT - 1) + (rows - 1)  # row among all non-cls tokens
+        tl.store(dz_ptr + r[:, None] * D + nn[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
+        tl.store(mean_ptr + r, mu, mask=rm)
+        tl.store(rstd_ptr + r, rs, mask=rm)
+        if pid == 0:
+            acc_cls += tl.load(gout_ptr + (tl.zeros([BD], dtype=tl.int64) + b) * N_OUT * D + nn,
+                               mask=nm, other=0.0).to(tl.float32)
+    pp = part_pos_ptr + pb.to(tl.int64) * N_OUT * D
+    tl.store(pp + rows[:, None] * D + nn[None, :], acc_pos, mask=m)
+    if pid == 0:
+        tl.store(pp + nn, acc_cls, mask=nm)
+    # part_d: [3, n_bsplit, NBLK, D] -> norm_out weight, norm_out bias, proj bias
+    stride3 = tl.num_programs(1) * NBLK * D
+    pd = part_d_ptr + (pb * NBLK + pid) * D + nn
+    tl.store(pd, acc_go, mask=nm)
+    tl.store(pd + stride3, acc_bo, mask=nm)
+    tl.store(pd + 2 * stride3, acc_bp, mask=nm)
+
+
+@triton.jit
+def _tokenize_bwd_w(src_ptr, idx_ptr, dz_ptr, mean_ptr, rstd_ptr, part_w_ptr, part_k_ptr,
+                    win_ptr, bin_ptr, w_ptr,
+                    B, H, W, TG, D, N_OUT, n_store, d0, d1, d2, d3,
+                    s_b, s_c, s_t, s_h, s_w, s_ib, s_it,
+                    C: tl.constexpr, P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr,
+                    BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr):
+    K: tl.constexpr = C * P * P * PF
+    pk = tl.program_id(0)
+    sp = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    s, _, d, gh, gw, n_tok, row0 = _scale(tl.program_id(2), H, W, TG, d0, d1, d2, d3, P, BM, False)
+    kk = pk * BK + tl.arange(0, BK)
+    km = kk < K
+    cpx, cix, ko = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
+    nn = tl.arange(0, BD)
+    nm = nn < D
+    g = tl.load(win_ptr + s * K + ko, mask=km, other=0.0).to(tl.float32)
+    be = tl.load(bin_ptr + s * K + ko, mask=km, other=0.0).to(tl.float32)
+    wc = tl.load(w_ptr + s * D * K + nn[:, None] * K + ko[None, :],
+                 mask=nm[:, None] & km[None, :], other=0.0).to(CDT)  # W chunk [BD, BK]
+    acc_w = tl.zeros([BD, BK], dtype=tl.float32)
+    acc_g = tl.zeros([BK], dtype=tl.float32)
+    acc_b = tl.zeros([BK], dtype=tl.float32)
+    # rows of this scale, flattened over (batch, token), split evenly in whole blocks
+    M = B * n_tok
+    chunk = tl.cdiv(tl.cdiv(M, BM), n_split) * BM
+    r_lo = sp * chunk
+    r_hi = tl.minimum(r_lo + chunk, M)
+    for r0 in range(r_lo, r_hi, BM):
+        r = r0 + tl.arange(0, BM)
+        rm = r < r_hi
+        bb = (r // n_tok).to(tl.int64)
+        tok = r % n_tok
+        rpx, rix = _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
+        x = _gather(src_ptr, idx_ptr, rpx, rix, cpx, cix, rm[:, None] & km[None, :], n_store, s_b, FRAME_STORE)
+        rr = bb * (N_OUT - 1) + (row0 - 1 + tok)
+        mu = tl.load(mean_ptr + rr, mask=rm, other=0.0)
+        rs = tl.load(rstd_ptr + rr, mask=rm, other=0.0)
+        xh = tl.where(rm[:, None] & km[None, :], (x - mu[:, None]) * rs[:, None], 0.0)
+        xn = xh * g[None, :] + be[None, :]
+        dz = tl.load(dz_ptr + rr[:, None] * D + nn[None, :], mask=rm[:, None] & nm[None, :], other=0.0)
+        if CDT == tl.float32:
+            acc_w = tl.dot(tl.trans(dz), xn, acc_w, input_precision="ieee")  # [BD, BK]
+            dxn = tl.dot(dz, wc, input_precision="ieee")  # [BM, BK]
+        else:
+            acc_w = tl.dot(tl.trans(dz.to(CDT)), xn.to(CDT), acc_w)
+            dxn = tl.dot(dz.to(CDT), wc)
+        acc_g += tl.sum(dxn * xh, axis=0)
+        acc_b += tl.sum(dxn, axis=0)
+    pw = part_w_ptr + (s * n_split + sp).to(tl.int64) * D * K
+    tl.store(pw + nn[:, None] * K + ko[None, :], acc_w, mask=nm[:, None] & km[None, :])
+    # part_k: [2, S, n_split, K] -> norm_in weight, norm_in bias
+    pk_base = part_k_ptr + (s * n_split + sp) * K + ko
+    tl.store(pk_base, acc_g, mask=km)
+    tl.store(pk_base + tl.num_programs(2) * n_split * K, acc_b, mask=km)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TL = {"float32": tl.float32, "float16": tl.float16, "bfloat16": tl.bfloat16}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _blocks(D: int, K: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BM, BK, BD, num_warps): every tl.dot dim >= 16; tiles sized so the fp32 accumulators fit.
+    The CPU interpreter costs per op, not per element, so there the blocks are as large as
+    sensible (the masks are the same code either way; the GPU blocks have their own test)."""
+    BD = max(16, triton.next_power_of_2(D))
+    if device.type != "cuda":
+        return 64, max(16, min(128, triton.next_power_of_2(K))), BD, 4
+    BM = 32 if BD <= 256 else 16
+    BK = max(16, min(64, triton.next_power_of_2(K), 8192 // BD))
+    return BM, BK, BD, 4 if BD <= 128 else 8
+
+
+def _geometry(T: int, H: int, W: int, p: int, pf: int, dilations: Sequence[int]) -> list[int]:
+    """Tokens per scale; raises ValueError on shapes the tokenizer cannot cut."""
+    if not 1 <= len(dilations) <= MAX_SCALES:
+        raise ValueError(f"multiscale_tokenize: 1 to {MAX_SCALES} scales supported, got dilations {list(dilations)}")
+    if T % pf:
+        raise ValueError(f"multiscale_tokenize: clip length T={T} is not divisible by frame_patch_size={pf}")
+    n = []
+    for d in dilations:
+        if not isinstance(d, int) or d < 1:
+            raise ValueError(f"multiscale_tokenize: dilations must be positive ints, got {list(dilations)}")
+        if H % d or W % d or (H // d) % p or (W // d) % p:
+            raise ValueError(
+                f"multiscale_tokenize: frame {H}x{W} at dilation {d} must give a {H}/{d} x {W}/{d} frame "
+                f"of whole sizes divisible by patch_size={p}")
+        n.append((T // pf) * (H // d // p) * (W // d // p))
+    return n
+
+
+def _src_args(video: torch.Tensor, frame_index: Optional[torch.Tensor]):
+    """(B, C, T, H, W, n_store, strides s_b..s_it) of a clip or a frame store + index table."""
+    if frame_index is None:
+        B, C, T, H, W = video.shape
+        sb, sc, st, sh, sw = video.stride()
+        return B, C, T, H, W, 1, (sb, sc, st, sh, sw, 0, 0)
+    N, C, H, W = video.shape
+    B, T = frame_index.shape
+    sb, sc, sh, sw = video.stride()
+    return B, C, T, H, W, N, (sb, sc, 0, sh, sw, *frame_index.stride())
+
+
+def _pad4(dilations: Sequence[int]) -> list[int]:
+    return list(dilations) + [1] * (MAX_SCALES - len(dilations))
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("multiscale_tokenize: the Triton path needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+
+
+def _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
+              patch_size, frame_patch_size, dilations, eps, compute_dtype, out_dtype):
+    _check_device(video)
+    p, pf = patch_size, frame_patch_size
+    B, C, T, H, W, n_store, strides = _src_args(video, frame_index)
+    n = _geometry(T, H, W, p, pf, dilations)
+    D, K = w.shape[1], w.shape[2]
+    BM, BK, BD, nw = _blocks(D, K, video.device)
+    n_out = 1 + sum(n)
+    out = torch.empty(B, n_out, D, device=video.device, dtype=_DTYPES[out_dtype])
+    nblk = sum(triton.cdiv(x, BM) for x in n)
+    idx = frame_index if frame_index is not None else video
+    _tokenize_fwd[(nblk, B)](
+        video, idx, out, cls, pos, w_in, b_in, w, bp, w_out, b_out,
+        H, W, T // pf, D, n_out, n_store, *_pad4(dilations), eps, *strides,
+        C=C, P=p, PF=pf, FRAME_STORE=frame_index is not None,
+        BM=BM, BK=BK, BD=BD, CDT=_TL[compute_dtype], num_warps=nw)
+    return out
+
+
+def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
+              patch_size, frame_patch_size, dilations, eps, compute_dtype):
+    _check_device(video)
+    p, pf = patch_size, frame_patch_size
+    B, C, T, H, W, n_store, strides = _src_args(video, frame_index)
+    n = _geometry(T, H, W, p, pf, dilations)
+    S = len(dilations)
+    D, K = w.shape[1], w.shape[2]
+    BM, BK, BD, nw = _blocks(D, K, video.device)
+    n_out = 1 + sum(n)
+    dev = video.device
+    grad = grad.contiguous()
+    nblk_s = [triton.cdiv(x, BM) for x in n]
+    nblk = sum(nblk_s)
+    sms = _num_sms(dev)
+    # batch slices per token block: enough programs to fill the GPU; 2 on CPU to test the split
+    n_bs = min(B, triton.cdiv(4 * sms, nblk)) if dev.type == "cuda" else min(B, 2)
+    b_chunk = triton.cdiv(B, n_bs)
+    n_bs = triton.cdiv(B, b_chunk)
+    dz_dtype = torch.float32 if compute_dtype == "float32" else _DTYPES[compute_dtype]
+    dz = torch.empty(B * (n_out - 1), D, device=dev, dtype=dz_dtype)
+    mean = torch.empty(B * (n_out - 1), device=dev, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    part_d = torch.empty(3, n_bs, nblk, D, device=dev, dtype=torch.float32)
+    part_pos = torch.empty(n_bs, n_out, D, device=dev, dtype=torch.float32)
+    idx = frame_index if frame_index is not None else video
+    meta = dict(C=C, P=p, PF=pf, FRAME_STORE=frame_index is not None, BM=BM, BK=BK, BD=BD,
+                CDT=_TL[compute_dtype], num_warps=nw)
+    _tokenize_bwd_tok[(nblk, n_bs)](
+        video, idx, grad, dz, mean, rstd, part_d, part_pos, w_in, b_in, w, bp, w_out,
+        B, b_chunk, nblk, H, W, T // pf, D, n_out, n_store, *_pad4(dilations), eps, *strides, **meta)
+    # patch-dim chunks x row splits x scales for the [D, K] weight gradient
+    n_k = triton.cdiv(K, BK)
+    max_rows = B * max(n)
+    n_split = min(triton.cdiv(max_rows, BM), triton.cdiv(4 * sms, n_k * S) if dev.type == "cuda" else 2)
+    part_w = torch.empty(S, n_split, D, K, device=dev, dtype=torch.float32)
+    part_k = torch.empty(2, S, n_split, K, device=dev, dtype=torch.float32)
+    _tokenize_bwd_w[(n_k, n_split, S)](
+        video, idx, dz, mean, rstd, part_w, part_k, w_in, b_in, w,
+        B, H, W, T // pf, D, n_out, n_store, *_pad4(dilations), *strides, **meta)
+    # deterministic reductions of the partials
+    d_sum = part_d.sum(1)  # [3, nblk, D]
+    starts = [0]
+    for x in nblk_s:
+        starts.append(starts[-1] + x)
+    d_scale = torch.stack([d_sum[:, a:e].sum(1) for a, e in zip(starts[:-1], starts[1:])], 1)  # [3, S, D]
+    g_pos = part_pos.sum(0)
+    g_k = part_k.sum(2)
+    # custom-op outputs may not alias each other: copy the row/slice views out
+    return (g_pos[0].to(cls.dtype, copy=True), g_pos.to(pos.dtype), g_k[0].to(w_in.dtype, copy=True),
+            g_k[1].to(b_in.dtype, copy=True), part_w.sum(1).to(w.dtype), d_scale[2].to(bp.dtype, copy=True),
+            d_scale[0].to(w_out.dtype, copy=True), d_scale[1].to(b_out.dtype, copy=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops: torch.compile and CUDA graphs see one node forward, one backward
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fmfast::multiscale_tokenize", mutates_args=())
+def _tokenize_op(video: torch.Tensor, frame_index: Optional[torch.Tensor], cls: torch.Tensor,
+                 pos: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w: torch.Tensor,
+                 bp: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor, patch_size: int,
+                 frame_patch_size: int, dilations: List[int], eps: float, compute_dtype: str,
+                 out_dtype: str) -> torch.Tensor:
+    return _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
+                     patch_size, frame_patch_size, dilations, eps, compute_dtype, out_dtype)
+
+
+@_tokenize_op.register_fake
+def _(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
+      patch_size, frame_patch_size, dilations, eps, compute_dtype, out_dtype):
+    B = video.shape[0] if frame_index is None else frame_index.shape[0]
+    return video.new_empty(B, pos.shape[0], w.shape[1], dtype=_DTYPES[out_dtype])
+
+
+@torch.library.custom_op("fmfast::multiscale_tokenize_backward", mutates_args=())
+def _tokenize_bwd_op(grad: torch.Tensor, video: torch.Tensor, frame_index: Optional[torch.Tensor],
+                     cls: torch.Tensor, pos: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor,
+                     w: torch.Tensor, bp: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor,
+                     patch_size: int, frame_patch_size: int, dilations: List[int], eps: float,
+                     compute_dtype: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
+                     patch_size, frame_patch_size, dilations, eps, compute_dtype)
+
+
+@_tokenize_bwd_op.register_fake
+def _(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
+      patch_size, frame_patch_size, dilations, eps, compute_dtype):
+    return tuple(torch.empty_like(t) for t in (cls, pos, w_in, b_in, w, bp, w_out, b_out))
+
+
+def _setup_context(ctx, inputs, output):
+    (video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
+     patch_size, frame_patch_size, dilations, eps, compute_dtype, _) = inputs
+    ctx.save_for_backward(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out)
+    ctx.args = (patch_size, frame_patch_size, dilations, eps, compute_dtype)
+
+
+def _backward(ctx, grad):
+    grads = _tokenize_bwd_op(grad, *ctx.saved_tensors, *ctx.args)
+    return (None, None, *grads, None, None, None, None, None, None)
+
+
+_tokenize_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+_PARAM_NAMES = ("norm_in_weight", "norm_in_bias", "proj_weight", "proj_bias", "norm_out_weight",
+                "norm_out_bias", "pos_embedding")
+
+
+def _check_inputs(video, frame_index, cls_token, scales, patch_size, frame_patch_size, dilations):
+    """Validate shapes and devices; returns (B, tokens per scale, D, K)."""
+    if len(scales) != len(dilations):
+        raise ValueError(f"multiscale_tokenize: {len(dilations)} dilations but {len(scales)} sets of scale weights")
+    if frame_index is None:
+        if video.dim() != 5:
+            raise ValueError(f"multiscale_tokenize: video must be [B, C, T, H, W], got shape {tuple(video.shape)}")
+        B, C, T, H, W = video.shape
+    else:
+        if video.dim() != 4:
+            raise ValueError(f"multiscale_tokenize: frame store must be [N, C, H, W], got shape {tuple(video.shape)}")
+        if frame_index.dim() != 2 or frame_index.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"multiscale_tokenize: frame_index must be an int64/int32 [B, T] table, got "
+                             f"{frame_index.dtype} {tuple(frame_index.shape)}")
+        if video.shape[0] < 1:
+            raise ValueError("multiscale_tokenize: frame store is empty")
+        if frame_index.device != video.device:
+            raise ValueError(f"multiscale_tokenize: frame_index on {frame_index.device}, frame store on {video.device}")
+        (B, T), (_, C, H, W) = frame_index.shape, video.shape
+    if video.dtype != torch.uint8 and not video.is_floating_point():
+        raise ValueError(f"multiscale_tokenize: video must be uint8 or float, got {video.dtype}")
+    if B < 1:
+        raise ValueError("multiscale_tokenize: empty batch")
+    n = _geometry(T, H, W, patch_size, frame_patch_size, dilations)
+    K = C * patch_size * patch_size * frame_patch_size
+    D = cls_token.numel()
+    if D > MAX_DIM:
+        raise ValueError(f"multiscale_tokenize: embedding width {D} > {MAX_DIM} not supported")
+    for s, sp in enumerate(scales):
+        if len(sp) != len(_PARAM_NAMES):
+            raise ValueError(f"multiscale_tokenize: scale {s} needs the 7 tensors {_PARAM_NAMES}, got {len(sp)}")
+        rows = n[s] + (1 if s == 0 else 0)
+        for name, t, shape in zip(_PARAM_NAMES, sp, ((K,), (K,), (D, K), (D,), (D,), (D,), (1, rows, D))):
+            if tuple(t.shape) != shape and not (name == "pos_embedding" and tuple(t.shape) == shape[1:]):
+                raise ValueError(f"multiscale_tokenize: scale {s} {name} must be {shape} for patch_dim={K} "
+                                 f"(C={C}, p={patch_size}, pf={frame_patch_size}), D={D} and {n[s]} tokens, "
+                                 f"got {tuple(t.shape)}")
+            if t.device != video.device:
+                raise ValueError(f"multiscale_tokenize: scale {s} {name} on {t.device}, video on {video.device}")
+    return B, n, D, K
+
+
+def multiscale_tokenize(video: torch.Tensor, cls_token: torch.Tensor, scales: Sequence[Sequence[torch.Tensor]], *,
+                        patch_size: int, frame_patch_size: int, dilations: Sequence[int],
+                        frame_index: Optional[torch.Tensor] = None, eps: float = 1e-5,
+                        out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Triton fused tokenizer, one launch forward (three backward).
+
+    ``scales[i]`` = (norm_in_weight [K], norm_in_bias [K], proj_weight [D, K], proj_bias [D],
+    norm_out_weight [D], norm_out_bias [D], pos_embedding [1, n_i, D]), scale 0's pos_embedding
+    with 1 + n_0 rows (row 0 for cls). Differentiable with respect to all parameters, not to
+    ``video``. Under ``torch.autocast`` the projection runs in the autocast dtype (fp32
+    accumulation, LayerNorm stats in fp32). Output dtype: ``out_dtype`` or the parameters' dtype
+    (as the reference, whose last op is a LayerNorm, which autocast keeps in fp32)."""
+    dilations = [int(d) for d in dilations]
+    scales = [tuple(sp) for sp in scales]
+    _, _, D, _ = _check_inputs(video, frame_index, cls_token, scales, patch_size, frame_patch_size, dilations)
+    dev = video.device.type
+    pdt = cls_token.dtype
+    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else pdt
+    odt = out_dtype or pdt
+    for name, dt in (("compute", cdt), ("output", odt)):
+        if dt not in _DTYPES.values():
+            raise ValueError(f"multiscale_tokenize: {name} dtype {dt} not supported")
+    inv = {v: k for k, v in _DTYPES.items()}
+    w_in, b_in, w, bp, w_out, b_out, pos = zip(*scales)
+    # one tensor per parameter kind, all scales stacked (pos: rows in output order)
+    return _tokenize_op(
+        video, frame_index, cls_token.reshape(D), torch.cat([x.reshape(-1, D) for x in pos]),
+        torch.stack(w_in), torch.stack(b_in), torch.stack(w), torch.stack(bp), torch.stack(w_out),
+        torch.stack(b_out), patch_size, frame_patch_size, dilations, eps, inv[cdt], inv[odt])
+
+
+def multiscale_tokenize_ref(video: torch.Tensor, cls_token: torch.Tensor, scales: Sequence[Sequence[torch.Tensor]], *,
+                            patch_size: int, frame_patch_size: int, dilations: Sequence[int],
+                            frame_index: Optional[torch.Tensor] = None, eps: float = 1e-5,
+                            out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Plain-PyTorch twin of :func:`multiscale_tokenize` (same arguments, same result)."""
+    dilations = [int(d) for d in dilations]
+    scales = [tuple(sp) for sp in scales]
+    B, _, D, K = _check_inputs(video, frame_index, cls_token, scales, patch_size, frame_patch_size, dilations)
+    if frame_index is not None:  # gather the clips: [B, T, C, H, W] -> [B, C, T, H, W]
+        video = video[frame_index.long().clamp(0, video.shape[0] - 1)].permute(0, 2, 1, 3, 4)
+    x = video.to(cls_token.dtype)
+    p, pf = patch_size, frame_patch_size
+    out = []
+    for s, (d, (w_in, b_in, w, bp, w_out, b_out, pos)) in enumerate(zip(dilations, scales)):
+        xs = x[..., ::d, ::d]  # = nearest-neighbour downsampling by d
+        _, C, T, H, W = xs.shape
+        xs = xs.reshape(B, C, T // pf, pf, H // p, p, W // p, p)
+        xs = xs.permute(0, 2, 4, 6, 5, 7, 3, 1).reshape(B, -1, K)  # b (t h w) (p1 p2 pf c)
+        z = F.layer_norm(xs, (K,), w_in, b_in, eps)
+        z = F.linear(z, w, bp)
+        z = F.layer_norm(z, (D,), w_out, b_out, eps)
+        pe = pos.reshape(-1, D)
+        out.append(z + (pe[1:] if s == 0 else pe))
+    cls = cls_token.reshape(1, 1, D) + scales[0][6].reshape(-1, D)[:1]
+    y = torch.cat([cls.to(out[0].dtype).expand(B, 1, D)] + out, 1)
+    return y.to(out_dtype) if out_dtype is not None else y
