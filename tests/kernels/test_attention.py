@@ -1,0 +1,236 @@
+"""Block-sparse attention kernel (TRITON_INTERPRET=1 on CPU) against the dense masked reference.
+
+Shapes stay tiny: the interpreter costs about a millisecond per Triton op per program."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fmfast.kernels.attention import block_sparse_attention, block_sparse_attention_ref, element_mask
+from fmfast.ops import layout as L
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton compiled path)")
+
+
+def rand_qkv(b, h, n, d, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g, device=device, dtype=torch.float32).to(dtype).requires_grad_()
+            for _ in range(3)]
+
+
+def run(fn, q, k, v, do, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kw)
+    out.backward(do)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def assert_matches_ref(lay, b=2, h=1, d=32, sm_scale=None, tol=2e-5, seed=0):
+    q, k, v = rand_qkv(b, h, lay.seq_len, d, seed=seed)
+    do = torch.randn(b, h, lay.seq_len, d, generator=torch.Generator().manual_seed(seed + 1))
+    got = run(block_sparse_attention, q, k, v, do, layout=lay, sm_scale=sm_scale)
+    want = run(block_sparse_attention_ref, q, k, v, do, layout=lay, sm_scale=sm_scale)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, e, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+    return got
+
+
+# ---- layouts the kernel must honour -----------------------------------------------------------
+LAYOUTS = {
+    "self_ragged": lambda: L.self_attention_layout((37, 27), 16, 16),
+    "cross_ragged": lambda: L.cross_attention_layout((37, 27), 16, 16),
+    "mix_3seg_rect_blocks": lambda: L.segment_layout((5, 30, 29), [[1, 0, 0], [0, 1, 1], [1, 0, 1]], 16, 32),
+    "window": lambda: L.local_window_layout((3, 4, 5), (3, 3, 3), 1, 6, 16, 16),
+    "causal_bits": lambda: L.from_mask_mod(_causal, 45, 16, 16),
+    "block_mask": lambda: L.from_block_mask(torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 0]], dtype=torch.bool),
+                                            40, 16, 16),
+}
+
+
+def _causal(b, h, q, kv):
+    return q >= kv
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_element_mask_is_the_layout_mask(name):
+    """The reference's mask, rebuilt from the kernel's int32 inputs, is the layout's definition."""
+    lay = LAYOUTS[name]()
+    assert torch.equal(element_mask(lay), lay.dense_mask())
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_forward_backward_fp32(name):
+    assert_matches_ref(LAYOUTS[name]())
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_head_dims(d):
+    assert_matches_ref(L.cross_attention_layout((21, 19), 16, 16), b=1, h=1, d=d)
+
+
+def test_batch1_several_heads_and_scale():
+    assert_matches_ref(L.self_attention_layout((20, 25), 16, 16), b=1, h=3, sm_scale=0.3)
+
+
+def test_empty_rows_are_zero_with_zero_grads():
+    # segment 0 sees nothing: its rows are empty; segment 2 sees only segment 0 (whose keys exist)
+    lay = L.segment_layout((10, 23, 12), [[0, 0, 0], [1, 1, 0], [1, 0, 0]], 16, 16)
+    q, k, v = rand_qkv(1, 2, lay.seq_len, 32)
+    out, lse = block_sparse_attention(q, k, v, lay, return_lse=True)
+    assert torch.all(out[:, :, :10] == 0)
+    assert torch.all(lse[:, :, :10] == float("-inf")) and torch.isfinite(lse[:, :, 10:]).all()
+    (out * torch.randn_like(out)).sum().backward()
+    for g in (q.grad, k.grad, v.grad):
+        assert torch.isfinite(g).all()
+    assert torch.all(q.grad[:, :, :10] == 0)
+    # keys of segment 2 are seen by nobody: zero dk, dv
+    assert torch.all(k.grad[:, :, 33:] == 0) and torch.all(v.grad[:, :, 33:] == 0)
+    assert_matches_ref(lay, b=1, h=2)
+
+
+def test_lse_is_the_logsumexp():
+    lay = L.self_attention_layout((18, 30), 16, 16)
+    q, k, v = rand_qkv(1, 1, lay.seq_len, 32)
+    _, lse = block_sparse_attention(q, k, v, lay, sm_scale=0.5, return_lse=True)
+    s = (q @ k.transpose(-1, -2) * 0.5).masked_fill(~lay.dense_mask(), float("-inf"))
+    torch.testing.assert_close(lse, s.logsumexp(-1).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_strided_inputs_from_packed_qkv():
+    """q, k, v as views of one [B, N, 3, H, D] projection (what the module passes)."""
+    lay = L.cross_attention_layout((17, 30), 16, 16)
+    b, h, n, d = 2, 2, lay.seq_len, 32
+    qkv = torch.randn(b, n, 3, h, d)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    out = block_sparse_attention(q, k, v, lay)
+    torch.testing.assert_close(out, block_sparse_attention_ref(q, k, v, lay), atol=2e-5, rtol=2e-5)
+    assert out.transpose(1, 2).is_contiguous()  # [B, N, H, D] storage: merging heads is a view
+
+
+def test_fp16_interpreter():
+    lay = L.cross_attention_layout((21, 27), 16, 16)
+    q, k, v = rand_qkv(1, 2, lay.seq_len, 32)
+    q16, k16, v16 = (t.detach().half() for t in (q, k, v))
+    out = block_sparse_attention(q16, k16, v16, lay)
+    assert out.dtype == torch.float16
+    ref = block_sparse_attention_ref(q.detach(), k.detach(), v.detach(), lay)
+    torch.testing.assert_close(out.float(), ref, atol=3e-3, rtol=3e-3)
+
+
+@settings(max_examples=6, deadline=None)
+@given(lengths=st.lists(st.integers(1, 30), min_size=2, max_size=3), data=st.data(),
+       h=st.integers(1, 2), d=st.sampled_from([32, 64]))
+def test_hypothesis_segment_layouts(lengths, data, h, d):
+    s = len(lengths)
+    allowed = data.draw(st.lists(st.lists(st.booleans(), min_size=s, max_size=s), min_size=s, max_size=s))
+    lay = L.segment_layout(lengths, allowed, 16, 16)
+    assert_matches_ref(lay, b=1, h=h, d=d, seed=data.draw(st.integers(0, 100)))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda q, lay: (q, q[..., :16].contiguous(), q), "share one"),
+    (lambda q, lay: (q[..., :24], q[..., :24], q[..., :24]), "head dim"),
+    (lambda q, lay: (q.half(), q, q), "dtype"),
+    (lambda q, lay: (q[:, :, :-1],) * 3, "seq_len"),
+])
+def test_bad_input_raises(bad, match):
+    lay = L.self_attention_layout((20, 20), 16, 16)
+    q = torch.randn(1, 1, 40, 32)
+    with pytest.raises(ValueError, match=match):
+        block_sparse_attention(*bad(q, lay), lay)
+
+
+def test_compiles_to_one_custom_op_node():
+    """torch.compile traces the kernel as one opaque node (fake impl gives shapes)."""
+    lay = L.self_attention_layout((20, 20), 16, 16)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    q, k, v = (t.detach() for t in rand_qkv(1, 1, 40, 32))
+    f = torch.compile(lambda q, k, v: block_sparse_attention(q, k, v, lay) * 2, backend=backend, fullgraph=True)
+    out = f(q, k, v)
+    torch.testing.assert_close(out, 2 * block_sparse_attention_ref(q, k, v, lay), atol=2e-5, rtol=2e-5)
+    assert sum("block_sparse_attn_fwd" in s for s in seen) == 1
+
+
+def test_opcheck():
+    lay = L.cross_attention_layout((9, 23), 16, 16)
+    q, k, v = rand_qkv(1, 1, lay.seq_len, 32)
+    t = lay.device_tensors("cpu")
+    args = (q, k, v, t.kv_num_blocks, t.kv_indices, t.q_num_blocks, t.q_indices, t.q_bits, t.k_seg,
+            t.coords, t.elem_bits, 32 ** -0.5, 16, 16, [])
+    torch.library.opcheck(torch.ops.fmfast.block_sparse_attn_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+# ---- GPU (compiled Triton): low precision with flash-attention style tolerances ---------------
+def _err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["self", "cross", "window"])
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_gpu_low_precision(dtype, kind, d):
+    if kind == "window":
+        lay = L.local_window_layout((4, 14, 14), (3, 5, 5), 1, 241, 64, 64)
+    else:
+        make = L.self_attention_layout if kind == "self" else L.cross_attention_layout
+        lay = make((401, 241), 64, 64)
+    q, k, v = rand_qkv(4, 3, lay.seq_len, d, device="cuda")
+    do = torch.randn_like(q)
+    mask = element_mask(lay, "cuda")
+    ref = run(block_sparse_attention_ref, q, k, v, do, layout=lay, mask=mask)  # fp32
+    low = [t.detach().to(dtype) for t in (q, k, v, do)]
+    ref_low = run(block_sparse_attention_ref, *low, layout=lay, mask=mask)
+    got = run(block_sparse_attention, *low, layout=lay)
+    for name, a, e, r in zip(("out", "dq", "dk", "dv"), got, ref, ref_low):
+        assert a.dtype == dtype
+        assert _err(a, e) <= 2 * _err(r, e) + 1e-3, name
+
+
+@cuda
+def test_gpu_fp32_tight_and_cuda_graph():
+    lay = L.cross_attention_layout((401, 241), 64, 64)
+    q, k, v = rand_qkv(2, 3, lay.seq_len, 32, device="cuda")
+    do = torch.randn_like(q)
+    got = run(block_sparse_attention, q, k, v, do, layout=lay)
+    want = run(block_sparse_attention_ref, q, k, v, do, layout=lay)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+    # capture: static shapes, layout tensors already on the device
+    qs, ks, vs = (t.detach().clone() for t in (q, k, v))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        block_sparse_attention(qs, ks, vs, lay)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = block_sparse_attention(qs, ks, vs, lay)
+    qs.copy_(q.detach() * 0.5)
+    g.replay()
+    torch.testing.assert_close(out, block_sparse_attention_ref(qs, ks, vs, lay), atol=1e-4, rtol=1e-4)
+
+
+@cuda
+def test_gpu_compiled_matches_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    lay = L.local_window_layout((4, 14, 14), (3, 5, 5), 1, 241, 64, 64)
+    q, k, v = rand_qkv(2, 4, lay.seq_len, 64, dtype=torch.bfloat16, device="cuda")
+    do = torch.randn_like(q)
+    bm = lay.to_block_mask("cuda")
+    flex = torch.compile(flex_attention)
+    want = run(lambda q, k, v: flex(q, k, v, block_mask=bm), q, k, v, do)
+    fast = torch.compile(lambda q, k, v: block_sparse_attention(q, k, v, lay))
+    got = run(fast, q, k, v, do)
+    ref = run(block_sparse_attention_ref, *(t.detach().float() for t in (q, k, v, do)), layout=lay)
+    for a, f, r in zip(got, want, ref):
+        assert _err(a, r) <= 2 * _err(f, r) + 1e-2
