@@ -1,0 +1,82 @@
+"""What a layout reader hands the dataset: every recording's frames, masks and currents in
+concatenated stores, plus the labelled samples of one split."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import matfile
+from .errors import DataError
+
+
+@dataclass
+class Corpus:
+    names: list[str]              # recordings, ordered by name
+    frame_offsets: np.ndarray     # [R + 1] int64: recording r owns frames [off[r], off[r+1])
+    frames: torch.Tensor          # [N, 3, W, H] uint8, all recordings concatenated (+ N mirrored)
+    masks: torch.Tensor | None    # [N, W, H] uint8 in {0, 1}, segmentation only (+ N mirrored)
+    frame_labels: np.ndarray      # [N] uint8: 1 if any mask pixel of the frame is > 0
+    currents: torch.Tensor        # [rows, 3] float32, all recordings concatenated
+    row_offsets: np.ndarray       # [R + 1] int64: recording r owns rows [off[r], off[r+1])
+    row_end: np.ndarray           # [N] int64: one past the last current row of each frame's second
+    sample_recording: np.ndarray  # [M] int64
+    sample_frame: np.ndarray      # [M] int64, frame index within its recording
+
+
+def allocate(shapes: list[tuple[int, ...]], mirror: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+    """One uint8 tensor for several first-axis-concatenated arrays (twice as long with
+    ``mirror``), and the offsets of each part."""
+    counts = [s[0] for s in shapes]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n = int(offsets[-1]) * (2 if mirror else 1)
+    return torch.empty((n, *shapes[0][1:]), dtype=torch.uint8), offsets
+
+
+def check_split_indices(path, name: str, indices, n: int) -> np.ndarray:
+    """A split file's labelled frame list for one recording, as int64, checked against ``n`` frames."""
+    if not isinstance(indices, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise DataError(path, f"'{name}': expected a list of integer frame indices")
+    a = np.asarray(indices, dtype=np.int64).reshape(-1)
+    bad = (a < 0) | (a >= n)
+    if bad.any():
+        raise DataError(path, f"'{name}': frame {int(a[bad][0])} out of range (recording has {n} frames)")
+    return a
+
+
+def read_stores(files: list, data_key: str, shapes: list[tuple[int, ...]], masks: bool, mirror: bool):
+    """Bulk-read every recording's frames (and masks) straight into concatenated stores.
+
+    Returns (frames, frame_offsets [R+1], masks or None, frame_labels [N]); frames is
+    [N,3,W,H] uint8 and masks [N,W,H] uint8 in {0,1}. With ``mirror`` both stores are twice as
+    long and rows N.. hold the frames flipped on the last axis, so that a flipped clip is a
+    plain gather. The class label of a frame is 1 when any mask pixel is > 0.
+    """
+    frames, offsets = allocate(shapes, mirror=mirror)
+    mask_store = allocate([s[:1] + s[2:] for s in shapes], mirror=mirror)[0] if masks else None
+    frame_labels = np.empty(len(frames), dtype=np.uint8)
+    for r, path in enumerate(files):
+        a, b = offsets[r], offsets[r + 1]
+        with matfile.open_mat(path) as f:
+            matfile.read_into(f[data_key], frames[a:b].numpy())
+            if mask_store is not None:
+                m = mask_store[a:b].numpy()
+                matfile.read_into(f["label"], m)
+                frame_labels[a:b] = (m.reshape(len(m), -1) > 0).any(axis=1)
+                np.minimum(m, 1, out=m)
+            else:
+                frame_labels[a:b] = matfile.any_positive(f["label"])
+    if mirror:
+        n = int(offsets[-1])
+        for store in (frames, mask_store):
+            for i in range(0, n if store is not None else 0, 4096):  # chunks bound the temporary
+                j = min(i + 4096, n)
+                store[n + i:n + j].copy_(store[i:j].flip(-1))
+    return frames, offsets, mask_store, frame_labels
+
+
+def samples(labelled: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(recording, frame) of every labelled frame, recordings in order."""
+    rec = np.concatenate([np.full(len(l), r, dtype=np.int64) for r, l in enumerate(labelled)])
+    return rec, np.concatenate(labelled).astype(np.int64)

@@ -1,0 +1,198 @@
+"""FMFDataset: the FMF benchmark as tensors, gathered a whole batch at a time.
+
+Sample ``i`` is a labelled frame ``f`` of one recording:
+
+- clip ``[3, T, W, H]`` uint8: frames ``f-(T-1)s .. f`` (clamped at 0), axes as h5py reads them;
+- current ``[2S, 3]`` float32: the rows of the S seconds ending at f's second (window.py);
+- label: int64 class (1 if any mask pixel of frame f is > 0), or the int64 ``[W, H]`` 0/1 mask.
+
+In training mode clip and mask are flipped on their last axis (H) with p = 0.5, as the
+reference's HorizontalFlip does (``x[..., ::-1]``). The decision for sample i in epoch e is a
+fixed function of (seed, e, i); ``set_epoch`` picks the epoch.
+
+Storage: one frame store ``frames [N_store, 3, W, H]`` uint8 for all recordings (a recording's
+frames are the view ``recording_frames(r)``). In training mode its second half holds the
+frames mirrored, and ``frame_index`` points flipped samples there, so a flipped clip costs no
+more than a plain one, for ``batch`` and for a tokenizer reading frames by index alike.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .v1 import load_v1
+from .v2 import is_v2, load_v2
+from .window import clip_offsets, resample_rows, resample_table
+
+TASKS = ("classification", "segmentation")
+SPLITS = ("train", "test")
+
+Indices = int | Sequence[int] | np.ndarray | torch.Tensor
+
+
+class FMFDataset:
+    def __init__(self, root: str | Path, split: str = "train", num_frames: int = 10, stride: int = 1,
+                 current_seconds: int = 120, task: str = "classification", train: bool | None = None,
+                 seed: int = 0):
+        if split not in SPLITS:
+            raise ValueError(f"FMFDataset: split must be one of {SPLITS}, got {split!r}")
+        if task not in TASKS:
+            raise ValueError(f"FMFDataset: task must be one of {TASKS}, got {task!r}")
+        for arg, v in (("num_frames", num_frames), ("stride", stride), ("current_seconds", current_seconds)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"FMFDataset: {arg} must be a positive int, got {v!r}")
+        self.root = Path(root)
+        if not self.root.exists():
+            raise DataError(self.root, "dataset not found")
+        self.split, self.task = split, task
+        self.num_frames, self.stride, self.current_seconds = num_frames, stride, current_seconds
+        self.train = split == "train" if train is None else bool(train)
+        self.seed, self.epoch = int(seed), 0
+
+        self.layout = "v2" if is_v2(self.root) else "v1"
+        load = load_v2 if self.layout == "v2" else load_v1
+        c = load(self.root, split, masks=task == "segmentation", mirror=self.train)
+        self.names = c.names
+        self.frames = c.frames                        # [N_store, 3, W, H] uint8
+        self.masks = c.masks                          # [N_store, W, H] uint8 or None
+        self.currents = c.currents                    # [rows, 3] float32
+        self.frame_offsets = torch.from_numpy(c.frame_offsets)
+        self.row_offsets = torch.from_numpy(c.row_offsets)
+        self.num_store_frames = int(c.frame_offsets[-1])  # N: frames without the mirrored half
+
+        # Per-sample index, precomputed so that a batch is pure tensor gathers.
+        rec, frame = c.sample_recording, c.sample_frame
+        first = c.frame_offsets[rec]
+        end = c.row_end[first + frame]
+        n = np.minimum(end - c.row_offsets[rec], 2 * current_seconds)
+        self.sample_recording = torch.from_numpy(rec)
+        self.sample_frame = torch.from_numpy(frame)
+        self._first = torch.from_numpy(first)          # clamp floor of the clip (frame 0 of its recording)
+        self._gframe = torch.from_numpy(first + frame)  # labelled frame, index into frames
+        self._row_end = torch.from_numpy(c.row_end)     # per frame: one past its second's last row
+        self._cur_n = torch.from_numpy(n)              # history rows available (<= 2S)
+        self._cur_start = torch.from_numpy(end - n)
+        self._back = clip_offsets(num_frames, stride)
+        self._table = resample_table(2 * current_seconds)
+        self.labels = torch.from_numpy(c.frame_labels[first + frame].astype(np.int64))
+        self.flips = torch.zeros(len(rec), dtype=torch.bool)
+        self.set_epoch(0)
+
+    # ---- sampling state ----------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's flips: a fixed function of (seed, epoch, sample index)."""
+        self.epoch = int(epoch)
+        if self.train:
+            draw = np.random.default_rng([self.seed, self.epoch]).random(len(self)) < 0.5
+            self.flips = torch.from_numpy(draw).to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.frames.device
+
+    def to(self, device) -> "FMFDataset":
+        """Move the stores and the sample index; batches are then gathered on ``device``."""
+        for k, v in vars(self).items():
+            if isinstance(v, torch.Tensor):
+                setattr(self, k, v.to(device))
+        return self
+
+    def __len__(self) -> int:
+        return len(self.sample_frame)
+
+    def recording_frames(self, r: int) -> torch.Tensor:
+        """Recording r's frames ``[N_r, 3, W, H]`` (a view into the frame store)."""
+        return self.frames[int(self.frame_offsets[r]):int(self.frame_offsets[r + 1])]
+
+    def sample_key(self, i: int) -> tuple[str, int]:
+        """(recording name, labelled frame index) of sample i."""
+        i = self._check(i)
+        return self.names[int(self.sample_recording[i])], int(self.sample_frame[i])
+
+    # ---- one sample, straight from the definition (the reference for ``batch``) --------
+    def __getitem__(self, i: int):
+        i = self._check(i)
+        r, f = int(self.sample_recording[i]), int(self.sample_frame[i])
+        first = int(self.frame_offsets[r])
+        T, s, L = self.num_frames, self.stride, 2 * self.current_seconds
+        ids = [first + max(f - (T - 1 - j) * s, 0) for j in range(T)]
+        clip = self.frames[ids].permute(1, 0, 2, 3)  # [T,3,W,H] -> [3,T,W,H]
+
+        end = int(self._row_end[first + f])
+        start = max(end - L, int(self.row_offsets[r]))
+        rows = start + resample_rows(end - start, L)
+        current = self.currents[torch.from_numpy(rows).to(self.device)]
+
+        if self.task == "classification":
+            label = self.labels[i]
+        else:
+            label = self.masks[first + f].long()
+        if self.flips[i]:
+            clip = clip.flip(-1)
+            if label.ndim:
+                label = label.flip(-1)
+        return clip, current, label
+
+    # ---- a whole batch, vectorised -----------------------------------------------------
+    def frame_index(self, indices: Indices) -> torch.Tensor:
+        """``[B, T]`` indices into ``frames`` of each sample's clip (flipped samples point into
+        the mirrored half)."""
+        idx = self._index(indices)
+        g = torch.maximum(self._gframe[idx, None] - self._back.to(idx.device), self._first[idx, None])
+        return g + self.flips[idx, None].long() * self.num_store_frames
+
+    def current_index(self, indices: Indices) -> torch.Tensor:
+        """``[B, 2S]`` indices into ``currents`` of each sample's current window."""
+        idx = self._index(indices)
+        return self._cur_start[idx, None] + self._table[self._cur_n[idx] - 1]
+
+    def batch(self, indices: Indices):
+        """(clips [B,3,T,W,H] uint8, currents [B,2S,3] float32, labels [B] or [B,W,H] int64),
+        equal to stacking ``self[i]`` for i in indices; gathered on the dataset's device."""
+        idx = self._index(indices)
+        g = self.frame_index(idx)
+        B, T = g.shape
+        _, C, W, H = self.frames.shape
+        # One row gather straight into [B, C, T] order: row (g*C + c) of the [N*C, W*H] plane view.
+        rows = (g[:, None, :] * C + torch.arange(C, device=g.device)[None, :, None]).reshape(-1)
+        clips = _planes(self.frames).index_select(0, rows).view(torch.uint8).view(B, C, T, W, H)
+        currents = self.currents[self.current_index(idx)]
+        if self.task == "classification":
+            labels = self.labels[idx]
+        else:
+            m = self._gframe[idx] + self.flips[idx].long() * self.num_store_frames
+            labels = _planes(self.masks.unsqueeze(1)).index_select(0, m).view(torch.uint8).view(B, W, H).long()
+        return clips, currents, labels
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _check(self, i) -> int:
+        n = len(self)
+        i = int(i)
+        if not -n <= i < n:
+            raise IndexError(f"FMFDataset: sample {i} out of range for {n} samples")
+        return i % n
+
+    def _index(self, indices: Indices) -> torch.Tensor:
+        idx = torch.as_tensor(indices, dtype=torch.int64, device=self.device).reshape(-1)
+        n = len(self)
+        if idx.device.type == "cpu" and len(idx) and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"FMFDataset: sample indices must lie in [-{n}, {n}), got {idx.min()}..{idx.max()}")
+        return idx % n
+
+    def __repr__(self) -> str:
+        return (f"FMFDataset(root={str(self.root)!r}, layout={self.layout}, split={self.split!r}, task={self.task!r}, "
+                f"samples={len(self)}, recordings={len(self.names)}, frames={self.num_store_frames}, "
+                f"frame_shape={tuple(self.frames.shape[1:])}, num_frames={self.num_frames}, stride={self.stride}, "
+                f"current_seconds={self.current_seconds}, train={self.train}, device={self.device})")
+
+
+def _planes(store: torch.Tensor) -> torch.Tensor:
+    """A ``[N, C, W, H]`` uint8 store as ``[N*C, W*H]`` rows, viewed as int64 words when the
+    row length allows (a row gather of 8-byte words is several times faster than of bytes)."""
+    n, c, w, h = store.shape
+    planes = store.view(n * c, w * h)
+    return planes.view(torch.int64) if (w * h) % 8 == 0 else planes
