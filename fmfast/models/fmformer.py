@@ -35,9 +35,11 @@ class OfficialInterop:
     def from_official(cls, source, task: str | None = None, cfg: ModelConfig | None = None, **overrides):
         """Build the model from a reference-code ``state_dict`` (a dict or a file path).
 
-        Sizes are read from the tensors; the split of the video token count into clip length
-        and frame size cannot be, so it assumes 64x64 frames unless ``image_size`` or
-        ``num_frames`` (or a full ``cfg``) says otherwise. Raises ``CheckpointMismatch``.
+        Sizes are read from the tensors (``task`` too, when not given). Two things cannot be:
+        how the video token count splits into clip length and frame size (64x64 frames are
+        assumed unless ``image_size`` or ``num_frames`` says otherwise) and how ``heads *
+        dim_head`` splits (``dim_head`` 32 assumed, as in every published model). Config
+        ``overrides`` or a full ``cfg`` settle them. Raises ``CheckpointMismatch``.
         """
         from fmfast.interop import load_official
 
