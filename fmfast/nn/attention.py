@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fmfast.ops.attention import attention
+from fmfast.ops.attention import attention, packed_attention, resolve_backend
+from fmfast.ops.layout import cross_attention_layout, self_attention_layout
 
 
 def _out_proj(inner_dim: int, dim: int, project_out: bool) -> nn.Module:
@@ -68,21 +69,60 @@ class CrossAttention(nn.Module):
 
 class MultiStreamAttention(nn.Module):
     """One FmFormer attention stage on streams (x1 video, x2 current), residuals included:
-    self-attention per stream, then the bidirectional cross-attention on the updated streams."""
+    self-attention per stream, then the bidirectional cross-attention on the updated streams.
 
-    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, cross_attention: bool = True):
+    ``backend``: "auto" (default) packs both streams into one sequence on CUDA and runs each
+    phase as one block-sparse Triton launch (self: block-diagonal layout, cross: off-diagonal);
+    "triton" forces that path on any device (CPU: the Triton interpreter, for tests); "torch"
+    always runs the reference path (four separate attentions)."""
+
+    _PACKED_HEAD_DIMS = (16, 32, 64, 128)
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, cross_attention: bool = True,
+                 backend: str = "auto", block_size: int = 64):
         super().__init__()
         self.stream1 = Attention(dim, heads, dim_head)
         self.stream2 = Attention(dim, heads, dim_head)
         self.cross_attn = CrossAttention(dim, heads, dim_head) if cross_attention else None
+        resolve_backend(backend, torch.device("cpu"))  # validate early
+        self.backend, self.block_size = backend, block_size
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dim_head = self.stream1.to_qkv.out_features // (3 * self.stream1.heads)
+        if resolve_backend(self.backend, x1.device) == "triton" and dim_head in self._PACKED_HEAD_DIMS:
+            return self._forward_packed(x1, x2)
         x1 = x1 + self.stream1(x1)
         x2 = x2 + self.stream2(x2)
         if self.cross_attn is not None:
             r1, r2 = self.cross_attn(x1, x2)
             x1, x2 = x1 + r1, x2 + r2
         return x1, x2
+
+    def _forward_packed(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same math, one attention launch per phase over the packed [x1 tokens | x2 tokens]."""
+        n1, n2 = x1.shape[1], x2.shape[1]
+        s1, s2, heads, scale = self.stream1, self.stream2, self.stream1.heads, self.stream1.scale
+        bs = self.block_size
+        qkv = torch.cat([s1.to_qkv(s1.norm(x1)), s2.to_qkv(s2.norm(x2))], 1)
+        o = _merge_heads(packed_attention(*_qkv_heads(qkv, heads), self_attention_layout((n1, n2), bs, bs),
+                                          scale, "triton"))
+        x1, x2 = x1 + s1.to_out(o[:, :n1]), x2 + s2.to_out(o[:, n1:])
+        ca = self.cross_attn
+        if ca is not None:
+            qkv = torch.cat([ca.to_qkv1(ca.norm1(x1)), ca.to_qkv2(ca.norm2(x2))], 1)
+            o = _merge_heads(packed_attention(*_qkv_heads(qkv, heads), cross_attention_layout((n1, n2), bs, bs),
+                                              ca.scale, "triton"))
+            x1, x2 = x1 + ca.to_out1(o[:, :n1]), x2 + ca.to_out2(o[:, n1:])
+        return x1, x2
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Set ``backend`` ("auto" | "triton" | "torch") on every MultiStreamAttention in ``model``."""
+    resolve_backend(backend, torch.device("cpu"))
+    for m in model.modules():
+        if isinstance(m, MultiStreamAttention):
+            m.backend = backend
+    return model
 
 
 class FeedForward(nn.Module):

@@ -1,7 +1,9 @@
-"""Scaled dot-product attention: the plain-PyTorch reference and its dispatch point."""
+"""Scaled dot-product attention: the plain-PyTorch reference and its dispatch points."""
 from __future__ import annotations
 
 import torch
+
+BACKENDS = ("auto", "triton", "torch")
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -16,3 +18,24 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Dispatch point for attention (plain PyTorch for now)."""
     return attention_ref(q, k, v, scale)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> 'triton' on CUDA, 'torch' elsewhere; 'triton' on CPU runs the Triton
+    interpreter (tests set TRITON_INTERPRET=1 before the kernel is first imported)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"fmfast.ops.attention: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, scale: float,
+                     backend: str = "auto") -> torch.Tensor:
+    """Attention over a packed sequence of segments ``[B, H, N, D]`` under a block layout
+    (``fmfast.ops.layout``): the block-sparse Triton kernel, or its dense masked twin."""
+    from fmfast.kernels.attention import block_sparse_attention, block_sparse_attention_ref
+
+    if resolve_backend(backend, q.device) == "triton":
+        return block_sparse_attention(q, k, v, layout, scale)
+    return block_sparse_attention_ref(q, k, v, layout, scale)
