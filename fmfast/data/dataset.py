@@ -115,17 +115,18 @@ class FMFDataset:
 
     # ---- one sample, straight from the definition (the reference for ``batch``) --------
     def __getitem__(self, i: int):
+        """(clip [3,T,W,H] uint8, current [2S,3] float32, label); the clip is a permuted view."""
         i = self._check(i)
         r, f = int(self.sample_recording[i]), int(self.sample_frame[i])
         first = int(self.frame_offsets[r])
         T, s, L = self.num_frames, self.stride, 2 * self.current_seconds
-        ids = [first + max(f - (T - 1 - j) * s, 0) for j in range(T)]
-        clip = self.frames[ids].permute(1, 0, 2, 3)  # [T,3,W,H] -> [3,T,W,H]
+        ids = torch.tensor([first + max(f - (T - 1 - j) * s, 0) for j in range(T)], device=self.device)
+        clip = self.frames.index_select(0, ids)  # [T,3,W,H]
 
         end = int(self._row_end[first + f])
         start = max(end - L, int(self.row_offsets[r]))
         rows = start + resample_rows(end - start, L)
-        current = self.currents[torch.from_numpy(rows).to(self.device)]
+        current = self.currents.index_select(0, torch.from_numpy(rows).to(self.device))
 
         if self.task == "classification":
             label = self.labels[i]
@@ -135,20 +136,20 @@ class FMFDataset:
             clip = clip.flip(-1)
             if label.ndim:
                 label = label.flip(-1)
-        return clip, current, label
+        return clip.permute(1, 0, 2, 3), current, label
 
     # ---- a whole batch, vectorised -----------------------------------------------------
     def frame_index(self, indices: Indices) -> torch.Tensor:
         """``[B, T]`` indices into ``frames`` of each sample's clip (flipped samples point into
         the mirrored half)."""
         idx = self._index(indices)
-        g = torch.maximum(self._gframe[idx, None] - self._back.to(idx.device), self._first[idx, None])
+        g = torch.maximum(self._gframe[idx, None] - self._back, self._first[idx, None])
         return g + self.flips[idx, None].long() * self.num_store_frames
 
     def current_index(self, indices: Indices) -> torch.Tensor:
         """``[B, 2S]`` indices into ``currents`` of each sample's current window."""
         idx = self._index(indices)
-        return self._cur_start[idx, None] + self._table[self._cur_n[idx] - 1]
+        return self._cur_start[idx, None] + self._table.index_select(0, self._cur_n[idx] - 1)
 
     def batch(self, indices: Indices):
         """(clips [B,3,T,W,H] uint8, currents [B,2S,3] float32, labels [B] or [B,W,H] int64),
@@ -160,7 +161,7 @@ class FMFDataset:
         # One row gather straight into [B, C, T] order: row (g*C + c) of the [N*C, W*H] plane view.
         rows = (g[:, None, :] * C + torch.arange(C, device=g.device)[None, :, None]).reshape(-1)
         clips = _planes(self.frames).index_select(0, rows).view(torch.uint8).view(B, C, T, W, H)
-        currents = self.currents[self.current_index(idx)]
+        currents = self.currents.index_select(0, self.current_index(idx).reshape(-1)).view(B, -1, 3)
         if self.task == "classification":
             labels = self.labels[idx]
         else:

@@ -3,7 +3,7 @@
 
 Each recording is a furnace (furnace.py) filmed at ~25 fps with a current log at 2 rows per
 second. The timeline is cut into ~12 s segments, each with one scenario; whole segments go to
-train or test (about a quarter of each scenario to test), so no event straddles the split.
+train or test (about a fifth of each scenario to test), so no event straddles the split.
 ``synthetic.json`` beside the split files records every segment, for per-scenario analysis.
 Same arguments, same bytes.
 """
@@ -19,7 +19,7 @@ import numpy as np
 from .furnace import ABNORMAL, SCENARIOS, Furnace, current_log, schedule, severity
 from .matfile import write_mat
 
-TEST_FRACTION = 0.25
+TEST_FRACTION = 0.2
 _CHUNK = 256
 _T0 = dt.datetime(2023, 5, 10, 21, 0, 0)
 
