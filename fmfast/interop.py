@@ -62,6 +62,7 @@ KEY_MAP: dict[str, tuple[tuple[str, str], ...]] = {
         ("mlp_head.", "mlp_head."),
     ),
 }
+
 # the reference's names for the three models, for messages
 OFFICIAL_NAMES = {"fmformer": "ViTForViCu (vit_for_vicu)", "video": "ViTForVideo (vit_for_video)",
                   "current": "ViTForCurrent (vit_for_current)"}
