@@ -73,13 +73,17 @@ class FMFDataset:
         self.sample_frame = torch.from_numpy(frame)
         self._first = torch.from_numpy(first)          # clamp floor of the clip (frame 0 of its recording)
         self._gframe = torch.from_numpy(first + frame)  # labelled frame, index into frames
-        self._row_end = torch.from_numpy(c.row_end)     # per frame: one past its second's last row
         self._cur_n = torch.from_numpy(n)              # history rows available (<= 2S)
         self._cur_start = torch.from_numpy(end - n)
         self._back = clip_offsets(num_frames, stride)
         self._table = resample_table(2 * current_seconds)
         self.labels = torch.from_numpy(c.frame_labels[first + frame].astype(np.int64))
         self.flips = torch.zeros(len(rec), dtype=torch.bool)
+        # host copies for the per-sample path: numpy scalars are far cheaper than tensor items
+        self._h_rec, self._h_frame, self._h_first, self._h_row_end = rec, frame, first, c.row_end
+        self._h_row_first = c.row_offsets[rec]
+        self._h_back = self._back.numpy()
+        self._h_flips = np.zeros(len(rec), dtype=bool)
         self.set_epoch(0)
 
     # ---- sampling state ----------------------------------------------------------------
@@ -87,8 +91,8 @@ class FMFDataset:
         """Draw this epoch's flips: a fixed function of (seed, epoch, sample index)."""
         self.epoch = int(epoch)
         if self.train:
-            draw = np.random.default_rng([self.seed, self.epoch]).random(len(self)) < 0.5
-            self.flips = torch.from_numpy(draw).to(self.device)
+            self._h_flips = np.random.default_rng([self.seed, self.epoch]).random(len(self)) < 0.5
+            self.flips = torch.from_numpy(self._h_flips).to(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -102,7 +106,7 @@ class FMFDataset:
         return self
 
     def __len__(self) -> int:
-        return len(self.sample_frame)
+        return len(self._h_frame)
 
     def recording_frames(self, r: int) -> torch.Tensor:
         """Recording r's frames ``[N_r, 3, W, H]`` (a view into the frame store)."""
@@ -111,20 +115,19 @@ class FMFDataset:
     def sample_key(self, i: int) -> tuple[str, int]:
         """(recording name, labelled frame index) of sample i."""
         i = self._check(i)
-        return self.names[int(self.sample_recording[i])], int(self.sample_frame[i])
+        return self.names[int(self._h_rec[i])], int(self._h_frame[i])
 
     # ---- one sample, straight from the definition (the reference for ``batch``) --------
     def __getitem__(self, i: int):
         """(clip [3,T,W,H] uint8, current [2S,3] float32, label); the clip is a permuted view."""
         i = self._check(i)
-        r, f = int(self.sample_recording[i]), int(self.sample_frame[i])
-        first = int(self.frame_offsets[r])
-        T, s, L = self.num_frames, self.stride, 2 * self.current_seconds
-        ids = torch.tensor([first + max(f - (T - 1 - j) * s, 0) for j in range(T)], device=self.device)
-        clip = self.frames.index_select(0, ids)  # [T,3,W,H]
+        f, first = int(self._h_frame[i]), int(self._h_first[i])
+        ids = first + np.maximum(f - self._h_back, 0)  # clip frames, clamped at the recording's frame 0
+        clip = self.frames.index_select(0, torch.from_numpy(ids).to(self.device))  # [T,3,W,H]
 
-        end = int(self._row_end[first + f])
-        start = max(end - L, int(self.row_offsets[r]))
+        L = 2 * self.current_seconds
+        end = int(self._h_row_end[first + f])
+        start = max(end - L, int(self._h_row_first[i]))
         rows = start + resample_rows(end - start, L)
         current = self.currents.index_select(0, torch.from_numpy(rows).to(self.device))
 
@@ -132,7 +135,7 @@ class FMFDataset:
             label = self.labels[i]
         else:
             label = self.masks[first + f].long()
-        if self.flips[i]:
+        if self._h_flips[i]:
             clip = clip.flip(-1)
             if label.ndim:
                 label = label.flip(-1)
