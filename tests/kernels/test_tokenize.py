@@ -269,24 +269,34 @@ def test_opcheck_custom_op():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-def test_compile_sees_one_node():
+def test_compile_sees_one_node_forward_and_backward():
+    """AOTAutograd traces the op through its fake impls: one node forward, one backward."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
     C, T, H, W, p, pf, D, dil = 1, 2, 8, 8, 4, 2, 16, (1, 2)
     video = make_video((2, C, T, H, W), torch.uint8)
     cls, scales = make_params(C, p, pf, D, n_tokens(T, H, W, p, pf, dil))
+    go = torch.randn(2, 6, D)
     graphs = []
 
-    def backend(gm, example_inputs):
+    def record(gm, example_inputs):
         graphs.append(gm)
-        return gm.forward
+        return make_boxed_func(gm.forward)
 
     def f(v, c, s):
         return multiscale_tokenize(v, c, s, patch_size=p, frame_patch_size=pf, dilations=dil)
 
     torch._dynamo.reset()
-    got = torch.compile(f, backend=backend, fullgraph=True)(video, cls, scales)
-    torch.testing.assert_close(got, f(video, cls, scales), atol=0, rtol=0)
-    ops = [nd for g in graphs for nd in g.graph.nodes if "multiscale_tokenize" in str(nd.target)]
-    assert len(ops) == 1
+    compiled = torch.compile(f, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)
+    got, g_got = run(compiled, video, cls, scales, go)
+    want, g_want = run(f, video, cls, scales, go)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for a, e in zip(g_got, g_want):
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
+    targets = [str(nd.target) for g in graphs for nd in g.graph.nodes if nd.op == "call_function"]
+    assert sum(t.startswith("fmfast.multiscale_tokenize.") for t in targets) == 1, targets
+    assert sum(t.startswith("fmfast.multiscale_tokenize_backward.") for t in targets) == 1, targets
 
 
 # ---- bad input ------------------------------------------------------------------------------------
