@@ -26,11 +26,14 @@ def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None
     model.eval()
     acc = MetricAccumulator(ds.task)
     n = len(ds) if not max_samples else min(max_samples, len(ds))
+    # a subset is spread evenly over the split: its first samples would all come from one
+    # recording and one event
+    order = torch.linspace(0, len(ds) - 1, n).round().long() if n < len(ds) else torch.arange(n)
     examples: dict = {}
     task_id = progress.add_task("evaluate", total=n, loss=float("nan")) if progress is not None else None
     t0 = time.perf_counter()
     for start in range(0, n, batch_size):
-        idx = torch.arange(start, min(start + batch_size, n))
+        idx = order[start:start + batch_size]
         clips, currents, labels = to_device(ds.batch(idx), device)
         with autocast(device, amp_dtype):
             logits = forward(model, model_name, clips, currents)
