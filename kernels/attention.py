@@ -14,8 +14,9 @@ compute dk/dv per key block and whose last programs compute dq per query block (
 Empty rows (a query that sees no key) are defined as ``out = 0`` with ``lse = -inf``; their
 gradients are exactly 0 and nothing is NaN. ``block_sparse_attention_ref`` does the same.
 
-The layout argument is duck typed: ``seq_len``, ``block_m``, ``block_n``, ``radius`` (window
-half-extents or None) and ``device_tensors(device)`` returning the kernel's int32 tensors.
+The layout argument is duck typed: ``key`` (an int unique per layout), ``seq_len``, ``block_m``,
+``block_n``, ``radius`` (window half-extents or None) and ``device_tensors(device)`` returning
+the kernel's int32 tensors.
 """
 import math
 from typing import Optional
@@ -244,27 +245,23 @@ def _like_bnhd(q: Tensor) -> Tensor:
     return torch.empty((b, n, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
-def _window_args(radius):
-    return (0, 0, 0) if len(radius) == 0 else tuple(int(r) for r in radius)
-
-
 def _dummy(t: Optional[Tensor], like: Tensor) -> Tensor:
     return like if t is None else t
 
 
-def _fwd_impl(q, k, v, kv_num_blocks, kv_indices, q_bits, k_seg, coords, elem_bits, sm_scale,
-              block_m, block_n, radius):
+def _fwd_impl(q, k, v, t, sm_scale, block_m, block_n, radius):
     bsz, heads, n, d = q.shape
     o = _like_bnhd(q)
     lse = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
-    rt, rh, rw = _window_args(radius)
+    rt, rh, rw = radius
+    elem_bits, coords = t.elem_bits, t.coords
     grid = (triton.cdiv(n, block_m), bsz * heads)
     _fwd_kernel[grid](
         q, k, v, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        kv_num_blocks, kv_indices, kv_indices.stride(0), q_bits, k_seg,
-        _dummy(coords, k_seg), _dummy(elem_bits, k_seg), 0 if elem_bits is None else elem_bits.stride(0),
+        t.kv_num_blocks, t.kv_indices, t.kv_indices.stride(0), t.q_bits, t.k_seg,
+        _dummy(coords, t.k_seg), _dummy(elem_bits, t.k_seg), 0 if elem_bits is None else elem_bits.stride(0),
         n, heads, sm_scale * _LOG2E, rt, rh, rw,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, HAS_WINDOW=coords is not None,
         HAS_EBITS=elem_bits is not None, DOT_PREC=_dot_precision(q.dtype),
@@ -272,8 +269,7 @@ def _fwd_impl(q, k, v, kv_num_blocks, kv_indices, q_bits, k_seg, coords, elem_bi
     return o, lse
 
 
-def _bwd_impl(do, q, k, v, o, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_bits, k_seg,
-              coords, elem_bits, sm_scale, block_m, block_n, radius):
+def _bwd_impl(do, q, k, v, o, lse, t, sm_scale, block_m, block_n, radius):
     bsz, heads, n, d = q.shape
     if do.stride(-1) != 1:
         do = do.contiguous()
@@ -282,7 +278,8 @@ def _bwd_impl(do, q, k, v, o, lse, kv_num_blocks, kv_indices, q_num_blocks, q_in
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         n, heads, BLOCK_M=block_m, HEAD_DIM=d)
     dq, dk, dv = _like_bnhd(q), _like_bnhd(k), _like_bnhd(v)
-    rt, rh, rw = _window_args(radius)
+    rt, rh, rw = radius
+    elem_bits, coords = t.elem_bits, t.coords
     num_kb = triton.cdiv(n, block_n)
     grid = (num_kb + triton.cdiv(n, block_m), bsz * heads)
     _bwd_kernel[grid](
@@ -291,8 +288,8 @@ def _bwd_impl(do, q, k, v, o, lse, kv_num_blocks, kv_indices, q_num_blocks, q_in
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        kv_num_blocks, kv_indices, kv_indices.stride(0), q_num_blocks, q_indices, q_indices.stride(0),
-        q_bits, k_seg, _dummy(coords, k_seg), _dummy(elem_bits, k_seg),
+        t.kv_num_blocks, t.kv_indices, t.kv_indices.stride(0), t.q_num_blocks, t.q_indices,
+        t.q_indices.stride(0), t.q_bits, t.k_seg, _dummy(coords, t.k_seg), _dummy(elem_bits, t.k_seg),
         0 if elem_bits is None else elem_bits.stride(0),
         n, heads, num_kb, sm_scale, sm_scale * _LOG2E, rt, rh, rw,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, HAS_WINDOW=coords is not None,
@@ -302,58 +299,87 @@ def _bwd_impl(do, q, k, v, o, lse, kv_num_blocks, kv_indices, q_num_blocks, q_in
 
 
 # ---- custom ops (one graph node each for torch.compile / CUDA graphs) -------------------------
+# The ops carry an int key, not the layout: tracing never touches layout construction, and the
+# layout's device tensors are fetched at run time (cached per device, so call once eagerly before
+# a CUDA-graph capture).
+_LAYOUTS: dict = {}
+
+
+def register_layout(layout) -> int:
+    """Keep ``layout`` alive under its ``key`` (an int unique per layout) and return the key."""
+    key = layout.key
+    if _LAYOUTS.get(key) is not layout:
+        _LAYOUTS[key] = layout
+    return key
+
+
+# Inside torch.compile the registration must run at trace time (a traced dict write would only
+# be replayed after the graph ran); torch versions that reject an object argument here need the
+# int key from register_layout instead.
+_register_for_trace = torch.compiler.assume_constant_result(register_layout)
+
+
+def lookup_layout(key: int):
+    try:
+        return _LAYOUTS[key]
+    except KeyError:
+        raise KeyError(f"kernels/attention.py: no layout registered under key {key}; "
+                       f"pass the layout object or call register_layout(layout) first") from None
+
+
+def _kernel_args(q: Tensor, layout_key: int):
+    layout = lookup_layout(layout_key)
+    if q.shape[2] != layout.seq_len:
+        raise ValueError(f"kernels/attention.py: block_sparse_attention: sequence length {q.shape[2]} "
+                         f"!= layout.seq_len {layout.seq_len}")
+    t = layout.device_tensors(q.device)
+    radius = (0, 0, 0) if layout.radius is None else tuple(int(r) for r in layout.radius)
+    return layout, t, radius
+
+
 @torch.library.custom_op("fmfast::block_sparse_attn_fwd", mutates_args=())
-def _attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
-                 q_num_blocks: Tensor, q_indices: Tensor, q_bits: Tensor, k_seg: Tensor,
-                 coords: Optional[Tensor], elem_bits: Optional[Tensor], sm_scale: float,
-                 block_m: int, block_n: int, radius: list[int]) -> tuple[Tensor, Tensor]:
-    return _fwd_impl(q, k, v, kv_num_blocks, kv_indices, q_bits, k_seg, coords, elem_bits, sm_scale,
-                     block_m, block_n, radius)
+def _attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, layout_key: int, sm_scale: float) -> tuple[Tensor, Tensor]:
+    layout, t, radius = _kernel_args(q, layout_key)
+    return _fwd_impl(q, k, v, t, sm_scale, layout.block_m, layout.block_n, radius)
 
 
 @_attn_fwd_op.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_bits, k_seg, coords, elem_bits,
-      sm_scale, block_m, block_n, radius):
+def _(q, k, v, layout_key, sm_scale):
     b, h, n, _ = q.shape
     return _like_bnhd(q), q.new_empty((b, h, n), dtype=torch.float32)
 
 
 @torch.library.custom_op("fmfast::block_sparse_attn_bwd", mutates_args=())
-def _attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                 kv_num_blocks: Tensor, kv_indices: Tensor, q_num_blocks: Tensor, q_indices: Tensor,
-                 q_bits: Tensor, k_seg: Tensor, coords: Optional[Tensor], elem_bits: Optional[Tensor],
-                 sm_scale: float, block_m: int, block_n: int, radius: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    return _bwd_impl(do, q, k, v, o, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_bits,
-                     k_seg, coords, elem_bits, sm_scale, block_m, block_n, radius)
+def _attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, layout_key: int,
+                 sm_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    layout, t, radius = _kernel_args(q, layout_key)
+    return _bwd_impl(do, q, k, v, o, lse, t, sm_scale, layout.block_m, layout.block_n, radius)
 
 
 @_attn_bwd_op.register_fake
-def _(do, q, k, v, o, lse, *args):
+def _(do, q, k, v, o, lse, layout_key, sm_scale):
     return _like_bnhd(q), _like_bnhd(k), _like_bnhd(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *layout, sm_scale, block_m, block_n, radius = inputs
+    q, k, v, layout_key, sm_scale = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, *(t for t in layout if t is not None))
-    ctx.has = [t is not None for t in layout]
-    ctx.args = (sm_scale, block_m, block_n, radius)
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.args = (layout_key, sm_scale)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse, *saved = ctx.saved_tensors
-    it = iter(saved)
-    layout = [next(it) if has else None for has in ctx.has]
-    dq, dk, dv = _attn_bwd_op(do, q, k, v, o, lse, *layout, *ctx.args)
-    return (dq, dk, dv) + (None,) * (len(layout) + 4)
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _attn_bwd_op(do, q, k, v, o, lse, *ctx.args)
+    return dq, dk, dv, None, None
 
 
 torch.library.register_autograd("fmfast::block_sparse_attn_fwd", _backward, setup_context=_setup_context)
 
 
 # ---- public API --------------------------------------------------------------------------------
-def _check(q: Tensor, k: Tensor, v: Tensor, layout) -> None:
+def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
     where = "kernels/attention.py: block_sparse_attention"
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"{where}: q, k, v must share one [B, H, N, Dh] shape, got "
@@ -364,26 +390,25 @@ def _check(q: Tensor, k: Tensor, v: Tensor, layout) -> None:
         raise ValueError(f"{where}: q, k, v on different devices {q.device}, {k.device}, {v.device}")
     if q.shape[-1] not in _HEAD_DIMS:
         raise ValueError(f"{where}: head dim must be one of {_HEAD_DIMS}, got {q.shape[-1]}")
-    if q.shape[2] != layout.seq_len:
-        raise ValueError(f"{where}: sequence length {q.shape[2]} != layout.seq_len {layout.seq_len}")
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, sm_scale: Optional[float] = None,
                            return_lse: bool = False):
     """Triton block-sparse attention, ``[B, H, N, Dh] -> [B, H, N, Dh]`` (stored as [B, N, H, Dh]).
-    Differentiable in q, k, v; ``lse`` ([B, H, N] fp32, natural log, -inf on empty rows) is not."""
-    _check(q, k, v, layout)
+    ``layout``: a layout or the int key ``register_layout`` returned (the form to use inside
+    ``torch.compile``d code). Differentiable in q, k, v; ``lse`` ([B, H, N] fp32, natural log,
+    -inf on empty rows) is not."""
+    _check(q, k, v)
+    key = layout if isinstance(layout, int) else _register_for_trace(layout)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
-    t = layout.device_tensors(q.device)
-    radius = [] if layout.radius is None else [int(r) for r in layout.radius]
-    o, lse = _attn_fwd_op(q, k, v, t.kv_num_blocks, t.kv_indices, t.q_num_blocks, t.q_indices, t.q_bits,
-                          t.k_seg, t.coords, t.elem_bits, sm_scale, layout.block_m, layout.block_n, radius)
+    o, lse = _attn_fwd_op(q, k, v, key, sm_scale)
     return (o, lse) if return_lse else o
 
 
 def element_mask(layout, device=None) -> Tensor:
     """[N, N] bool mask the kernel applies, rebuilt from its own int32 inputs (query i sees key j)."""
+    layout = lookup_layout(layout) if isinstance(layout, int) else layout
     t = layout.device_tensors(device or "cpu")
     n, bm, bn = layout.seq_len, layout.block_m, layout.block_n
     dev = t.k_seg.device
@@ -410,7 +435,11 @@ def block_sparse_attention_ref(q: Tensor, k: Tensor, v: Tensor, layout, sm_scale
                                mask: Optional[Tensor] = None) -> Tensor:
     """Dense masked SDPA twin (materialises the element mask; pass ``mask`` to reuse one).
     Empty rows give 0 with zero gradients, like the kernel."""
-    _check(q, k, v, layout)
+    _check(q, k, v)
+    layout = lookup_layout(layout) if isinstance(layout, int) else layout
+    if q.shape[2] != layout.seq_len:
+        raise ValueError(f"kernels/attention.py: block_sparse_attention_ref: sequence length {q.shape[2]} "
+                         f"!= layout.seq_len {layout.seq_len}")
     mask = element_mask(layout, q.device) if mask is None else mask
     has_key = mask.any(-1, keepdim=True)
     # empty rows attend everything, then are zeroed: finite values and exactly zero gradients

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fmfast.ops.attention import attention, packed_attention, resolve_backend
+from fmfast.ops.attention import attention, packed_attention, packed_layout_key, resolve_backend
 from fmfast.ops.layout import cross_attention_layout, self_attention_layout
 
 
@@ -104,16 +104,24 @@ class MultiStreamAttention(nn.Module):
         s1, s2, heads, scale = self.stream1, self.stream2, self.stream1.heads, self.stream1.scale
         bs = self.block_size
         qkv = torch.cat([s1.to_qkv(s1.norm(x1)), s2.to_qkv(s2.norm(x2))], 1)
-        o = _merge_heads(packed_attention(*_qkv_heads(qkv, heads), self_attention_layout((n1, n2), bs, bs),
-                                          scale, "triton"))
+        o = _merge_heads(packed_attention(*_qkv_heads(qkv, heads), _stage_layout(n1, n2, bs, False), scale,
+                                          "triton"))
         x1, x2 = x1 + s1.to_out(o[:, :n1]), x2 + s2.to_out(o[:, n1:])
         ca = self.cross_attn
         if ca is not None:
             qkv = torch.cat([ca.to_qkv1(ca.norm1(x1)), ca.to_qkv2(ca.norm2(x2))], 1)
-            o = _merge_heads(packed_attention(*_qkv_heads(qkv, heads), cross_attention_layout((n1, n2), bs, bs),
-                                              ca.scale, "triton"))
+            o = _merge_heads(packed_attention(*_qkv_heads(qkv, heads), _stage_layout(n1, n2, bs, True), ca.scale,
+                                              "triton"))
             x1, x2 = x1 + ca.to_out1(o[:, :n1]), x2 + ca.to_out2(o[:, n1:])
         return x1, x2
+
+
+@torch.compiler.assume_constant_result
+def _stage_layout(n1: int, n2: int, block: int, cross: bool) -> int:
+    """Key of the packed [n1 | n2] layout: a constant for torch.compile, which so never traces
+    layout construction (the sequence lengths of a model are static)."""
+    make = cross_attention_layout if cross else self_attention_layout
+    return packed_layout_key(make((n1, n2), block, block))
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:

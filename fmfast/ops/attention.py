@@ -33,9 +33,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, scale: float,
                      backend: str = "auto") -> torch.Tensor:
     """Attention over a packed sequence of segments ``[B, H, N, D]`` under a block layout
-    (``fmfast.ops.layout``): the block-sparse Triton kernel, or its dense masked twin."""
+    (``fmfast.ops.layout``, or its ``packed_layout_key``): the block-sparse Triton kernel, or its
+    dense masked twin."""
     from fmfast.kernels.attention import block_sparse_attention, block_sparse_attention_ref
 
     if resolve_backend(backend, q.device) == "triton":
         return block_sparse_attention(q, k, v, layout, scale)
     return block_sparse_attention_ref(q, k, v, layout, scale)
+
+
+def packed_layout_key(layout) -> int:
+    """Register ``layout`` with the kernel; the int key stands for it inside compiled code."""
+    from fmfast.kernels.attention import register_layout
+
+    return register_layout(layout)

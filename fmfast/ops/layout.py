@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
@@ -30,6 +31,7 @@ from torch import Tensor
 
 MAX_SEGMENTS = 32  # a query's allowed key segments are one int32 bitmask in the kernel
 _COORD_BITS = 10  # grid coords packed as t << 20 | y << 10 | x
+_KEYS = itertools.count(1)
 
 
 class LayoutTensors(NamedTuple):
@@ -60,6 +62,8 @@ class BlockLayout:
     grid_start: int = 0
     window: tuple[int, int, int] | None = None
     elem_bits: Tensor | None = None
+    # unique per layout: what the kernel's custom op carries instead of the layout itself
+    key: int = field(default_factory=lambda: next(_KEYS), repr=False)
     _device_cache: dict = field(default_factory=dict, repr=False)
 
     # ---- sizes -------------------------------------------------------------------------------
