@@ -563,6 +563,9 @@ def multiscale_tokenize(video: torch.Tensor, cls_token: torch.Tensor, scales: Se
     (as the reference, whose last op is a LayerNorm, which autocast keeps in fp32)."""
     dilations = [int(d) for d in dilations]
     scales = [tuple(sp) for sp in scales]
+    if video.requires_grad and torch.is_grad_enabled():
+        raise ValueError("multiscale_tokenize: the kernel computes no gradient for the video (it is data); "
+                         "detach it, or use multiscale_tokenize_ref")
     _, _, D, _ = _check_inputs(video, frame_index, cls_token, scales, patch_size, frame_patch_size, dilations)
     dev = video.device.type
     pdt = cls_token.dtype

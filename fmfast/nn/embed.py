@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fmfast.ops.tokenize import ScaleParams, current_tokens_ref, multiscale_tokens
+from fmfast.ops.tokenize import TOKENIZE_BACKENDS, ScaleParams, current_tokens_ref, multiscale_tokens
 
 
 def _hw(frame_hw) -> tuple[int, int]:
@@ -41,6 +41,9 @@ class MultiscaleTubeletEmbed(nn.Module):
     Supported: H, W divisible by ``d * p`` for every dilation d, T divisible by ``pf``, and the
     input's C, T, H, W equal to the constructor's. ``forward(store, frame_index)`` reads the clip
     from a frame store ``[N,C,H,W]`` uint8 with a ``[B,T]`` int64 frame table.
+
+    ``backend``: "auto" (default) runs the fused Triton tokenizer on CUDA inputs and plain
+    PyTorch elsewhere (same results); "triton" / "torch" force one (see ``fmfast.ops.multiscale_tokens``).
     """
 
     def __init__(
@@ -52,8 +55,12 @@ class MultiscaleTubeletEmbed(nn.Module):
         dim: int,
         channels: int = 3,
         dilations: Sequence[int] = (1, 2),
+        backend: str = "auto",
     ):
         super().__init__()
+        if backend not in TOKENIZE_BACKENDS:
+            raise ValueError(f"backend must be one of {TOKENIZE_BACKENDS}, got {backend!r}")
+        self.backend = backend
         h, w = _hw(frame_hw)
         p, pf = patch_size, frame_patch_size
         dilations = tuple(int(d) for d in dilations)
@@ -101,7 +108,7 @@ class MultiscaleTubeletEmbed(nn.Module):
         return multiscale_tokens(
             video, self.cls_token, [s.params() for s in self.scales],
             patch_size=self.patch_size, frame_patch_size=self.frame_patch_size,
-            dilations=self.dilations, frame_index=frame_index,
+            dilations=self.dilations, frame_index=frame_index, backend=self.backend,
         )
 
 

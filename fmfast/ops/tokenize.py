@@ -1,6 +1,6 @@
 """Video and current tokenization: the plain-PyTorch reference.
 
-``multiscale_tokens`` is the dispatch point (a Triton kernel may take CUDA tensors later);
+``multiscale_tokens`` is the dispatch point (the fused Triton kernel on CUDA tensors);
 ``multiscale_tokens_ref`` is the fp32-faithful twin every fast path is checked against.
 """
 from __future__ import annotations
@@ -87,8 +87,25 @@ def multiscale_tokens_ref(
     return torch.cat(out, dim=1)
 
 
-def multiscale_tokens(video, cls_token, scales, **kw) -> torch.Tensor:
-    """Dispatch point for the video tokenizer (plain PyTorch for now)."""
+TOKENIZE_BACKENDS = ("auto", "triton", "torch")
+
+
+def multiscale_tokens(video, cls_token, scales, *, backend: str = "auto", **kw) -> torch.Tensor:
+    """Dispatch point for the video tokenizer; same arguments as :func:`multiscale_tokens_ref`.
+
+    ``backend``: "auto" runs the fused Triton kernel (``fmfast.kernels.tokenize``, one launch for
+    all scales, parameter gradients only: the video is data) on CUDA tensors and the reference
+    elsewhere or when a gradient to the video is wanted; "triton" forces the kernel (on CPU it needs TRITON_INTERPRET=1, for tests);
+    "torch" forces the reference. The kernel clamps frame indices into ``[0, N-1]``; the
+    reference expects them in range already.
+    """
+    if backend not in TOKENIZE_BACKENDS:
+        raise ValueError(f"fmfast.ops.tokenize: backend must be one of {TOKENIZE_BACKENDS}, got {backend!r}")
+    wants_video_grad = video.requires_grad and torch.is_grad_enabled()  # the kernel has none
+    if backend == "triton" or (backend == "auto" and video.device.type == "cuda" and not wants_video_grad):
+        from fmfast.kernels.tokenize import multiscale_tokenize  # imports triton: only when used
+
+        return multiscale_tokenize(video, cls_token, scales, **kw)
     return multiscale_tokens_ref(video, cls_token, scales, **kw)
 
 

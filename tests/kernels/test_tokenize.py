@@ -299,6 +299,69 @@ def test_compile_sees_one_node_forward_and_backward():
     assert sum(t.startswith("fmfast.multiscale_tokenize_backward.") for t in targets) == 1, targets
 
 
+# ---- dispatch: fmfast.ops.multiscale_tokens and the drop-in module --------------------------------
+def _module_pair(**kw):
+    from fmfast.nn import MultiscaleTubeletEmbed
+
+    torch.manual_seed(0)
+    a = MultiscaleTubeletEmbed(**kw, backend="triton")
+    with torch.no_grad():
+        for t in a.parameters():
+            t.add_(0.1 * torch.randn_like(t))
+    b = MultiscaleTubeletEmbed(**kw, backend="torch")
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("frame_store", [False, True])
+def test_module_triton_backend_is_the_torch_backend(frame_store):
+    fast, ref = _module_pair(frame_hw=(16, 8), num_frames=4, patch_size=4, frame_patch_size=2, dim=24)
+    if frame_store:
+        args = (make_video((6, 3, 16, 8), torch.uint8), torch.tensor([[0, 0, 1, 2], [5, 4, 4, 3]]))
+    else:
+        args = (make_video((2, 3, 4, 16, 8), torch.uint8),)
+    got, want = fast(*args), ref(*args)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    go = torch.randn_like(want)
+    got.backward(go)
+    want.backward(go)
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_dispatch_backends_and_video_gradient():
+    from fmfast.ops import ScaleParams, multiscale_tokens
+
+    C, T, H, W, p, pf, D, dil = 3, 2, 8, 8, 4, 2, 16, (1, 2)
+    cls, scales = make_params(C, p, pf, D, n_tokens(T, H, W, p, pf, dil))
+    scales = [ScaleParams(*sp) for sp in scales]
+    kw = dict(patch_size=p, frame_patch_size=pf, dilations=dil)
+    video = make_video((1, C, T, H, W), torch.float32).requires_grad_()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        multiscale_tokens(video, cls, scales, backend="cuda", **kw)
+    with pytest.raises(ValueError, match="no gradient for the video"):
+        multiscale_tokens(video, cls, scales, backend="triton", **kw)
+    multiscale_tokens(video, cls, scales, backend="auto", **kw).sum().backward()  # the PyTorch path
+    assert video.grad is not None and video.grad.abs().sum() > 0
+
+
+@cuda
+def test_cuda_model_tokenizer_auto_is_triton():
+    from fmfast.nn import MultiscaleTubeletEmbed
+
+    torch.manual_seed(0)
+    emb = MultiscaleTubeletEmbed(64, 10, 8, 2, 96).cuda()
+    video = make_video((3, 3, 10, 64, 64), torch.uint8, device="cuda")
+    got = emb(video)
+    emb.backend = "torch"
+    torch.testing.assert_close(got, emb(video), atol=1e-4, rtol=1e-4)
+    emb.backend = "auto"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        emb(video)
+        torch.cuda.synchronize()
+    assert any("_tokenize_fwd" in e.name for e in prof.events())
+
+
 # ---- bad input ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape,dil,p,pf,match", [
     ((1, 3, 4, 12, 12), (1, 2), 4, 2, "divisible by patch_size"),  # 12/2 = 6 not divisible by 4
