@@ -93,9 +93,12 @@ def main(argv=None) -> int:
 
     from fmfast import distributed as dist
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may sit between flags
     s = resolve(args)
     console = Console(stderr=True, quiet=int(__import__("os").environ.get("RANK", "0")) != 0)
+    from fmfast.runner import resolve_amp, resolve_device
+
+    resolve_amp(s["train"]["amp"], resolve_device(s["train"]["device"]))  # fail before any slow work
     d = s["data"]
     if d["root"] is None:
         from fmfast.data.cache import default_synthetic_root
