@@ -7,8 +7,9 @@ segment ids (query i sees key j iff bit ``k_seg[j]`` of ``q_bits[i]`` is set), a
 window over grid coordinates and an optional exact element bitmask, so segment lengths need not
 be multiples of the block size.
 
-Flash-attention style: online softmax with fp32 accumulation, the forward saves the logsumexp;
-the backward precomputes ``delta = rowsum(dO * O)`` and runs one launch whose first programs
+Each block list starts with its *full* blocks (``kv_num_full``/``q_num_full``), which skip the
+element mask. Flash-attention style: online softmax with fp32 accumulation, the forward saves the
+logsumexp; the backward precomputes ``delta = rowsum(dO * O)`` and runs one launch whose first programs
 compute dk/dv per key block and whose last programs compute dq per query block (no atomics).
 
 Empty rows (a query that sees no key) are defined as ``out = 0`` with ``lse = -inf``; their
@@ -51,9 +52,40 @@ def _visible(qbits, qc, offs_m, kseg, kc, offs_n, N, EBITS, ebits_stride, RT, RH
 
 
 @triton.jit
+def _fwd_inner(acc, l_i, m_i, q, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, j0, j1,
+               KSEG, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for j in range(j0, j1):
+        offs_n = tl.load(KV_ROW + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_n = offs_n < N
+        kT = tl.load(K + offs_n[None, :] * skn + offs_d[:, None], mask=in_n[None, :], other=0.0)
+        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=in_n[:, None], other=0.0)
+        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            kseg = tl.load(KSEG + offs_n, mask=in_n, other=0)
+            kc = kseg
+            if HAS_WINDOW:
+                kc = tl.load(COORDS + offs_n, mask=in_n, other=-1)
+            vis = _visible(qbits[:, None], qc[:, None], offs_m[:, None], kseg[None, :], kc[None, :],
+                           offs_n[None, :], N, EBITS, ebits_stride, RT, RH, RW, HAS_WINDOW, HAS_EBITS)
+            s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with nothing visible yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                KV_NUM, KV_IDX, kv_idx_stride, QBITS, KSEG, COORDS, EBITS, ebits_stride,
+                KV_NUM, KV_FULL, KV_IDX, kv_idx_stride, QBITS, KSEG, COORDS, EBITS, ebits_stride,
                 N, H, qk_scale, RT, RH, RW,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -69,7 +101,6 @@ def _fwd_kernel(Q, K, V, O, LSE,
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_nb = tl.arange(0, BLOCK_N)
     in_m = offs_m < N
     q = tl.load(Q + offs_m[:, None] * sqn + offs_d[None, :], mask=in_m[:, None], other=0.0)
     qbits = tl.load(QBITS + offs_m, mask=in_m, other=0)  # padding rows see nothing
@@ -80,29 +111,16 @@ def _fwd_kernel(Q, K, V, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    nblk = tl.load(KV_NUM + pid_m)
-    for j in range(0, nblk):
-        kb = tl.load(KV_IDX + pid_m * kv_idx_stride + j)
-        offs_n = kb * BLOCK_N + offs_nb
-        in_n = offs_n < N
-        kT = tl.load(K + offs_n[None, :] * skn + offs_d[:, None], mask=in_n[None, :], other=0.0)
-        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=in_n[:, None], other=0.0)
-        kseg = tl.load(KSEG + offs_n, mask=in_n, other=0)
-        kc = kseg
-        if HAS_WINDOW:
-            kc = tl.load(COORDS + offs_n, mask=in_n, other=-1)
-        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
-        vis = _visible(qbits[:, None], qc[:, None], offs_m[:, None], kseg[None, :], kc[None, :],
-                       offs_n[None, :], N, EBITS, ebits_stride, RT, RH, RW, HAS_WINDOW, HAS_EBITS)
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row with nothing visible yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+    KV_ROW = KV_IDX + pid_m * kv_idx_stride
+    n_full = tl.load(KV_FULL + pid_m)
+    n_all = tl.load(KV_NUM + pid_m)
+    # full blocks first (no element mask), then the partial ones
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, 0, n_full,
+                               KSEG, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
+                               BLOCK_N, HEAD_DIM, False, HAS_WINDOW, HAS_EBITS, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, n_full, n_all,
+                               KSEG, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
+                               BLOCK_N, HEAD_DIM, True, HAS_WINDOW, HAS_EBITS, DOT_PREC)
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
@@ -129,14 +147,74 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sdob, sdoh, sdon, N, H,
 
 
 @triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, kseg, kc, offs_n, Q, DO, LSE, DELTA, sqn, sdon, Q_ROW, i0, i1,
+                    QBITS, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dk, dv of one key block over the query blocks Q_ROW[i0:i1], in transposed tiles."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for i in range(i0, i1):
+        offs_m = tl.load(Q_ROW + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_m = offs_m < N
+        qT = tl.load(Q + offs_m[None, :] * sqn + offs_d[:, None], mask=in_m[None, :], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * sdon + offs_d[None, :], mask=in_m[:, None], other=0.0)
+        # empty rows store lse = -inf: use +inf so every p of the row is exp2(-inf) = 0
+        lse = tl.load(LSE + offs_m, mask=in_m, other=float("inf"))
+        m2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        di = tl.load(DELTA + offs_m, mask=in_m, other=0.0)
+        pT = tl.math.exp2(tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale - m2[None, :])
+        if MASKED:
+            qbits = tl.load(QBITS + offs_m, mask=in_m, other=0)
+            qc = qbits
+            if HAS_WINDOW:
+                qc = tl.load(COORDS + offs_m, mask=in_m, other=-1)
+            vis = _visible(qbits[None, :], qc[None, :], offs_m[None, :], kseg[:, None], kc[:, None],
+                           offs_n[:, None], N, EBITS, ebits_stride, RT, RH, RW, HAS_WINDOW, HAS_EBITS)
+            pT = tl.where(vis, pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = pT * (dpT - di[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, m2, di, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, j0, j1,
+                  KSEG, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dq of one query block over the key blocks KV_ROW[j0:j1]."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for j in range(j0, j1):
+        offs_n = tl.load(KV_ROW + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_n = offs_n < N
+        kT = tl.load(K + offs_n[None, :] * skn + offs_d[:, None], mask=in_n[None, :], other=0.0)
+        vT = tl.load(V + offs_n[None, :] * svn + offs_d[:, None], mask=in_n[None, :], other=0.0)
+        p = tl.math.exp2(tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale - m2[:, None])
+        if MASKED:
+            kseg = tl.load(KSEG + offs_n, mask=in_n, other=0)
+            kc = kseg
+            if HAS_WINDOW:
+                kc = tl.load(COORDS + offs_n, mask=in_n, other=-1)
+            vis = _visible(qbits[:, None], qc[:, None], offs_m[:, None], kseg[None, :], kc[None, :],
+                           offs_n[None, :], N, EBITS, ebits_stride, RT, RH, RW, HAS_WINDOW, HAS_EBITS)
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        ds = p * (dp - di[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
 def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
                 sdqb, sdqh, sdqn, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-                KV_NUM, KV_IDX, kv_idx_stride, Q_NUM, Q_IDX, q_idx_stride,
+                KV_NUM, KV_FULL, KV_IDX, kv_idx_stride, Q_NUM, Q_FULL, Q_IDX, q_idx_stride,
                 QBITS, KSEG, COORDS, EBITS, ebits_stride,
                 N, H, NUM_KB, sm_scale, qk_scale, RT, RH, RW,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Programs [0, NUM_KB) compute dk, dv of one key block; the rest dq of one query block."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -150,7 +228,6 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
     offs_d = tl.arange(0, HEAD_DIM)
 
     if pid < NUM_KB:
-        # ---- dk, dv for key block pid: walk the query blocks that see it (transposed tiles)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = offs_n < N
         k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :], mask=in_n[:, None], other=0.0)
@@ -161,36 +238,21 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
             kc = tl.load(COORDS + offs_n, mask=in_n, other=-1)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-        nq = tl.load(Q_NUM + pid)
-        for i in range(0, nq):
-            qb = tl.load(Q_IDX + pid * q_idx_stride + i)
-            offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-            in_m = offs_m < N
-            qT = tl.load(Q + offs_m[None, :] * sqn + offs_d[:, None], mask=in_m[None, :], other=0.0)
-            do = tl.load(DO + offs_m[:, None] * sdon + offs_d[None, :], mask=in_m[:, None], other=0.0)
-            qbits = tl.load(QBITS + offs_m, mask=in_m, other=0)
-            qc = qbits
-            if HAS_WINDOW:
-                qc = tl.load(COORDS + offs_m, mask=in_m, other=-1)
-            # empty rows store lse = -inf: use +inf so every p of the row is exp2(-inf) = 0
-            lse = tl.load(LSE + offs_m, mask=in_m, other=float("inf"))
-            m2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            di = tl.load(DELTA + offs_m, mask=in_m, other=0.0)
-            qkT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale
-            vis = _visible(qbits[None, :], qc[None, :], offs_m[None, :], kseg[:, None], kc[:, None],
-                           offs_n[:, None], N, EBITS, ebits_stride, RT, RH, RW, HAS_WINDOW, HAS_EBITS)
-            pT = tl.where(vis, tl.math.exp2(qkT - m2[None, :]), 0.0)
-            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dsT = pT * (dpT - di[None, :])
-            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
+        Q_ROW = Q_IDX + pid * q_idx_stride
+        n_full = tl.load(Q_FULL + pid)
+        n_all = tl.load(Q_NUM + pid)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kseg, kc, offs_n, Q, DO, LSE, DELTA, sqn, sdon, Q_ROW, 0, n_full,
+                                 QBITS, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
+                                 BLOCK_M, HEAD_DIM, False, HAS_WINDOW, HAS_EBITS, DOT_PREC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kseg, kc, offs_n, Q, DO, LSE, DELTA, sqn, sdon, Q_ROW, n_full,
+                                 n_all, QBITS, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
+                                 BLOCK_M, HEAD_DIM, True, HAS_WINDOW, HAS_EBITS, DOT_PREC)
         dk *= sm_scale
         DK += b * sdkb + h * sdkh
         DV += b * sdvb + h * sdvh
         tl.store(DK + offs_n[:, None] * sdkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=in_n[:, None])
         tl.store(DV + offs_n[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=in_n[:, None])
     else:
-        # ---- dq for query block pid - NUM_KB: walk its key blocks
         pid_m = pid - NUM_KB
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         in_m = offs_m < N
@@ -204,24 +266,15 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
         m2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         di = tl.load(DELTA + offs_m, mask=in_m, other=0.0)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        nk = tl.load(KV_NUM + pid_m)
-        for j in range(0, nk):
-            kb = tl.load(KV_IDX + pid_m * kv_idx_stride + j)
-            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-            in_n = offs_n < N
-            kT = tl.load(K + offs_n[None, :] * skn + offs_d[:, None], mask=in_n[None, :], other=0.0)
-            vT = tl.load(V + offs_n[None, :] * svn + offs_d[:, None], mask=in_n[None, :], other=0.0)
-            kseg = tl.load(KSEG + offs_n, mask=in_n, other=0)
-            kc = kseg
-            if HAS_WINDOW:
-                kc = tl.load(COORDS + offs_n, mask=in_n, other=-1)
-            qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
-            vis = _visible(qbits[:, None], qc[:, None], offs_m[:, None], kseg[None, :], kc[None, :],
-                           offs_n[None, :], N, EBITS, ebits_stride, RT, RH, RW, HAS_WINDOW, HAS_EBITS)
-            p = tl.where(vis, tl.math.exp2(qk - m2[:, None]), 0.0)
-            dp = tl.dot(do, vT, input_precision=DOT_PREC)
-            ds = p * (dp - di[:, None])
-            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PREC)
+        KV_ROW = KV_IDX + pid_m * kv_idx_stride
+        n_full = tl.load(KV_FULL + pid_m)
+        n_all = tl.load(KV_NUM + pid_m)
+        dq = _bwd_dq_inner(dq, q, do, m2, di, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, 0, n_full,
+                           KSEG, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
+                           BLOCK_N, HEAD_DIM, False, HAS_WINDOW, HAS_EBITS, DOT_PREC)
+        dq = _bwd_dq_inner(dq, q, do, m2, di, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, n_full, n_all,
+                           KSEG, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
+                           BLOCK_N, HEAD_DIM, True, HAS_WINDOW, HAS_EBITS, DOT_PREC)
         dq *= sm_scale
         DQ += b * sdqb + h * sdqh
         tl.store(DQ + offs_m[:, None] * sdqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=in_m[:, None])
@@ -260,7 +313,7 @@ def _fwd_impl(q, k, v, t, sm_scale, block_m, block_n, radius):
         q, k, v, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        t.kv_num_blocks, t.kv_indices, t.kv_indices.stride(0), t.q_bits, t.k_seg,
+        t.kv_num_blocks, t.kv_num_full, t.kv_indices, t.kv_indices.stride(0), t.q_bits, t.k_seg,
         _dummy(coords, t.k_seg), _dummy(elem_bits, t.k_seg), 0 if elem_bits is None else elem_bits.stride(0),
         n, heads, sm_scale * _LOG2E, rt, rh, rw,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, HAS_WINDOW=coords is not None,
@@ -288,8 +341,8 @@ def _bwd_impl(do, q, k, v, o, lse, t, sm_scale, block_m, block_n, radius):
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        t.kv_num_blocks, t.kv_indices, t.kv_indices.stride(0), t.q_num_blocks, t.q_indices,
-        t.q_indices.stride(0), t.q_bits, t.k_seg, _dummy(coords, t.k_seg), _dummy(elem_bits, t.k_seg),
+        t.kv_num_blocks, t.kv_num_full, t.kv_indices, t.kv_indices.stride(0), t.q_num_blocks, t.q_num_full,
+        t.q_indices, t.q_indices.stride(0), t.q_bits, t.k_seg, _dummy(coords, t.k_seg), _dummy(elem_bits, t.k_seg),
         0 if elem_bits is None else elem_bits.stride(0),
         n, heads, num_kb, sm_scale, sm_scale * _LOG2E, rt, rh, rw,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, HAS_WINDOW=coords is not None,
@@ -311,12 +364,6 @@ def register_layout(layout) -> int:
     if _LAYOUTS.get(key) is not layout:
         _LAYOUTS[key] = layout
     return key
-
-
-# Inside torch.compile the registration must run at trace time (a traced dict write would only
-# be replayed after the graph ran); torch versions that reject an object argument here need the
-# int key from register_layout instead.
-_register_for_trace = torch.compiler.assume_constant_result(register_layout)
 
 
 def lookup_layout(key: int):
@@ -399,7 +446,14 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, sm_scale: Op
     ``torch.compile``d code). Differentiable in q, k, v; ``lse`` ([B, H, N] fp32, natural log,
     -inf on empty rows) is not."""
     _check(q, k, v)
-    key = layout if isinstance(layout, int) else _register_for_trace(layout)
+    if isinstance(layout, int):
+        key = layout
+    elif torch.compiler.is_compiling():
+        # a traced registry write would only be replayed after the graph ran: rely on the layout
+        # being registered already (fmfast.ops.layout builders do it; else one eager call does)
+        key = layout.key
+    else:
+        key = register_layout(layout)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
     o, lse = _attn_fwd_op(q, k, v, key, sm_scale)
@@ -416,8 +470,12 @@ def element_mask(layout, device=None) -> Tensor:
     blocks = torch.zeros(qb, kb + 1, dtype=torch.bool, device=dev)
     valid = torch.arange(t.kv_indices.shape[1], device=dev)[None, :] < t.kv_num_blocks[:, None]
     blocks.scatter_(1, torch.where(valid, t.kv_indices.long(), kb), True)
+    full = torch.zeros_like(blocks)  # the first kv_num_full listed blocks skip element masking
+    valid = torch.arange(t.kv_indices.shape[1], device=dev)[None, :] < t.kv_num_full[:, None]
+    full.scatter_(1, torch.where(valid, t.kv_indices.long(), kb), True)
     i = torch.arange(n, device=dev)
-    vis = blocks[i[:, None] // bm, i[None, :] // bn]
+    listed, unmasked = blocks[i[:, None] // bm, i[None, :] // bn], full[i[:, None] // bm, i[None, :] // bn]
+    vis = torch.ones(n, n, dtype=torch.bool, device=dev)
     vis &= ((t.q_bits[:, None] >> t.k_seg[None, :]) & 1) != 0
     if t.coords is not None:
         c = t.coords.long()
@@ -428,7 +486,7 @@ def element_mask(layout, device=None) -> Tensor:
         vis &= near | (c[:, None] < 0) | (c[None, :] < 0)
     if t.elem_bits is not None:
         vis &= ((t.elem_bits[:, i // 32] >> (i % 32)) & 1) != 0
-    return vis
+    return listed & (unmasked | vis)
 
 
 def block_sparse_attention_ref(q: Tensor, k: Tensor, v: Tensor, layout, sm_scale: Optional[float] = None,

@@ -35,9 +35,16 @@ def check_blocks_exact(lay: L.BlockLayout):
     assert torch.equal(lay.block_dense(), any_vis)
     qt = L._lists_to_dense(lay.q_num_blocks, lay.q_indices, lay.num_q_blocks)
     assert torch.equal(qt, any_vis.t())
-    for r in range(lay.num_q_blocks):  # ascending valid entries
-        idx = lay.kv_indices[r, : lay.kv_num_blocks[r]]
-        assert torch.all(idx[1:] > idx[:-1])
+    # full blocks: every pair visible on the real rows and no padded key
+    vis = torch.nn.functional.pad(lay.element_rule(), (0, -n % bn), value=False)
+    vis = torch.nn.functional.pad(vis, (0, 0, 0, -n % bm), value=True)
+    all_vis = vis.view(lay.num_q_blocks, bm, lay.num_kv_blocks, bn).all(3).all(1)
+    assert torch.equal(lay.full_block_dense(), all_vis & any_vis)
+    assert torch.equal(L._lists_to_dense(lay.q_num_full, lay.q_indices, lay.num_q_blocks), (all_vis & any_vis).t())
+    for r in range(lay.num_q_blocks):  # full entries first, each group ascending
+        nf, na = int(lay.kv_num_full[r]), int(lay.kv_num_blocks[r])
+        for idx in (lay.kv_indices[r, :nf], lay.kv_indices[r, nf:na]):
+            assert torch.all(idx[1:] > idx[:-1])
 
 
 def test_fmformer_self_and_cross_layouts():
@@ -52,6 +59,10 @@ def test_fmformer_self_and_cross_layouts():
     assert sa.num_q_blocks == 11
     assert sa.kv_num_blocks.tolist() == [7] * 6 + [11] + [5] * 4
     assert ca.kv_num_blocks.tolist() == [5] * 6 + [11] + [7] * 4
+    # full blocks skip masking: video x video blocks 0-5, current x current blocks 7-9 (10 has
+    # padding); nothing touching the boundary block 6 is full
+    assert sa.kv_num_full.tolist() == [6] * 6 + [0] + [3] * 4
+    assert ca.kv_num_full.tolist() == [3] * 6 + [0] + [6] * 4
 
 
 def test_layouts_are_cached_per_shape():

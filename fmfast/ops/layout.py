@@ -15,7 +15,9 @@ alignment:
   ``mask_mod`` s that are not segment structured (e.g. causal).
 
 Query i sees key j iff j's block is listed for i's block and every rule above allows (i, j).
-The block lists of the builders below hold exactly the blocks with at least one visible pair.
+The block lists of the builders below hold exactly the blocks with at least one visible pair;
+each list starts with its *full* blocks (``kv_num_full``/``q_num_full`` of them: every pair
+visible, no padding), on which the kernel skips element masking, as FlexAttention does.
 Layouts are shared by every batch element and head; the builders cache one layout per shape.
 """
 from __future__ import annotations
@@ -38,8 +40,10 @@ class LayoutTensors(NamedTuple):
     """Everything the kernel reads, on one device (int32 unless noted)."""
 
     kv_num_blocks: Tensor  # [Qb]
+    kv_num_full: Tensor  # [Qb] the first kv_num_full entries of a row are full blocks
     kv_indices: Tensor  # [Qb, maxK]
     q_num_blocks: Tensor  # [Kb]
+    q_num_full: Tensor  # [Kb]
     q_indices: Tensor  # [Kb, maxQ]
     q_bits: Tensor  # [N] bit s set iff the query may see key segment s
     k_seg: Tensor  # [N] segment id of each key
@@ -53,15 +57,17 @@ class BlockLayout:
     block_m: int
     block_n: int
     kv_num_blocks: Tensor  # int32 [Qb]
-    kv_indices: Tensor  # int32 [Qb, maxK], valid entries first, ascending
+    kv_indices: Tensor  # int32 [Qb, maxK]: full blocks, then partial ones, each ascending; 0-padded
     q_num_blocks: Tensor  # int32 [Kb]
-    q_indices: Tensor  # int32 [Kb, maxQ]
+    q_indices: Tensor  # int32 [Kb, maxQ], same order
     seg_ids: Tensor  # int32 [N]
     seg_allowed: Tensor  # bool [S, S]
     grid: tuple[int, int, int] | None = None
     grid_start: int = 0
     window: tuple[int, int, int] | None = None
     elem_bits: Tensor | None = None
+    kv_num_full: Tensor | None = None  # int32 [Qb]; None: no block is marked full
+    q_num_full: Tensor | None = None  # int32 [Kb]
     # unique per layout: what the kernel's custom op carries instead of the layout itself
     key: int = field(default_factory=lambda: next(_KEYS), repr=False)
     _device_cache: dict = field(default_factory=dict, repr=False)
@@ -98,21 +104,30 @@ class BlockLayout:
         """[Qb, Kb] bool: the computed blocks."""
         return _lists_to_dense(self.kv_num_blocks, self.kv_indices, self.num_kv_blocks)
 
+    def full_block_dense(self) -> Tensor:
+        """[Qb, Kb] bool: the computed blocks that skip element masking."""
+        if self.kv_num_full is None:
+            return torch.zeros(self.num_q_blocks, self.num_kv_blocks, dtype=torch.bool)
+        return _lists_to_dense(self.kv_num_full, self.kv_indices, self.num_kv_blocks)
+
     def element_rule(self, rows: Tensor | None = None) -> Tensor:
         """[len(rows), N] bool: segment, window and element-bit rules (no block structure)."""
         n = self.seq_len
         rows = torch.arange(n) if rows is None else rows
         cols = torch.arange(n)
         seg = self.seg_ids.long()
-        vis = self.seg_allowed[seg[rows][:, None], seg[None, :]]
+        if bool(self.seg_allowed.all()):
+            vis = torch.ones(rows.numel(), n, dtype=torch.bool)
+        else:
+            vis = self.seg_allowed[seg[rows]][:, seg]  # two 1-D gathers: fast
         if self.window is not None:
             t, y, x, in_grid = _grid_coords(n, self.grid, self.grid_start)
-            rt, rh, rw = self.radius
-            near = ((t[rows][:, None] - t[None, :]).abs() <= rt) \
-                & ((y[rows][:, None] - y[None, :]).abs() <= rh) \
-                & ((x[rows][:, None] - x[None, :]).abs() <= rw)
-            both = in_grid[rows][:, None] & in_grid[None, :]
-            vis = vis & (near | ~both)
+            near = ~(in_grid[rows][:, None] & in_grid[None, :])  # pairs with a non-grid token
+            inside = torch.ones_like(near)
+            for c, r in zip((t, y, x), self.radius):
+                c = c.to(torch.int16)  # grid coords < 2048: small temporaries
+                inside &= (c[rows][:, None] - c[None, :]).abs_() <= r
+            vis = vis & (near | inside)
         if self.elem_bits is not None:
             words = self.elem_bits[rows][:, cols // 32]
             vis = vis & (((words >> (cols % 32)) & 1) != 0)
@@ -121,9 +136,13 @@ class BlockLayout:
     def dense_mask(self) -> Tensor:
         """[N, N] bool element mask: query i sees key j."""
         n = self.seq_len
-        blocks = self.block_dense()
-        blocks = blocks.repeat_interleave(self.block_m, 0)[:n].repeat_interleave(self.block_n, 1)[:, :n]
-        return blocks & self.element_rule()
+        blocks = self.block_dense().repeat_interleave(self.block_n, 1)[:, :n]
+        out = torch.empty(n, n, dtype=torch.bool)
+        step = max(1, (1 << 24) // max(n, 1))  # row chunks keep the int64 temporaries small
+        for r0 in range(0, n, step):
+            rows = torch.arange(r0, min(r0 + step, n))
+            out[rows] = blocks[rows // self.block_m] & self.element_rule(rows)
+        return out
 
     # ---- device tensors for the kernel -------------------------------------------------------
     def device_tensors(self, device: torch.device | str) -> LayoutTensors:
@@ -144,8 +163,10 @@ class BlockLayout:
             t, y, x, in_grid = _grid_coords(self.seq_len, self.grid, self.grid_start)
             packed = (t << (2 * _COORD_BITS)) | (y << _COORD_BITS) | x
             coords = torch.where(in_grid, packed, torch.full_like(packed, -1)).int()
-        host = LayoutTensors(self.kv_num_blocks, self.kv_indices, self.q_num_blocks, self.q_indices,
-                             q_bits, self.seg_ids, coords, self.elem_bits)
+        kv_full = torch.zeros_like(self.kv_num_blocks) if self.kv_num_full is None else self.kv_num_full
+        q_full = torch.zeros_like(self.q_num_blocks) if self.q_num_full is None else self.q_num_full
+        host = LayoutTensors(self.kv_num_blocks, kv_full, self.kv_indices, self.q_num_blocks, q_full,
+                             self.q_indices, q_bits, self.seg_ids, coords, self.elem_bits)
         out = LayoutTensors(*(None if a is None else a.to(device=device, dtype=torch.int32).contiguous()
                               for a in host))
         self._device_cache[device] = out
@@ -187,12 +208,13 @@ class BlockLayout:
             # older torch: let FlexAttention derive the (identical, exact) block lists itself
             return create_block_mask(self.mask_mod(device), None, None, n, n, device=device,
                                      BLOCK_SIZE=(self.block_m, self.block_n))
-        idx = torch.zeros(self.num_q_blocks, self.num_kv_blocks, dtype=torch.int32)
-        idx[:, : self.kv_indices.shape[1]] = self.kv_indices
+        full = self.full_block_dense()
+        part_num, part_idx, _ = _dense_to_lists(self.block_dense() & ~full, width=self.num_kv_blocks)
+        full_num, full_idx, _ = _dense_to_lists(full, width=self.num_kv_blocks)
+        dev = lambda t: t[None, None].to(device)  # noqa: E731
         return BlockMask.from_kv_blocks(
-            self.kv_num_blocks[None, None].to(device), idx[None, None].to(device),
-            BLOCK_SIZE=(self.block_m, self.block_n), mask_mod=self.mask_mod(device),
-            seq_lengths=(n, n))
+            dev(part_num), dev(part_idx), dev(full_num), dev(full_idx),
+            BLOCK_SIZE=(self.block_m, self.block_n), mask_mod=self.mask_mod(device), seq_lengths=(n, n))
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -211,15 +233,18 @@ def _lists_to_dense(num: Tensor, idx: Tensor, ncols: int) -> Tensor:
     return dense[:, :ncols]
 
 
-def _dense_to_lists(dense: Tensor) -> tuple[Tensor, Tensor]:
-    """[R, C] bool -> (num [R] int32, indices [R, max(1, max num)] int32, ascending, 0-padded)."""
+def _dense_to_lists(dense: Tensor, full: Tensor | None = None, width: int | None = None):
+    """[R, C] bool -> (num [R], indices [R, width] int32 0-padded, num_full [R]). Columns also in
+    ``full`` come first, then the others, each ascending."""
     num = dense.sum(1)
-    width = max(1, int(num.max()) if num.numel() else 1)
-    # stable sort puts the True columns first, in ascending order
-    order = torch.sort((~dense).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    width = width or max(1, int(num.max()) if num.numel() else 1)
+    full = torch.zeros_like(dense) if full is None else full & dense
+    # a stable sort on the rank (0 full, 1 partial, 2 absent) keeps each group ascending
+    rank = 2 - dense.to(torch.int8) - full.to(torch.int8)
+    order = torch.sort(rank, dim=1, stable=True).indices[:, :width]
     valid = torch.arange(width)[None, :] < num[:, None]
-    idx = torch.where(valid, order, torch.zeros_like(order))
-    return num.to(torch.int32), idx.to(torch.int32).contiguous()
+    idx = torch.where(valid, order, torch.zeros_like(order)).to(torch.int32).contiguous()
+    return num.to(torch.int32), idx, full.sum(1).to(torch.int32)
 
 
 def _grid_coords(n: int, grid, start: int):
@@ -238,27 +263,45 @@ def _check_blocks(where: str, block_m: int, block_n: int):
 
 def _finish(seq_len, block_m, block_n, seg_ids, seg_allowed, grid=None, grid_start=0, window=None,
             elem_bits=None, blocks: Tensor | None = None) -> BlockLayout:
-    """Derive the block lists (exactly the blocks with a visible pair unless ``blocks`` is given)."""
+    """Derive the block lists: exactly the blocks with a visible pair (unless ``blocks`` is given),
+    full blocks (every pair visible, no key padding) first."""
     qb, kb = -(-seq_len // block_m), -(-seq_len // block_n)
     proto = BlockLayout(seq_len, block_m, block_n, torch.zeros(qb, dtype=torch.int32),
                         torch.zeros(qb, 1, dtype=torch.int32), torch.zeros(kb, dtype=torch.int32),
                         torch.zeros(kb, 1, dtype=torch.int32), seg_ids, seg_allowed, grid, grid_start,
                         window, elem_bits)
-    if blocks is None:
-        blocks = torch.zeros(qb, kb, dtype=torch.bool)
-        pad = kb * block_n - seq_len
-        step = max(1, (1 << 24) // (block_m * max(seq_len, 1)))  # ~16M elements per chunk
-        for b0 in range(0, qb, step):
-            rows = torch.arange(b0 * block_m, min((b0 + step) * block_m, seq_len))
-            vis = proto.element_rule(rows)
-            vis = torch.nn.functional.pad(vis, (0, pad))
-            nb = -(-rows.numel() // block_m)
-            vis = torch.nn.functional.pad(vis, (0, 0, 0, nb * block_m - rows.numel()))
-            blocks[b0:b0 + nb] = vis.view(nb, block_m, kb, block_n).any(3).any(1)
-    kv_num, kv_idx = _dense_to_lists(blocks)
-    q_num, q_idx = _dense_to_lists(blocks.t())
-    return BlockLayout(seq_len, block_m, block_n, kv_num, kv_idx, q_num, q_idx, seg_ids, seg_allowed,
-                       grid, grid_start, window, elem_bits)
+    any_vis = torch.zeros(qb, kb, dtype=torch.bool)
+    all_vis = torch.zeros(qb, kb, dtype=torch.bool)
+    step = max(1, (1 << 24) // (block_m * max(seq_len, 1)))  # ~16M elements per chunk
+    for b0 in range(0, qb, step):
+        rows = torch.arange(b0 * block_m, min((b0 + step) * block_m, seq_len))
+        nb = -(-rows.numel() // block_m)
+        vis = proto.element_rule(rows)
+        # padded keys are never visible (so their block is never full); padded query rows are
+        # never stored, so they count as visible for fullness and invisible for presence
+        vis = torch.nn.functional.pad(vis, (0, kb * block_n - seq_len), value=False)
+        pad_rows = nb * block_m - rows.numel()
+        tiles = torch.nn.functional.pad(vis, (0, 0, 0, pad_rows), value=False).view(nb, block_m, kb, block_n)
+        any_vis[b0:b0 + nb] = tiles.any(3).any(1)
+        tiles = torch.nn.functional.pad(vis, (0, 0, 0, pad_rows), value=True).view(nb, block_m, kb, block_n)
+        all_vis[b0:b0 + nb] = tiles.all(3).all(1)
+    blocks = any_vis if blocks is None else blocks
+    full = blocks & all_vis
+    kv_num, kv_idx, kv_full = _dense_to_lists(blocks, full)
+    q_num, q_idx, q_full = _dense_to_lists(blocks.t(), full.t())
+    layout = BlockLayout(seq_len, block_m, block_n, kv_num, kv_idx, q_num, q_idx, seg_ids, seg_allowed,
+                         grid, grid_start, window, elem_bits, kv_full, q_full)
+    _register_with_kernel(layout)
+    return layout
+
+
+def _register_with_kernel(layout: BlockLayout) -> None:
+    """Make the layout known to the Triton kernel by key, so compiled code can pass the key only."""
+    try:
+        from fmfast.kernels.attention import register_layout
+    except ImportError:  # no Triton on this platform: only the PyTorch path exists
+        return
+    register_layout(layout)
 
 
 # ---- builders ----------------------------------------------------------------------------------
