@@ -8,11 +8,11 @@ from fmfast.models.fmformer import FmFormer
 MODELS = {"fmformer": FmFormer, "video": VideoViT, "current": CurrentViT}
 
 
-def build_model(name: str, cfg: ModelConfig | None = None):
-    """``name`` in {"fmformer", "video", "current"}."""
+def build_model(name: str, cfg: ModelConfig | None = None, backend: str = "auto"):
+    """``name`` in {"fmformer", "video", "current"}; ``backend`` in {"auto", "reference", "fast"}."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name](cfg or ModelConfig())
+    return MODELS[name](cfg or ModelConfig(), backend=backend)
 
 
 __all__ = ["MODELS", "CurrentViT", "FmFormer", "VideoViT", "build_model"]

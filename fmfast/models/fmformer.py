@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fmfast.backend import BackendMixin
 from fmfast.config import ModelConfig
 from fmfast.models.heads import ClassificationHead, SegmentationHead
 from fmfast.nn.embed import CurrentEmbed, MultiscaleTubeletEmbed
@@ -52,15 +53,16 @@ class OfficialInterop:
         return to_official_keys(self.state_dict(), self.KIND)
 
 
-class FmFormer(OfficialInterop, nn.Module):
+class FmFormer(BackendMixin, OfficialInterop, nn.Module):
     """``model(video [B,3,T,H,W], current [B,L,3]) -> [B,classes]`` or ``[B,classes,H,W]``.
 
     ``video`` is uint8 or float 0..255; with ``frame_index`` ``[B,T]`` it is a frame store ``[N,3,H,W]``.
+    ``backend``: "auto" (fast kernels on CUDA inputs), "reference" or "fast" (``fmfast.backend``).
     """
 
     KIND = "fmformer"
 
-    def __init__(self, cfg: ModelConfig | None = None):
+    def __init__(self, cfg: ModelConfig | None = None, backend: str = "auto"):
         super().__init__()
         cfg = cfg or ModelConfig()
         self.config = cfg
@@ -68,6 +70,7 @@ class FmFormer(OfficialInterop, nn.Module):
         self.current_embed = CurrentEmbed(cfg.current_len, cfg.current_channels, cfg.dim)
         self.transformer = MultiStreamTransformer(cfg.dim, cfg.depth, cfg.heads, cfg.dim_head, cfg.mlp_dim)
         self.head = video_head(cfg)
+        self.set_backend(backend)
 
     def forward(self, video: torch.Tensor, current: torch.Tensor, frame_index: torch.Tensor | None = None) -> torch.Tensor:
         x1 = self.video_embed(video, frame_index)
