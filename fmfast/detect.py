@@ -180,19 +180,22 @@ class WindowEngine:
         return r
 
     # -- scoring -----------------------------------------------------------------------------
-    def run(self, final: bool = False) -> int:
-        """Score every window whose frames and current rows have arrived. Returns how many.
-        ``final``: no more data will come; windows still lacking current are skipped."""
+    def run(self, partial: bool = True, final: bool = False) -> int:
+        """Score the windows whose frames and current rows have arrived. Returns how many.
+        ``partial``: also a last batch smaller than ``batch`` (offline feeding waits for full
+        ones); ``final``: no more data will come, windows still lacking current are skipped."""
         done = 0
         while self.next < self.n:
             f = np.arange(self.next, self.n, self.hop)[: self.batch]
+            if len(f) < self.batch and not (partial or final):
+                break
             r = np.zeros(len(f), np.int64)
             if self.s.uses_current:
                 r = self._row_ends(f)
                 ready = r <= len(self.current)
                 k = len(f) if ready.all() else int(np.argmin(ready))  # rows end in frame order
-                if k == 0:
-                    if final:
+                if k == 0 or (k < self.batch and not (partial or final)):
+                    if final and k == 0:
                         rest = np.arange(self.next, self.n, self.hop)
                         self.out.skipped += len(rest)
                         self.next = int(rest[-1]) + self.hop
@@ -243,13 +246,13 @@ class WindowEngine:
         self._best = None
 
     def _trim(self):
-        keep_from = max(self.next - self.need, 0)
+        keep_from = min(max(self.next - self.need, 0), self.n)  # never past the frames held
         if keep_from > self.base and self.buf is not None:
             self.buf = self.buf[keep_from - self.base:]
             self.base = keep_from
 
     def finish(self):
-        self.run(final=True)
+        self.run(partial=True, final=True)
         for kind, a in self.tracker.finish():
             self._close(a)
             if self.on_event:
@@ -271,7 +274,7 @@ def feed_file(engine: WindowEngine, a, console=None):
             lo, hi = max(s, al.first), min(s + len(frames), al.stop)
             if lo < hi:
                 engine.add_frames(frames[lo - s:hi - s], al.times[lo:hi])
-                engine.run()
+                engine.run(partial=False)  # full batches while decoding; finish() does the rest
                 if task is not None:
                     bar.advance(task, hi - lo)
             if s + len(frames) >= al.stop:
@@ -309,7 +312,7 @@ def feed_v2(engine: WindowEngine, root: str, name: str, chunk: int = 256):
             if tuple(x.shape[2:]) != engine.s.size_wh:  # stored [n,3,W,H] -> decoded order to resize
                 x = resize_frames(x.permute(0, 3, 2, 1), engine.s.size_wh)
             engine.add_frames(x, times[s:s + len(x)], row_end[s:s + len(x)])
-            engine.run()
+            engine.run(partial=False)
 
 
 class FollowFeed:

@@ -116,6 +116,12 @@ def test_windows_match_the_training_data_path(rec, tmp_path):
     pa = np.array([float(r["probability"]) for r in wa])
     np.testing.assert_allclose(pa, [float(r["probability"]) for r in wb], atol=1e-6)
 
+    # a hop larger than the decode chunk: the frame buffer is trimmed past what it holds
+    detect("--checkpoint", cls, video, cur, "--start", stamp(0), "--out", tmp_path / "c", "--hop", 13, "--chunk", 4)
+    wc = read_csv(tmp_path / "c" / "windows.csv")
+    assert [int(r["frame"]) for r in wc] == [6, 19, 32]
+    np.testing.assert_allclose([float(r["probability"]) for r in wc], pa[::13], atol=1e-6)
+
     ds = FMFDataset(root, "test", num_frames=T, stride=2, current_seconds=S, task="classification")
     assert [ds.sample_key(i)[1] for i in range(len(ds))] == list(range(7, 40))
     model, _ = checkpoint.load_model(cls)
