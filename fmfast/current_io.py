@@ -15,7 +15,6 @@ import numpy as np
 from fmfast.cli import UserError
 
 RATE = 2  # rows per second in the V2 layout
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
 def parse_times(values: list[str], where: str, first_line: int = 2) -> np.ndarray:

@@ -21,6 +21,7 @@ Ctrl-C or after --follow-timeout seconds without new data.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -447,8 +448,7 @@ class FollowFeed:
         return got
 
 
-def follow(engine: WindowEngine, a, log) -> None:
-    feed = FollowFeed(a, engine.s.size_wh, a.max_gap)
+def follow(engine: WindowEngine, feed: FollowFeed, a, log) -> None:
     idle_since = time.monotonic()
     try:
         while True:
@@ -471,7 +471,7 @@ def follow(engine: WindowEngine, a, log) -> None:
 
 # -- command line ---------------------------------------------------------------------------------
 def build_parser() -> Parser:
-    p = Parser(prog="python -m fmfast.detect", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m fmfast.detect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("video", nargs="?", help="video file (or, with --follow, a folder of segments)")
     p.add_argument("current", nargs="?", help="current log CSV")
     p.add_argument("--checkpoint", required=True, help="fmfast checkpoint or reference-code state_dict")
@@ -524,6 +524,9 @@ def main(argv=None) -> int:
     t_begin = time.perf_counter()
 
     if a.follow:
+        if not Path(a.video).exists():
+            raise UserError(f"{a.video}: no such video file or folder of segments")
+        feed = FollowFeed(a, scorer.size_wh, a.max_gap)  # checks the arguments before any output exists
         out.mkdir(parents=True, exist_ok=True)
         wlog = open(out / "windows.csv", "w")
         alog = open(out / "alarms.csv", "w")
@@ -550,7 +553,7 @@ def main(argv=None) -> int:
 
         engine = WindowEngine(scorer, a.hop, a.batch, tracker, on_event, on_windows, a.max_overlays)
         try:
-            follow(engine, a, wlog)
+            follow(engine, feed, a, wlog)
             res = engine.finish()
         finally:
             wlog.close()
@@ -578,6 +581,11 @@ def main(argv=None) -> int:
     n_alarm = len(res.alarms)
     print(f"{title}: {len(res.probs)} windows (hop {a.hop}), {n_alarm} alarm{'s' * (n_alarm != 1)}"
           + (f", {res.skipped} windows without current skipped" if res.skipped else "") + f" -> {out}")
+    for k, al in enumerate(res.alarms[:20], 1):
+        print(f"  alarm {k}: {format_seconds(al.start_time, frac=True)} .. {format_seconds(al.last_time, frac=True)} "
+              f"({al.duration:.1f} s, peak p={al.peak_prob:.3f} at frame {res.frames[al.peak]})")
+    if len(res.alarms) > 20:
+        print(f"  ... {len(res.alarms) - 20} more in alarms.csv")
     print(f"{span:.1f} s of recording in {wall:.2f} s: {span / wall:.1f}x faster than real time "
           f"({len(res.probs) / wall:.0f} windows/s, {engine.n / wall:.0f} frames/s on {scorer.device})")
     return 0

@@ -13,6 +13,7 @@ and compared with the PyTorch model; a mismatch is an error and leaves no file.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import logging
@@ -166,7 +167,7 @@ def export(checkpoint: str, fmt: str, out: str, opset: int = 17) -> str:
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="python -m fmfast.export", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m fmfast.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="fmfast checkpoint or reference-code state_dict")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="file to write")

@@ -6,9 +6,11 @@
 Frames are decoded by decord in bounded chunks, resized (antialiased bilinear) to the model's
 frame size and stored in the V2 axis order [T,3,W,H]. Each frame's time comes from the
 timestamps file (one row per frame, header first) or from --start plus the frame's
-presentation time in the video. The current log is resampled to 2 rows per second over the
-seconds the frames need (up to --current-seconds of history before the first frame); frames
-outside the log's time span are dropped. Labels (optional): a .npy [N,H,W] or a folder of
+presentation time in the video. The current log (any rate; stamps to the second or finer) is
+resampled to 2 rows per second over the seconds the frames need, with up to --current-seconds
+of history before the first frame: each half second is the mean of the samples in it, or the
+linear interpolation between its neighbours when it holds none; a gap longer than --max-gap
+seconds is an error. Frames outside the log's time span are dropped. Labels (optional): a .npy [N,H,W] or a folder of
 mask images, one per frame in name order, >0 = hot spot; without labels the masks are zeros.
 
 Splits: the recording's key lists every frame with a full clip history (index >=
@@ -19,6 +21,8 @@ existing root adds the recording to it.
 """
 from __future__ import annotations
 
+import argparse
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -107,7 +111,7 @@ def load_labels(path: str, n: int, size_wh: tuple[int, int]):
                 m = np.asarray(imread(files[i]))
             except Exception as e:
                 raise UserError(f"{files[i]}: cannot read mask image ({e})") from None
-            return m.max(axis=2) if m.ndim == 3 else m
+            return m[..., :3].max(axis=2) if m.ndim == 3 else m  # colour: any channel; alpha ignored
 
         def get(a, b):
             return _fit_masks(np.stack([read(i) for i in range(a, b)]), w, h)
@@ -134,6 +138,7 @@ def _fit_masks(m: np.ndarray, w: int, h: int) -> np.ndarray:
     return x[:, 0].transpose(1, 2).contiguous().numpy()
 
 
+@functools.lru_cache(maxsize=1)
 def _console():
     import os
 
@@ -216,7 +221,7 @@ def ingest(video: str, current: str, out: str, start: str | None = None, timesta
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="python -m fmfast.ingest", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m fmfast.ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("video", help="video file (mp4, avi, mkv, ... anything FFmpeg in decord reads)")
     p.add_argument("current", help="current log CSV: header, then timestamp, phase A, B, C per row")
     p.add_argument("--out", required=True, help="V2 root folder to create or add to")

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from _recordings import (T0, audio_only, corrupt_tail, frame_index, frames, stamp, v2_current, write_current,
+from _recordings import (audio_only, corrupt_tail, frame_index, frames, stamp, v2_current, write_current,
                          write_video)
 from fmfast.cli import UserError, run_main
 from fmfast.current_io import read_current_csv, resample
@@ -150,6 +150,23 @@ def test_labels_npy_resized_and_transposed(video, tmp_path):
     assert label[10:, :20, :6].all() and not label[10:, 20:].any() and not label[10:, :, 6:].any()
 
 
+def test_labels_png_folder(video, tmp_path):
+    from matplotlib.image import imsave
+
+    (tmp_path / "masks").mkdir()
+    for i in range(50):
+        m = np.zeros((48, 80), np.float32)
+        if i >= 40:
+            m[24:, 40:] = 1.0  # bottom-right quarter of the picture
+        imsave(tmp_path / "masks" / f"m{i:03d}.png", m, cmap="gray", vmin=0, vmax=1)
+    cur, _ = v2_current(tmp_path / "cur.csv", first=-5, seconds=10)
+    root = tmp_path / "root"
+    ingest(video, cur, "--out", root, "--start", start(), "--size", "40x24", "--labels", tmp_path / "masks")
+    _, label, _, _ = read_root(root, "cam")
+    assert not label[:40].any()
+    assert label[40:, 20:, 12:].all() and label[40:].sum() == 10 * 20 * 12
+
+
 def test_add_second_recording_to_root(video, tmp_path):
     cur, _ = v2_current(tmp_path / "cur.csv", first=-5, seconds=10)
     root = tmp_path / "root"
@@ -194,6 +211,7 @@ def _bad_inputs(tmp_path, video):
     (tmp_path / "stamp.csv").write_text(f"time,A,B,C\n{stamp(0)},1,2,3\n2024-13-45 99:00:00,1,2,3\n")
     late, _ = v2_current(tmp_path / "late.csv", first=3600, seconds=10)
     (tmp_path / "ts.csv").write_text("time\n" + "".join(f"{stamp(0)}\n" for _ in range(7)))
+    np.save(tmp_path / "m.npy", np.zeros((10, 48, 80), np.uint8))
     s = ["--start", start()]
     return {
         "garbage": ([tmp_path / "garbage.mp4", cur, *s], "garbage.mp4", "cannot open"),
@@ -209,11 +227,12 @@ def _bad_inputs(tmp_path, video):
         "timestamps count": ([video, cur, "--timestamps", tmp_path / "ts.csv"], "ts.csv", "7 frame timestamps"),
         "bad start": ([video, cur, "--start", "yesterday"], "--start", "unparseable timestamp"),
         "bad size": ([video, cur, *s, "--size", "0x5"], "--size", "expected N or WIDTHxHEIGHT"),
+        "labels count": ([video, cur, *s, "--labels", tmp_path / "m.npy"], "m.npy", "expected masks [N=50"),
     }
 
 
 CASES = ["garbage", "empty file", "zero frames", "truncated", "lists more frames", "missing columns",
-         "bad timestamp", "no overlap", "no start", "timestamps count", "bad start", "bad size"]
+         "bad timestamp", "no overlap", "no start", "timestamps count", "bad start", "bad size", "labels count"]
 
 
 @pytest.mark.parametrize("case", CASES)
