@@ -19,6 +19,9 @@ Kernels (grid = token blocks of all scales x batch):
   ``_tokenize_bwd_w``   grid = patch-dim chunks x row splits x scales: dW = dz^T @ LN(patch) and the
                         norm_in gradients, each program a deterministic partial; torch sums them.
 The gradient with respect to the video is NOT computed (video is data, not a parameter).
+Precision: LayerNorm statistics and accumulation in fp32 always; the GEMMs in the autocast dtype
+when autocast is on, else in the parameters' dtype -- fp32 as IEEE FMA, except the backward's
+weight-gradient GEMMs, which use 3xTF32 (near-fp32 on tensor cores).
 
 Internally the patch dimension is walked in the memory-friendly order (c, f, p1, p2) (p2 fastest,
 so a warp reads contiguous pixel rows); LayerNorm and the dot product do not care about the order,
@@ -297,11 +300,13 @@ def _tokenize_bwd_w(src_ptr, idx_ptr, dz_ptr, mean_ptr, rstd_ptr, part_w_ptr, pa
         xh = tl.where(rm[:, None] & km[None, :], (x - mu[:, None]) * rs[:, None], 0.0)
         xn = xh * g[None, :] + be[None, :]
         dz = tl.load(dz_ptr + rr[:, None] * D + nn[None, :], mask=rm[:, None] & nm[None, :], other=0.0)
+        dzt = tl.load(dz_ptr + rr[None, :] * D + nn[:, None], mask=nm[:, None] & rm[None, :], other=0.0)
         if CDT == tl.float32:
-            acc_w = tl.dot(tl.trans(dz), xn, acc_w, input_precision="ieee")  # [BD, BK]
-            dxn = tl.dot(dz, wc, input_precision="ieee")  # [BM, BK]
+            # 3xTF32 (near-fp32, tensor cores): the fp32 FMA dot here makes ptxas spill kilobytes
+            acc_w = tl.dot(dzt, xn, acc_w, input_precision="tf32x3")  # [BD, BK]
+            dxn = tl.dot(dz, wc, input_precision="tf32x3")  # [BM, BK]
         else:
-            acc_w = tl.dot(tl.trans(dz.to(CDT)), xn.to(CDT), acc_w)
+            acc_w = tl.dot(dzt.to(CDT), xn.to(CDT), acc_w)
             dxn = tl.dot(dz.to(CDT), wc)
         acc_g += tl.sum(dxn * xh, axis=0)
         acc_b += tl.sum(dxn, axis=0)
@@ -327,7 +332,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _blocks(D: int, K: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BM, BK, BD, num_warps): every tl.dot dim >= 16; tiles sized so the fp32 accumulators fit.
+    """(BM, BK, BD, num_warps): every tl.dot dim >= 16; tiles sized so the fp32 accumulators fit
+    (checked with ptxas -v for sm_90: no spills forward at D=96; backward uses twice the warps).
     The CPU interpreter costs per op, not per element, so there the blocks are as large as
     sensible (the masks are the same code either way; the GPU blocks have their own test)."""
     BD = max(16, triton.next_power_of_2(D))
@@ -424,7 +430,7 @@ def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_ou
     part_pos = torch.empty(n_bs, n_out, D, device=dev, dtype=torch.float32)
     idx = frame_index if frame_index is not None else video
     meta = dict(C=C, P=p, PF=pf, FRAME_STORE=frame_index is not None, BM=BM, BK=BK, BD=BD,
-                CDT=_TL[compute_dtype], num_warps=nw)
+                CDT=_TL[compute_dtype], num_warps=2 * nw)
     _tokenize_bwd_tok[(nblk, n_bs)](
         video, idx, grad, dz, mean, rstd, part_d, part_pos, w_in, b_in, w, bp, w_out,
         B, b_chunk, nblk, H, W, T // pf, D, n_out, n_store, *_pad4(dilations), eps, *strides, **meta)

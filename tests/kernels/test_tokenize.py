@@ -3,6 +3,9 @@ twin against a literal reading of the reference model (einops rearrange + neares
 
 Shapes stay tiny: the interpreter costs milliseconds per Triton op per program instance."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -360,6 +363,51 @@ def test_cuda_model_tokenizer_auto_is_triton():
         emb(video)
         torch.cuda.synchronize()
     assert any("_tokenize_fwd" in e.name for e in prof.events())
+
+
+# ---- the GPU compiler's view, without a GPU --------------------------------------------------------
+_LOWER_TO_SM90 = r"""
+import os, sys
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+import fmfast.kernels.tokenize as tk
+
+geo = dict(B=256, B_CHUNK=4, NBLK=14, H=64, W=64, TG=5, D=96, N_OUT=401, d0=1, d1=2, d2=1, d3=1,
+           s_h=64, s_w=1, s_it=1)
+clip = dict(n_store=1, s_b=122880, s_c=40960, s_t=4096, s_ib=0)
+store = dict(n_store=300000, s_b=12288, s_c=4096, s_t=0, s_ib=10)
+for fn, store_mode, cdt, nw in [(tk._tokenize_fwd, False, tl.float32, 4), (tk._tokenize_bwd_tok, True, tl.bfloat16, 8),
+                                (tk._tokenize_bwd_w, False, tl.float32, 8)]:
+    ints = dict(geo, **(store if store_mode else clip))
+    meta = dict(C=3, P=8, PF=2, FRAME_STORE=store_mode, BM=32, BK=64, BD=128, CDT=cdt)
+    sig, consts = {}, {}
+    for a in fn.arg_names:
+        if a in meta or ints.get(a) == 1:
+            sig[a], consts[a] = "constexpr", meta.get(a, 1)
+        elif a.endswith("_ptr"):
+            sig[a] = {"src_ptr": "*u8", "idx_ptr": "*i64" if store_mode else "*u8",
+                      "out_ptr": "*bf16" if cdt == tl.bfloat16 else "*fp32",
+                      "dz_ptr": "*bf16" if cdt == tl.bfloat16 else "*fp32"}.get(a, "*fp32")
+        else:
+            sig[a] = "fp32" if a == "eps" else "i32"
+    k = compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
+    assert k.asm.get("cubin"), fn.__name__
+    print(fn.__name__, "ok", k.metadata.shared, "bytes shared")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled tests run the kernels themselves")
+def test_kernels_lower_to_sm90_cubin():
+    """Compile the kernels for an H100/H200 (sm_90) down to cubin with Triton's bundled ptxas: the
+    GPU compiler rejects things the interpreter accepts (tl.dot shapes and dtypes, scalar types)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _LOWER_TO_SM90], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count(" ok ") == 3, res.stdout
 
 
 # ---- bad input ------------------------------------------------------------------------------------
