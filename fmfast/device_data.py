@@ -63,10 +63,10 @@ def store_bytes(ds) -> int:
     return sum(v.numel() * v.element_size() for v in vars(ds).values() if isinstance(v, Tensor))
 
 
-def fits_on_device(ds, device: torch.device, reserve: int = 8 << 30) -> bool:
-    """Whether ``ds`` fits in the device's free memory with ``reserve`` bytes to spare (for the
-    model, its activations and the graphs' pools)."""
+def fits_on_device(datasets, device: torch.device, reserve: int = 8 << 30) -> bool:
+    """Whether the datasets fit in the device's free memory with ``reserve`` bytes to spare (for
+    the model, its activations and the graphs' pools)."""
     if device.type != "cuda":
         return False
     free, _ = torch.cuda.mem_get_info(device)
-    return store_bytes(ds) + reserve <= free
+    return sum(store_bytes(ds) for ds in datasets) + reserve <= free

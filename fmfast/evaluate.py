@@ -12,18 +12,20 @@ import torch
 
 from fmfast.cli import Parser
 from fmfast.metrics import MetricAccumulator
-from fmfast.runner import autocast, forward, to_device
 
 
 @torch.no_grad()
 def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None, max_samples: int = 0,
-             progress=None, keep: int = 0) -> tuple[dict, dict]:
+             progress=None, keep: int = 0, cuda_graphs: bool = False, cache: dict | None = None) -> tuple[dict, dict]:
     """Run ``model`` over ``ds`` in order -> ``(metrics, examples)``.
 
     ``examples`` holds the first ``keep`` inputs' clips, labels and predictions (for the mask
-    overlay plots); ``metrics`` includes samples/s of the whole pass."""
+    overlay plots); ``metrics`` includes samples/s of the whole pass. ``cuda_graphs`` (CUDA):
+    replay a forward captured at ``batch_size``; with ``ds`` on the GPU the batch is gathered
+    inside the graph. ``cache`` (a dict the caller keeps) reuses the capture across calls."""
     was_training = model.training
     model.eval()
+    runner = _runner(model, model_name, ds, batch_size, device, amp_dtype, cuda_graphs and device.type == "cuda", cache)
     acc = MetricAccumulator(ds.task)
     n = len(ds) if not max_samples else min(max_samples, len(ds))
     # a subset is spread evenly over the split: its first samples would all come from one
@@ -34,13 +36,11 @@ def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None
     t0 = time.perf_counter()
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
-        clips, currents, labels = to_device(ds.batch(idx), device)
-        with autocast(device, amp_dtype):
-            logits = forward(model, model_name, clips, currents)
+        logits, labels = runner(idx)
         acc.update(logits.float(), labels)
         if keep and start == 0:
             k = min(keep, len(idx))
-            examples = {"clips": clips[:k].cpu(), "labels": labels[:k].cpu(), "pred": logits[:k].float().argmax(1).cpu(),
+            examples = {"clips": ds.batch(idx[:k])[0].cpu(), "labels": labels[:k].cpu(), "pred": logits[:k].float().argmax(1).cpu(),
                         "prob": torch.softmax(logits[:k].float(), 1)[:, 1].cpu(), "keys": [ds.sample_key(int(i)) for i in idx[:k]]}
         if progress is not None:
             progress.update(task_id, advance=len(idx))
@@ -54,6 +54,18 @@ def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None
     metrics["samples"] = n
     metrics["samples_per_s"] = n / elapsed if elapsed > 0 else float("inf")
     return metrics, examples
+
+
+def _runner(model, model_name, ds, batch_size, device, amp_dtype, graph: bool, cache: dict | None):
+    from fmfast.stepping import EvalRunner
+
+    key = (id(model), id(ds), batch_size, amp_dtype, model_name, graph)
+    if cache is not None and key in cache:
+        return cache[key]
+    runner = EvalRunner(model, model_name, ds, batch_size, device, amp_dtype, graph=graph)
+    if cache is not None:
+        cache[key] = runner
+    return runner
 
 
 def metrics_table(metrics: dict, title: str = "metrics"):
@@ -86,6 +98,8 @@ def build_parser() -> Parser:
     p.add_argument("--max-samples", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="off", choices=["auto", "bf16", "fp16", "off"])
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                   help="replay a captured forward on CUDA (auto: on for CUDA devices)")
     p.add_argument("--out", default=None, help="JSON file for the metrics (default: next to the checkpoint)")
     return p
 
@@ -117,9 +131,16 @@ def main(argv=None) -> int:
         stride=args.stride or data.get("stride", 1),
         current_seconds=args.current_seconds or data.get("current_seconds", cfg.current_len // 2),
     )
+    from fmfast.device_data import fits_on_device
+    from fmfast.stepping import use_graphs
+
+    graphs, _ = use_graphs(args.cuda_graphs, device)
     model.to(device)
+    if graphs and fits_on_device([ds], device):
+        ds.to(device)  # one upload; every batch is then gathered inside the captured forward
     with progress_bar(console) as progress:
-        metrics, _ = evaluate(model, meta["model_name"], ds, args.batch_size, device, amp, args.max_samples, progress)
+        metrics, _ = evaluate(model, meta["model_name"], ds, args.batch_size, device, amp, args.max_samples, progress,
+                              cuda_graphs=graphs)
     metrics.update(checkpoint=str(args.checkpoint), data=str(root), split=args.split, model=meta["model_name"], task=cfg.task)
     Console().print(metrics_table(metrics, f"{meta['model_name']} · {cfg.task} · {args.split} split"))
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(f".{args.split}-metrics.json")

@@ -172,6 +172,8 @@ def validate(s: dict) -> dict:
         (o["name"] in OPTIMIZERS, f"optim.name must be one of {OPTIMIZERS}, got {o['name']!r}"),
         (sc["name"] in SCHEDULES, f"schedule.name must be one of {SCHEDULES}, got {sc['name']!r}"),
         (t["amp"] in AMP, f"train.amp must be one of {AMP}, got {t['amp']!r}"),
+        # YAML 1.1 reads a bare on/off as true/false
+        (t["cuda_graphs"] in ("auto", "on", "off", True, False), f"train.cuda_graphs must be auto, on or off, got {t['cuda_graphs']!r}"),
         (isinstance(t["epochs"], int) and t["epochs"] >= 1, f"train.epochs must be a positive integer, got {t['epochs']!r}"),
         (isinstance(t["batch_size"], int) and t["batch_size"] >= 1, f"train.batch_size must be a positive integer, got {t['batch_size']!r}"),
         (isinstance(o["lr"], (int, float)) and o["lr"] > 0, f"optim.lr must be a positive number, got {o['lr']!r}"),

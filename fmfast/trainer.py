@@ -3,7 +3,13 @@
 Batches come from ``FMFDataset.batch`` (vectorised gathers from the frame store, no
 DataLoader workers); the epoch order is a pure function of (seed, epoch), so a run killed at
 any point resumes from ``last.pt`` with the same optimiser, scheduler, order and RNG state and
-ends with the same weights as an uninterrupted one."""
+ends with the same weights as an uninterrupted one.
+
+On CUDA (``train.cuda_graphs`` auto/on) the whole step -- forward, backward, Adam -- is one
+captured CUDA graph (``fmfast.stepping.TrainRunner``), evaluation replays a captured forward,
+and when the dataset fits in GPU memory it lives there: a step's only host-to-device traffic
+is none, the batch is gathered inside the graph from the sample indices. The last short batch
+is padded with 0-weight rows (or, for BatchNorm models, run eagerly), never dropped."""
 from __future__ import annotations
 
 import json
@@ -18,12 +24,15 @@ import yaml
 from fmfast import checkpoint as ckpt
 from fmfast import distributed as dist
 from fmfast.cli import UserError, atomic_write
+from fmfast.device_data import StableFlips, fits_on_device
 from fmfast.evaluate import evaluate
+from fmfast.graphs import make_capturable, portable_state_dict
 from fmfast.initialization import reference_init
 from fmfast.optim import build_optimizer, build_scheduler
 from fmfast.progress import progress_bar
 from fmfast.runner import autocast, forward, resolve_amp, resolve_device, to_device
 from fmfast.settings import model_config
+from fmfast.stepping import TrainRunner, graph_setting, train_blockers, use_graphs
 
 
 def epoch_order(n: int, seed: int, epoch: int, limit: int = 0) -> torch.Tensor:
@@ -37,6 +46,7 @@ def _comparable(settings: dict) -> dict:
     s = json.loads(json.dumps(settings))
     s["train"].pop("out", None)
     s["train"].pop("epochs", None)
+    s["train"].pop("cuda_graphs", None)  # how steps are launched, not what they compute
     return s
 
 
@@ -84,8 +94,28 @@ class Trainer:
         self.history: list[dict] = []
         self.losses: list[float] = []
         self.best = -math.inf
+        self.graphs, self.graph_note = use_graphs(t["cuda_graphs"], self.device,
+                                                  train_blockers(self.opt, self.amp, self.world))
+        self.on_device = False
+        self._lr = []
+        if self.graphs:
+            self._setup_graphs()
         if resume:
             self._load(resume)
+
+    def _setup_graphs(self) -> None:
+        """Capturable optimiser, dataset on the GPU if it fits, the captured step (built lazily)."""
+        make_capturable(self.opt, self.device)
+        self._lr = [g["lr"] for g in self.opt.param_groups]
+        if fits_on_device((self.train_ds, self.test_ds), self.device):
+            self.train_ds.to(self.device)
+            self.test_ds.to(self.device)
+            self._flips = StableFlips(self.train_ds)  # one flips tensor for the graph to read
+            self.on_device = True
+        self.runner = TrainRunner(self.module, self.model_name, self.train_ds, self.opt, self.s["train"]["batch_size"],
+                                  self.device, self.amp, graph=True,
+                                  strict=graph_setting(self.s["train"]["cuda_graphs"]) == "on")
+        self._eval_cache: dict = {}
 
     # ---------------------------------------------------------------- set-up
     def _check_run_folder(self, resume):
@@ -132,7 +162,7 @@ class Trainer:
         })
         state.update(
             settings=self.s, epoch=self.epoch, step=self.step, global_step=self.global_step,
-            optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), scaler=self.scaler.state_dict(),
+            optimizer=portable_state_dict(self.opt), scheduler=self.sched.state_dict(), scaler=self.scaler.state_dict(),
             rng={"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})},
             history=self.history, losses=self.losses, best=self.best,
         )
@@ -151,6 +181,9 @@ class Trainer:
             raise UserError(f"{path}: was trained with different settings ({', '.join(diff[:6])})")
         self.module.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+        if self.graphs:  # loading replaced the learning-rate tensors with the saved floats
+            make_capturable(self.opt, self.device)
+            self._lr = [g["lr"] for g in self.opt.param_groups]
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -162,6 +195,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def _train_step(self, idx: torch.Tensor) -> float:
+        if self.graphs:
+            loss = self.runner(idx)
+            self.sched.step()
+            for g, lr in zip(self.opt.param_groups, self._lr):
+                if g["lr"] is not lr:  # a scheduler that assigns floats: keep the graph's tensor
+                    lr.fill_(float(g["lr"]))
+                    g["lr"] = lr
+            return loss.item()
         clips, currents, labels = to_device(self.train_ds.batch(idx), self.device)
         with autocast(self.device, self.amp):
             logits = forward(self.model, self.model_name, clips, currents)
@@ -179,8 +220,10 @@ class Trainer:
         self._log_start()
         with progress_bar(self.console, disable=not self.main) as progress:
             while self.epoch < t["epochs"]:
-                self.train_ds.set_epoch(self.epoch)
+                (self._flips if self.on_device else self.train_ds).set_epoch(self.epoch)
                 order = dist.shard(epoch_order(len(self.train_ds), t["seed"], self.epoch, t["max_train_samples"]), self.rank, self.world)
+                if self.on_device:  # uploaded once per epoch: per step nothing crosses PCIe
+                    order = order.to(self.device)
                 batches = order.split(t["batch_size"])
                 bar = progress.add_task(f"epoch {self.epoch + 1}/{t['epochs']}", total=len(order), loss=float("nan"),
                                         completed=min(self.step * t["batch_size"], len(order)))
@@ -205,12 +248,13 @@ class Trainer:
         metrics = {}
         if self.main:
             metrics, self._examples = evaluate(self.module, self.model_name, self.test_ds, t["eval_batch_size"], self.device,
-                                               self.amp, t["max_eval_samples"], progress, keep=8)
+                                               self.amp, t["max_eval_samples"], progress, keep=8,
+                                               cuda_graphs=self.graphs, cache=getattr(self, "_eval_cache", None))
         row = {
             "epoch": self.epoch + 1,
             "train_loss": sum(run_loss) / len(run_loss) if run_loss else float("nan"),
             "train_samples_per_s": seen * self.world / train_time if train_time > 0 else float("nan"),
-            "lr": self.opt.param_groups[0]["lr"],
+            "lr": float(self.opt.param_groups[0]["lr"]),
             "test": metrics,
         }
         self.history.append(row)
@@ -239,7 +283,8 @@ class Trainer:
             f"[bold]fmfast[/] training {self.model_name} ({self.cfg.task}, {n_params:,} parameters) on {d['root']}\n"
             f"  train {len(self.train_ds):,} / test {len(self.test_ds):,} samples · clip {self.cfg.num_frames}×{self.cfg.frame_hw[0]}×{self.cfg.frame_hw[1]}"
             f" stride {d['stride']} · current {self.cfg.current_len}×3 · batch {self.s['train']['batch_size']}"
-            f" · {self.device} · amp {self.amp or 'off'} · {self.world} process(es)\n  run folder {self.out}"
+            f" · {self.device} · amp {self.amp or 'off'} · {self.world} process(es)\n"
+            f"  cuda graphs {self.graph_note}{' · data on the GPU' if self.on_device else ''} · run folder {self.out}"
         )
 
     def _log_epoch(self, row, improved):
