@@ -13,8 +13,8 @@ spot on each alarm's peak frame). A window's probability is p(abnormal) for clas
 the largest per-pixel p(abnormal) for segmentation.
 
 --follow watches a live recording: VIDEO is either a folder of video segments (as a camera
-recorder or `ffmpeg -f segment` writes them; a segment is read once a newer one exists or it
-has not changed for --settle seconds) or one growing file in a format readable while written
+recorder or `ffmpeg -f segment` writes them, read in name order, hidden names skipped; a
+segment is read once a newer one exists or it has not changed for --settle seconds) or one growing file in a format readable while written
 (mkv, ts, avi; re-opened when it grows); CURRENT.csv grows by appended rows. Alarms are printed
 the moment they are confirmed; windows.csv and alarms.csv grow as a live log. It ends on
 Ctrl-C or after --follow-timeout seconds without new data.
@@ -388,7 +388,8 @@ class FollowFeed:
         got = False
         now = time.time()
         if self.video.is_dir():
-            segs = sorted(p for p in self.video.iterdir() if p.suffix.lower() in VIDEO_EXT and p.is_file())
+            segs = sorted(p for p in self.video.iterdir()  # hidden names: files still being written
+                          if p.suffix.lower() in VIDEO_EXT and not p.name.startswith(".") and p.is_file())
             for k, p in enumerate(segs):
                 if p.name in self.segments_done:
                     continue
