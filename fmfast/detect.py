@@ -15,7 +15,8 @@ the largest per-pixel p(abnormal) for segmentation.
 --follow watches a live recording: VIDEO is either a folder of video segments (as a camera
 recorder or `ffmpeg -f segment` writes them, read in name order, hidden names skipped; a
 segment is read once a newer one exists or it has not changed for --settle seconds) or one growing file in a format readable while written
-(mkv, ts, avi; re-opened when it grows); CURRENT.csv grows by appended rows. Alarms are printed
+(mkv, ts, avi; re-opened and re-indexed whenever it grows, so segments suit long sessions
+better); CURRENT.csv (and --timestamps, if given) grow by appended rows. Alarms are printed
 the moment they are confirmed; windows.csv and alarms.csv grow as a live log. It ends on
 Ctrl-C or after --follow-timeout seconds without new data.
 """
@@ -331,7 +332,8 @@ class FollowFeed:
         self.frames_done = 0  # frames handed out (global index)
         self.offset = 0.0  # seconds of video before the current segment
         self.segments_done: set[str] = set()
-        self.file_size = -1
+        self._seen = None  # (size, settled) of the growing file at its last decode
+        self._pts0 = None  # its first frame's presentation time
         self.pending: list[tuple[torch.Tensor, np.ndarray | None]] = []
 
     # current
@@ -405,18 +407,18 @@ class FollowFeed:
         elif self.video.is_file():
             st = self.video.stat()
             settled = final or now - st.st_mtime > self.settle
-            if st.st_size != self.file_size or settled:
-                r = self._decode(self.video, self.frames_done + self._pending_frames(), quiet=not settled,
-                                 leave_last=not settled)
-                if r is not None:
-                    frames, pts, fps, n = r
-                    if settled:
-                        self.file_size = st.st_size
-                    if len(frames):
-                        if pts is None:
-                            pts = (self.frames_done + self._pending_frames() + np.arange(len(frames))) / max(fps, 1e-9)
-                        self.pending.append((frames, self._times(len(frames), pts, fps)))
-                        got = True
+            if (st.st_size, settled) != self._seen:  # re-open only when it grew or came to rest
+                self._seen = (st.st_size, settled)
+                lo = self.frames_done + self._pending_frames()
+                r = self._decode(self.video, lo, quiet=not settled, leave_last=not settled)
+                if r is not None and len(r[0]):
+                    frames, pts, fps, _ = r
+                    if pts is None:
+                        pts = (lo + np.arange(len(frames))) / max(fps, 1e-9)
+                    if self._pts0 is None:
+                        self._pts0 = float(pts[0]) if lo == 0 else 0.0
+                    self.pending.append((frames, self._times(len(frames), pts - self._pts0, fps)))
+                    got = True
         return got
 
     def _pending_frames(self) -> int:

@@ -226,11 +226,13 @@ def test_follow_segment_folder_alarm_while_growing(rec, tmp_path):
 
 
 def test_follow_growing_file(rec, tmp_path, capsys):
-    """One mkv file growing on disk (copied in pieces by a thread) and a growing log."""
+    """One mkv file growing on disk (copied in pieces by a thread), a growing log and a growing
+    frame timestamps file."""
     d, _, _, cls, _ = rec
     full = write_video(tmp_path / "full.mkv", frames(30), fps=10).read_bytes()
-    live, cur = tmp_path / "live.mkv", tmp_path / "cur.csv"
+    live, cur, ts = tmp_path / "live.mkv", tmp_path / "cur.csv", tmp_path / "ts.csv"
     cur.write_text("time,A,B,C\n")
+    ts.write_text("time\n")
     _append_current(cur, -5, 0)
 
     def grow():
@@ -238,17 +240,20 @@ def test_follow_growing_file(rec, tmp_path, capsys):
             with open(live, "ab") as f:
                 f.write(full[len(full) * (k - 1) // 4: len(full) * k // 4])
             _append_current(cur, k, k)
+            with open(ts, "a") as f:  # frame times arrive in their own pieces
+                f.writelines(f"{stamp(i / 10, frac=True)}\n" for i in range(8 * (k - 1), min(8 * k, 30)))
             time.sleep(0.4)
 
     th = threading.Thread(target=grow)
     th.start()
     try:
-        detect("--checkpoint", cls, live, cur, "--start", stamp(0), "--out", tmp_path / "out", "--hop", HOP,
+        detect("--checkpoint", cls, live, cur, "--timestamps", ts, "--out", tmp_path / "out", "--hop", HOP,
                "--follow", "--poll", 0.05, "--settle", 0.5, "--follow-timeout", 1.5)
     finally:
         th.join()
     w = read_csv(tmp_path / "out" / "windows.csv")
     assert [int(r["frame"]) for r in w] == list(range(6, 30, HOP))
+    assert w[-1]["timestamp"] == stamp(2.8, frac=True)
     # same windows as scoring the finished file offline
     detect("--checkpoint", cls, tmp_path / "full.mkv", cur, "--start", stamp(0), "--out", tmp_path / "off",
            "--hop", HOP)
