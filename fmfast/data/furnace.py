@@ -47,8 +47,9 @@ class Segment:
 
 
 def schedule(rng: np.random.Generator, frames: int) -> list[Segment]:
-    """Cut ``frames`` into segments (about 12 s each at full length) and draw a scenario for each."""
-    base = int(np.clip(frames / 6, 40, 300))
+    """Cut ``frames`` into segments (about 8 s each at full length) and draw a scenario for each.
+    Many short segments rather than a few long ones: more independent events to learn from."""
+    base = int(np.clip(frames / 6, 40, 200))
     segs, t, deck = [], 0, []
     while t < frames:
         n = int(base * rng.uniform(0.8, 1.2))

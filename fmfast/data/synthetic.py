@@ -2,7 +2,7 @@
 [--frames N] [--seed S] [--size PX]``, or ``generate(out, ...)`` from Python.
 
 Each recording is a furnace (furnace.py) filmed at ~25 fps with a current log at 2 rows per
-second. The timeline is cut into ~12 s segments, each with one scenario; whole segments go to
+second. The timeline is cut into ~8 s segments, each with one scenario; whole segments go to
 train or test (about a fifth of each scenario to test), so no event straddles the split.
 ``synthetic.json`` beside the split files records every segment, for per-scenario analysis.
 Same arguments, same bytes.
@@ -19,6 +19,7 @@ import numpy as np
 from .furnace import ABNORMAL, SCENARIOS, Furnace, current_log, schedule, severity
 from .matfile import write_mat
 
+VERSION = 2  # bump when the output for given arguments changes (caches key on it)
 TEST_FRACTION = 0.2
 _CHUNK = 256
 _T0 = dt.datetime(2023, 5, 10, 21, 0, 0)
@@ -141,7 +142,8 @@ def generate(out: str | Path, recordings: int = 3, frames: int = 3000, seed: int
         meta[name]["segments"] = segs
     for which, m in splits.items():
         (out / f"{which}.json").write_text(json.dumps(m))
-    info = dict(generator="fmfast.data.synthetic", seed=seed, size=size, frames=frames, recordings=meta)
+    info = dict(generator="fmfast.data.synthetic", version=VERSION, seed=seed, size=size, frames=frames,
+                recordings=meta)
     (out / "synthetic.json").write_text(json.dumps(info, indent=1))
     return out
 
