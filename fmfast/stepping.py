@@ -8,7 +8,16 @@ import torch.nn.functional as F
 
 from fmfast.cli import UserError
 from fmfast.device_data import call_model, gather_inputs
-from fmfast.graphs import CAPTURABLE, CaptureError, StaticForward, TrainStep, autocast, batch_coupled, masked_cross_entropy, pad_batch
+from fmfast.graphs import (
+    CAPTURABLE,
+    CaptureError,
+    StaticForward,
+    TrainStep,
+    autocast,
+    batch_coupled,
+    masked_cross_entropy,
+    pad_batch,
+)
 from fmfast.runner import forward
 
 Tensor = torch.Tensor

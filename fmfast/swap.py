@@ -31,11 +31,15 @@ import torch
 from torch import nn
 
 from fmfast.backend import OP_BACKEND, StreamAttention, check_backend
-from fmfast.nn.attention import MultiStreamAttention
-from fmfast.nn.attention import Attention
+from fmfast.nn.attention import Attention, MultiStreamAttention
 from fmfast.nn.embed import MultiscaleTubeletEmbed
 from fmfast.nn.transformer import Transformer
-from fmfast.ops.tokenize import LN_EPS, ScaleParams, current_tokens_ref, multiscale_tokens
+from fmfast.ops.tokenize import (
+    LN_EPS,
+    ScaleParams,
+    current_tokens_ref,
+    multiscale_tokens,
+)
 
 _HEAD_DIMS = (16, 32, 64, 128)  # what the packed attention kernel runs
 _PATTERN = "b c (f pf) (h p1) (w p2) -> b (f h w) (p1 p2 pf c)"
@@ -281,8 +285,8 @@ def swap_modules(model: nn.Module, backend: str = "auto") -> tuple[nn.Module, Sw
                 spec["backend"] = op
                 m._fmfast_swap = spec  # a plain attribute: not in the state_dict
                 m.forward = types.MethodType(_TOP[kind], m)
-                report.replaced.append((name, f"{kind}.forward -> fused video tokenizer (backend {op}), "
-                                              f"then its own transformer and head"))
+                report.replaced.append((name, (f"{kind}.forward -> fused video tokenizer (backend {op}), "
+                                               "then its own transformer and head")))
         except _Skip as e:
             report.skipped.append((name, f"{kind}: {e}"))
             if kind in ("MultiStreamAttention", "Attention"):

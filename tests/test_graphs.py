@@ -6,8 +6,6 @@ mask, the warm-up undo, the gathers and the eager twins of the captured paths, e
 against plain eager code. Capture and replay are GPU-only tests (skipped here, said so)."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,9 +14,26 @@ from data_fixtures import synth  # noqa: F401  (session fixture: a generated 16x
 from fmfast import FmFormer, ModelConfig
 from fmfast.cli import UserError
 from fmfast.data import FMFDataset
-from fmfast.device_data import StableFlips, call_model, fits_on_device, gather_inputs, store_bytes
-from fmfast.graphs import (GraphedForward, StaticForward, TrainStep, _restore, _snapshot, batch_coupled, chunks,
-                           make_capturable, masked_cross_entropy, pad_batch, portable_state_dict)
+from fmfast.device_data import (
+    StableFlips,
+    call_model,
+    fits_on_device,
+    gather_inputs,
+    store_bytes,
+)
+from fmfast.graphs import (
+    GraphedForward,
+    StaticForward,
+    TrainStep,
+    _restore,
+    _snapshot,
+    batch_coupled,
+    chunks,
+    make_capturable,
+    masked_cross_entropy,
+    pad_batch,
+    portable_state_dict,
+)
 from fmfast.runner import forward
 from fmfast.stepping import EvalRunner, TrainRunner, train_blockers, use_graphs
 

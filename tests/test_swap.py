@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import copy
 
+import _reference_standin as ref
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import _reference_standin as ref
 from fmfast import FmFormer, ModelConfig, swap_modules
 from fmfast.backend import StreamAttention
 from fmfast.nn import MultiStreamAttention

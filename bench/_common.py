@@ -1,0 +1,99 @@
+"""Timing and reporting shared by the model and training benchmarks.
+
+GPU: CUDA events around repeated calls, median of repetitions (pytest-benchmark times the host,
+which for asynchronous GPU work measures launches, not work). CPU: wall clock, single thread
+(a shared 2-core machine: intra-op threads measure the neighbours), median.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+GPU = torch.cuda.is_available()
+GPU_REASON = "needs CUDA: compiled Triton kernels, CUDA graphs and GPU timing"
+
+
+def time_ms(step, reps: int = 5, inner: int = 10, warmup: int = 3, cpu_reps: int = 3) -> float:
+    """Median milliseconds per call of ``step`` (CPU: ``cpu_reps`` timed calls after one warm-up;
+    ``cpu_reps=1``: one call, no warm-up, for steps already run once by a parity check)."""
+    if GPU:
+        for _ in range(warmup):
+            step()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / inner)
+        return sorted(times)[reps // 2]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if cpu_reps > 1:
+            step()
+        times = []
+        for _ in range(cpu_reps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def peak_mb(step):
+    """(peak GPU memory in MB allocated while ``step`` runs once, above what was held before,
+    ``step``'s result)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20, out
+
+
+def report(benchmark, title: str, rows: list[tuple[str, float]], unit_batch: int | None = None,
+           targets: dict | None = None, extra: dict | None = None) -> dict:
+    """Print ``rows`` (name, ms; the first is ours) with ratios peer/ours and store them in the
+    benchmark's ``extra_info`` for ``tools/gpu_results.py``. Returns {name: ratio}."""
+    ours = rows[0][1]
+    print(f"\n{title}")
+    ratios = {}
+    for name, ms in rows:
+        ratios[name] = ms / ours
+        rate = f"  {unit_batch / ms * 1e3:12.0f} samples/s" if unit_batch else ""
+        print(f"  {name:52s} {ms:10.3f} ms  x{ms / ours:6.2f}{rate}")
+    for k, v in (extra or {}).items():
+        print(f"  {k}: {v}")
+    for k, v in (targets or {}).items():
+        print(f"  target {k}: {v}")
+    benchmark.extra_info.update(title=title, ms=dict(rows), ratios=ratios, targets=targets or {},
+                                device=torch.cuda.get_device_name() if GPU else "cpu", **(extra or {}))
+    if unit_batch:
+        benchmark.extra_info["samples_per_s"] = {n: unit_batch / ms * 1e3 for n, ms in rows}
+    return ratios
+
+
+def run_benchmark(benchmark, step, rounds: int | None = None) -> None:
+    """Let pytest-benchmark time ``step`` too (synchronised on a GPU)."""
+    def synced():
+        step()
+        if GPU:
+            torch.cuda.synchronize()
+    benchmark.pedantic(synced, rounds=rounds or (10 if GPU else 2), warmup_rounds=1)
+
+
+def max_err(a, b) -> float:
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
+
+
+def flash_tol(low_err: float, ref, floor: float = 1e-3) -> float:
+    """Flash-attention-style tolerance: 2x the error of plain PyTorch at the same low precision,
+    plus a floor relative to the reference's magnitude."""
+    scale = max(1.0, max(t.abs().max().item() for t in ref))
+    return 2 * low_err + floor * scale
