@@ -331,17 +331,19 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
-def _blocks(D: int, K: int, device: torch.device) -> tuple[int, int, int, int]:
+def _blocks(D: int, K: int, device: torch.device, backward: bool = False) -> tuple[int, int, int, int]:
     """(BM, BK, BD, num_warps): every tl.dot dim >= 16; tiles sized so the fp32 accumulators fit
-    (checked with ptxas -v for sm_90: no spills forward at D=96; backward uses twice the warps).
+    (checked with ptxas -v for sm_90 at D=96: no spills forward, a few hundred bytes backward).
+    Forward takes 64 tokens per program where it fits: each program streams all of W from L2.
     The CPU interpreter costs per op, not per element, so there the blocks are as large as
     sensible (the masks are the same code either way; the GPU blocks have their own test)."""
     BD = max(16, triton.next_power_of_2(D))
     if device.type != "cuda":
         return 64, max(16, min(128, triton.next_power_of_2(K))), BD, 4
-    BM = 32 if BD <= 256 else 16
     BK = max(16, min(64, triton.next_power_of_2(K), 8192 // BD))
-    return BM, BK, BD, 4 if BD <= 128 else 8
+    if backward:
+        return (32 if BD <= 256 else 16), BK, BD, (8 if BD <= 256 else 16)
+    return (64 if BD <= 128 else 32 if BD <= 256 else 16), BK, BD, 8
 
 
 def _geometry(T: int, H: int, W: int, p: int, pf: int, dilations: Sequence[int]) -> list[int]:
@@ -392,6 +394,7 @@ def _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
     D, K = w.shape[1], w.shape[2]
     BM, BK, BD, nw = _blocks(D, K, video.device)
     n_out = 1 + sum(n)
+    w = w.to(_DTYPES[compute_dtype])  # once here, not per program: halves W's L2 traffic in 16-bit
     out = torch.empty(B, n_out, D, device=video.device, dtype=_DTYPES[out_dtype])
     nblk = sum(triton.cdiv(x, BM) for x in n)
     idx = frame_index if frame_index is not None else video
@@ -411,7 +414,7 @@ def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_ou
     n = _geometry(T, H, W, p, pf, dilations)
     S = len(dilations)
     D, K = w.shape[1], w.shape[2]
-    BM, BK, BD, nw = _blocks(D, K, video.device)
+    BM, BK, BD, nw = _blocks(D, K, video.device, backward=True)
     n_out = 1 + sum(n)
     dev = video.device
     grad = grad.contiguous()
@@ -422,7 +425,8 @@ def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_ou
     n_bs = min(B, triton.cdiv(4 * sms, nblk)) if dev.type == "cuda" else min(B, 2)
     b_chunk = triton.cdiv(B, n_bs)
     n_bs = triton.cdiv(B, b_chunk)
-    dz_dtype = torch.float32 if compute_dtype == "float32" else _DTYPES[compute_dtype]
+    w_c = w.to(_DTYPES[compute_dtype])
+    dz_dtype = _DTYPES[compute_dtype]
     dz = torch.empty(B * (n_out - 1), D, device=dev, dtype=dz_dtype)
     mean = torch.empty(B * (n_out - 1), device=dev, dtype=torch.float32)
     rstd = torch.empty_like(mean)
@@ -430,9 +434,9 @@ def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_ou
     part_pos = torch.empty(n_bs, n_out, D, device=dev, dtype=torch.float32)
     idx = frame_index if frame_index is not None else video
     meta = dict(C=C, P=p, PF=pf, FRAME_STORE=frame_index is not None, BM=BM, BK=BK, BD=BD,
-                CDT=_TL[compute_dtype], num_warps=2 * nw)
+                CDT=_TL[compute_dtype], num_warps=nw)
     _tokenize_bwd_tok[(nblk, n_bs)](
-        video, idx, grad, dz, mean, rstd, part_d, part_pos, w_in, b_in, w, bp, w_out,
+        video, idx, grad, dz, mean, rstd, part_d, part_pos, w_in, b_in, w_c, bp, w_out,
         B, b_chunk, nblk, H, W, T // pf, D, n_out, n_store, *_pad4(dilations), eps, *strides, **meta)
     # patch-dim chunks x row splits x scales for the [D, K] weight gradient
     n_k = triton.cdiv(K, BK)
@@ -441,7 +445,7 @@ def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_ou
     part_w = torch.empty(S, n_split, D, K, device=dev, dtype=torch.float32)
     part_k = torch.empty(2, S, n_split, K, device=dev, dtype=torch.float32)
     _tokenize_bwd_w[(n_k, n_split, S)](
-        video, idx, dz, mean, rstd, part_w, part_k, w_in, b_in, w,
+        video, idx, dz, mean, rstd, part_w, part_k, w_in, b_in, w_c,
         B, H, W, T // pf, D, n_out, n_store, *_pad4(dilations), *strides, **meta)
     # deterministic reductions of the partials
     d_sum = part_d.sum(1)  # [3, nblk, D]

@@ -225,9 +225,11 @@ def test_paper_shape_forward_backward():
 
 
 def test_gpu_block_sizes_under_the_interpreter(monkeypatch):
-    """The GPU's tiles (BM=32, BK=64: ragged token blocks and two ragged patch chunks) in the
-    interpreter, since the CPU path picks larger ones."""
-    monkeypatch.setattr(tk, "_blocks", lambda D, K, device: (32, 64, max(16, 1 << (D - 1).bit_length()), 4))
+    """The GPU's tiles (BM 64 forward, 32 backward, BK=64: ragged token blocks and two patch
+    chunks) in the interpreter, since the CPU path picks larger ones."""
+    gpu_blocks = tk._blocks
+    cuda_dev = torch.device("cuda")
+    monkeypatch.setattr(tk, "_blocks", lambda D, K, device, backward=False: gpu_blocks(D, K, cuda_dev, backward))
     video = make_video((2, 3, 4, 16, 24), torch.uint8)
     assert_matches_ref(video, 3, 4, 16, 24, 4, 2, 40, (1, 2))  # K = 96, 48 + 12 tokens
 
@@ -368,6 +370,7 @@ def test_cuda_model_tokenizer_auto_is_triton():
 # ---- the GPU compiler's view, without a GPU --------------------------------------------------------
 _LOWER_TO_SM90 = r"""
 import os, sys
+import torch
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
@@ -377,18 +380,19 @@ geo = dict(B=256, B_CHUNK=4, NBLK=14, H=64, W=64, TG=5, D=96, N_OUT=401, d0=1, d
            s_h=64, s_w=1, s_it=1)
 clip = dict(n_store=1, s_b=122880, s_c=40960, s_t=4096, s_ib=0)
 store = dict(n_store=300000, s_b=12288, s_c=4096, s_t=0, s_ib=10)
-for fn, store_mode, cdt, nw in [(tk._tokenize_fwd, False, tl.float32, 4), (tk._tokenize_bwd_tok, True, tl.bfloat16, 8),
-                                (tk._tokenize_bwd_w, False, tl.float32, 8)]:
+for fn, store_mode, cdt in [(tk._tokenize_fwd, False, tl.float32), (tk._tokenize_bwd_tok, True, tl.bfloat16),
+                            (tk._tokenize_bwd_w, False, tl.float32)]:
     ints = dict(geo, **(store if store_mode else clip))
-    meta = dict(C=3, P=8, PF=2, FRAME_STORE=store_mode, BM=32, BK=64, BD=128, CDT=cdt)
+    BM, BK, BD, nw = tk._blocks(96, 384, torch.device("cuda"), backward=fn is not tk._tokenize_fwd)
+    meta = dict(C=3, P=8, PF=2, FRAME_STORE=store_mode, BM=BM, BK=BK, BD=BD, CDT=cdt)
     sig, consts = {}, {}
     for a in fn.arg_names:
         if a in meta or ints.get(a) == 1:
             sig[a], consts[a] = "constexpr", meta.get(a, 1)
         elif a.endswith("_ptr"):
-            sig[a] = {"src_ptr": "*u8", "idx_ptr": "*i64" if store_mode else "*u8",
-                      "out_ptr": "*bf16" if cdt == tl.bfloat16 else "*fp32",
-                      "dz_ptr": "*bf16" if cdt == tl.bfloat16 else "*fp32"}.get(a, "*fp32")
+            lo = "*bf16" if cdt == tl.bfloat16 else "*fp32"
+            sig[a] = {"src_ptr": "*u8", "idx_ptr": "*i64" if store_mode else "*u8", "out_ptr": lo, "dz_ptr": lo,
+                      "w_ptr": lo}.get(a, "*fp32")
         else:
             sig[a] = "fp32" if a == "eps" else "i32"
     k = compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
