@@ -10,12 +10,13 @@ Input is a clip ``[B, C, T, H, W]`` (uint8 or float, any strides) or a frame sto
 plus a ``[B, T]`` integer table of frame indices (clamped into ``[0, N-1]``), so clips are never
 materialised. Each program gathers its tubelets' pixels straight from that memory.
 
-Kernels (grid = token blocks of all scales x batch):
-  ``_tokenize_fwd``     gather, LN(patch) in fp32, tl.dot with the projection, LN(D), + pos, store;
-                        the first block also writes the cls row.
-  ``_tokenize_bwd_tok`` recomputes the forward per block, writes dL/dz (z = pre-LN(D) activations)
-                        and the patch LN stats, and per-program partials of the D-sized gradients
-                        (norm_out, proj bias, pos, cls) accumulated over its slice of the batch.
+Kernels (blocks never span scales; a block's scale and geometry come from its program id):
+  ``_tokenize_fwd``     grid = token blocks of all scales (64 tokens on GPU) x batch: gather,
+                        LN(patch) in fp32, tl.dot with the projection, LN(D), + pos, store in the
+                        final row; the first block also writes the cls row.
+  ``_tokenize_bwd_tok`` grid = token blocks (32) x batch slices: recomputes the forward, writes dL/dz
+                        (z = pre-LN(D) activations) and the patch LN stats, and per-program partials
+                        of the D-sized gradients (norm_out, proj bias, pos, cls) over its slice.
   ``_tokenize_bwd_w``   grid = patch-dim chunks x row splits x scales: dW = dz^T @ LN(patch) and the
                         norm_in gradients, each program a deterministic partial; torch sums them.
 The gradient with respect to the video is NOT computed (video is data, not a parameter).
