@@ -27,9 +27,9 @@ class ScaleParams(NamedTuple):
 
 def patch_embed_ref(x: torch.Tensor, p: ScaleParams, eps: float = LN_EPS) -> torch.Tensor:
     """LayerNorm -> Linear -> LayerNorm over the last axis (no position embedding)."""
-    x = F.layer_norm(x, x.shape[-1:], p.norm_in_weight, p.norm_in_bias, eps)
+    x = F.layer_norm(x, p.norm_in_weight.shape, p.norm_in_weight, p.norm_in_bias, eps)
     x = F.linear(x, p.proj_weight, p.proj_bias)
-    return F.layer_norm(x, x.shape[-1:], p.norm_out_weight, p.norm_out_bias, eps)
+    return F.layer_norm(x, p.norm_out_weight.shape, p.norm_out_weight, p.norm_out_bias, eps)
 
 
 def gather_clip(store: torch.Tensor, frame_index: torch.Tensor) -> torch.Tensor:
