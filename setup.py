@@ -21,6 +21,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "nvtx"],
+        # av encodes the tests' videos and is the decoding peer in bench/; onnx + onnxruntime
+        # check ONNX exports against PyTorch
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "nvtx", "av", "onnx", "onnxruntime"],
     },
 )
