@@ -18,8 +18,12 @@ from fmfast.ops import layout as L
 from fmfast.ops.attention import attention_ref
 
 GPU = torch.cuda.is_available()
-needs_gpu = pytest.mark.skipif(not GPU, reason="needs CUDA: compiled Triton kernel, FlexAttention "
-                                               "(no CPU backward) and GPU timings")
+_no_gpu = pytest.mark.skipif(not GPU, reason="needs CUDA: compiled Triton kernel, FlexAttention "
+                                             "(no CPU backward) and GPU timings")
+
+
+def needs_gpu(test):
+    return pytest.mark.gpu(_no_gpu(test))
 
 
 # ---- peers -------------------------------------------------------------------------------------
@@ -163,7 +167,7 @@ def test_bench_tiny_window_torch_paths(benchmark):
     q, k, v, do = _inputs(1, 2, lay.seq_len, 32, torch.float32, "cpu")
     dense = sdpa_fn([lay.dense_mask()], None)
     bm = lay.to_block_mask()
-    flex = lambda q, k, v: [flex_attention(q, k, v, block_mask=bm)]  # noqa: E731
+    flex = lambda q, k, v: [flex_attention(q, k, v, block_mask=bm)]
     assert _err(_run(dense, q, k, v, do, False), _run(flex, q, k, v, do, False)) < 1e-5
     step = _step(dense, q, k, v, do, False)
     rows = [("(b) SDPA + dense mask", _time_ms(step), None),

@@ -19,7 +19,6 @@ The layout argument is duck typed: ``key`` (an int unique per layout), ``seq_len
 ``block_n``, ``radius`` (window half-extents or None) and ``device_tensors(device)`` returning
 the kernel's int32 tensors.
 """
-import math
 from typing import Optional
 
 import torch
@@ -28,7 +27,6 @@ import triton.language as tl
 from torch import Tensor
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 _HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -211,7 +211,7 @@ class BlockLayout:
         full = self.full_block_dense()
         part_num, part_idx, _ = _dense_to_lists(self.block_dense() & ~full, width=self.num_kv_blocks)
         full_num, full_idx, _ = _dense_to_lists(full, width=self.num_kv_blocks)
-        dev = lambda t: t[None, None].to(device)  # noqa: E731
+        dev = lambda t: t[None, None].to(device)
         return BlockMask.from_kv_blocks(
             dev(part_num), dev(part_idx), dev(full_num), dev(full_idx),
             BLOCK_SIZE=(self.block_m, self.block_n), mask_mod=self.mask_mod(device), seq_lengths=(n, n))

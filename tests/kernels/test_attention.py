@@ -1,8 +1,6 @@
 """Block-sparse attention kernel (TRITON_INTERPRET=1 on CPU) against the dense masked reference.
 
 Shapes stay tiny: the interpreter costs about a millisecond per Triton op per program."""
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -10,7 +8,11 @@ from hypothesis import given, settings, strategies as st
 from fmfast.kernels.attention import block_sparse_attention, block_sparse_attention_ref, element_mask
 from fmfast.ops import layout as L
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton compiled path)")
+_no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton compiled path)")
+
+
+def cuda(test):
+    return pytest.mark.gpu(_no_cuda(test))
 
 
 def rand_qkv(b, h, n, d, dtype=torch.float32, device="cpu", seed=0):
@@ -33,7 +35,7 @@ def assert_matches_ref(lay, b=2, h=1, d=32, sm_scale=None, tol=2e-5, seed=0):
     want = run(block_sparse_attention_ref, q, k, v, do, layout=lay, sm_scale=sm_scale)
     for name, a, e in zip(("out", "dq", "dk", "dv"), got, want):
         assert torch.isfinite(a).all(), name
-        torch.testing.assert_close(a, e, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, e, atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
     return got
 
 
@@ -273,7 +275,7 @@ def test_multistream_backend_dispatch(monkeypatch):
     import fmfast.nn.attention as nn_attention
     from fmfast.nn.attention import MultiStreamAttention, set_attention_backend
 
-    ref, fast = _module_pair()
+    _, fast = _module_pair()
     calls = []
     real = nn_attention.packed_attention
     monkeypatch.setattr(nn_attention, "packed_attention", lambda *a: calls.append(1) or real(*a))
