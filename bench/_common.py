@@ -6,12 +6,18 @@ which for asynchronous GPU work measures launches, not work). CPU: wall clock, s
 """
 from __future__ import annotations
 
+import os
 import time
 
+import pytest
 import torch
 
 GPU = torch.cuda.is_available()
 GPU_REASON = "needs CUDA: compiled Triton kernels, CUDA graphs and GPU timing"
+# the fast path on CPU tensors runs in the Triton interpreter; tools/gpu_check.sh turns it off
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRET, reason="the fast path on CPU tensors needs TRITON_INTERPRET=1 (off here: kernels compiled for the GPU)")
 
 
 def time_ms(step, reps: int = 5, inner: int = 10, warmup: int = 3, cpu_reps: int = 3) -> float:
@@ -57,8 +63,15 @@ def peak_mb(step):
     return (torch.cuda.max_memory_allocated() - base) / 2**20, out
 
 
+def check(target: str, value: float, goal: float, higher_is_better: bool = True) -> dict:
+    """One target of DESIGN.md/the issue, evaluated (stored for tools/gpu_results.py)."""
+    met = value >= goal if higher_is_better else value <= goal
+    return {"target": target, "value": round(float(value), 4), "goal": ("<= " if not higher_is_better else ">= ") + str(goal),
+            "met": bool(met)}
+
+
 def report(benchmark, title: str, rows: list[tuple[str, float]], unit_batch: int | None = None,
-           targets: dict | None = None, extra: dict | None = None) -> dict:
+           targets: dict | None = None, extra: dict | None = None, checks: list[dict] | None = None) -> dict:
     """Print ``rows`` (name, ms; the first is ours) with ratios peer/ours and store them in the
     benchmark's ``extra_info`` for ``tools/gpu_results.py``. Returns {name: ratio}."""
     ours = rows[0][1]
@@ -72,8 +85,11 @@ def report(benchmark, title: str, rows: list[tuple[str, float]], unit_batch: int
         print(f"  {k}: {v}")
     for k, v in (targets or {}).items():
         print(f"  target {k}: {v}")
+    for c in checks or []:
+        print(f"  check {c['target']}: {c['value']} (goal {c['goal']}) -> {'met' if c['met'] else 'NOT met'}")
     benchmark.extra_info.update(title=title, ms=dict(rows), ratios=ratios, targets=targets or {},
-                                device=torch.cuda.get_device_name() if GPU else "cpu", **(extra or {}))
+                                checks=checks or [], device=torch.cuda.get_device_name() if GPU else "cpu",
+                                **(extra or {}))
     if unit_batch:
         benchmark.extra_info["samples_per_s"] = {n: unit_batch / ms * 1e3 for n, ms in rows}
     return ratios

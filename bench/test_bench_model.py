@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _common import GPU, GPU_REASON, flash_tol, max_err, report, run_benchmark, time_ms
+from _common import GPU, GPU_REASON, check, flash_tol, max_err, needs_interpreter, report, run_benchmark, time_ms
 
 from fmfast import FmFormer, ModelConfig
 from fmfast.graphs import GraphedForward, StaticForward
@@ -51,7 +51,7 @@ def inputs(cfg, batch, device, seed=0):
 
 
 def amp(enabled: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and GPU)
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
 
 
 def describe(cfg, batch, device, what):
@@ -101,7 +101,7 @@ def _layer_case(benchmark, cfg, batch, device, compiled: bool):
     g = torch.Generator().manual_seed(1)
     n1, n2 = cfg.num_video_tokens, cfg.current_len + 1
     x1, x2, g1, g2 = (torch.randn(batch, n, cfg.dim, generator=g).to(device) for n in (n1, n2, n1, n2))
-    low = GPU
+    low = device == "cuda"
     want = layer_result(ref, x1, x2, g1, g2, False)
     tol = flash_tol(max_err(layer_result(ref, x1, x2, g1, g2, low), want), want) if low else 1e-4
     err = max_err(layer_result(fast, x1, x2, g1, g2, low), want)
@@ -118,9 +118,10 @@ def _layer_case(benchmark, cfg, batch, device, compiled: bool):
     report(benchmark, describe(cfg, batch, device, "encoder layer fwd+bwd") + (", bf16 autocast" if low else ", fp32"),
            rows, unit_batch=batch)
     # on a CPU the fast step is the interpreter: time the reference step for pytest-benchmark
-    run_benchmark(benchmark, layer_step(fast, x1, x2, g1, g2, low) if GPU else layer_step(ref, x1, x2, g1, g2, False))
+    run_benchmark(benchmark, layer_step(fast, x1, x2, g1, g2, low) if low else layer_step(ref, x1, x2, g1, g2, False))
 
 
+@needs_interpreter
 def test_bench_cpu_encoder_layer(benchmark):
     _layer_case(benchmark, TINY, 1, "cpu", compiled=False)
 
@@ -143,6 +144,7 @@ def _forward_parity(fast, ref, video, current, low):
     return want, tol
 
 
+@needs_interpreter
 def test_bench_cpu_forward(benchmark):
     """CPU: tiny FmFormer, the fast path (interpreted) on the static buffers the captured graph
     uses on a GPU, vs the reference forward."""
@@ -222,5 +224,8 @@ def test_bench_gpu_inference_graph(benchmark, paper_models, batch):
             ("ours: fast, fp32, CUDA graph", time_ms(run(graphed32), inner=50 if batch == 1 else 5)),
             ("(a) reference, eager fp32", time_ms(run(ref), inner=20 if batch == 1 else 3))]
     targets = {"latency at batch 1": "< 0.3 ms"} if batch == 1 else {"throughput at batch 1024": "reported"}
-    report(benchmark, describe(PAPER, batch, "cuda", "inference"), rows, unit_batch=batch, targets=targets)
+    checks = [check("inference latency at batch 1 (ms, CUDA graph, bf16)", rows[0][1], 0.3, higher_is_better=False)] \
+        if batch == 1 else []
+    report(benchmark, describe(PAPER, batch, "cuda", "inference"), rows, unit_batch=batch, targets=targets,
+           checks=checks)
     run_benchmark(benchmark, run(graphed))

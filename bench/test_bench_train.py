@@ -201,7 +201,14 @@ def test_bench_gpu_train_step(benchmark, paper_data):
                                            "(a) reference eager fp32": round(mem_ref, 1),
                                            "(b) torch.compile bf16": round(mem_comp, 1)},
                            "epoch_2.2M_s": round(epoch_s, 2), "epoch_host_work_s": round(per_epoch_s, 3),
-                           "first_loss_eager_fast": first})
+                           "first_loss_eager_fast": first},
+                    checks=[check("training throughput vs (a) reference eager fp32 (x)",
+                                  rows[2][1] / rows[0][1], 4),
+                            check("training throughput vs (b) reference torch.compile bf16 (x)",
+                                  rows[3][1] / rows[0][1], 2),
+                            check("epoch over 2.2M samples incl. gather (s)", epoch_s, 60, higher_is_better=False),
+                            check("peak memory of a step, ours / (a)", mem_ours / mem_ref, 1.0,
+                                  higher_is_better=False)])
     print(f"  -> {ratios['(a) reference, eager fp32, Adam']:.2f}x (a), "
           f"{ratios['(b) reference, torch.compile bf16, fused Adam']:.2f}x (b); "
           f"epoch over 2.2M samples {epoch_s:.1f} s; peak MB ours {mem_ours:.0f} vs (a) {mem_ref:.0f}")
