@@ -89,7 +89,8 @@ class MultiStreamAttention(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dim_head = self.stream1.to_qkv.out_features // (3 * self.stream1.heads)
-        if resolve_backend(self.backend, x1.device) == "triton" and dim_head in self._PACKED_HEAD_DIMS:
+        if resolve_backend(self.backend, x1.device) == "triton" and dim_head in self._PACKED_HEAD_DIMS \
+                and x1.dtype != torch.float64:  # the kernel takes fp16/bf16/fp32
             return self._forward_packed(x1, x2)
         x1 = x1 + self.stream1(x1)
         x2 = x2 + self.stream2(x2)
@@ -104,20 +105,20 @@ class MultiStreamAttention(nn.Module):
         s1, s2, heads, scale = self.stream1, self.stream2, self.stream1.heads, self.stream1.scale
         bs = self.block_size
         qkv = torch.cat([s1.to_qkv(s1.norm(x1)), s2.to_qkv(s2.norm(x2))], 1)
-        o = _merge_heads(packed_attention(*_qkv_heads(qkv, heads), _stage_layout(n1, n2, bs, False), scale,
+        o = _merge_heads(packed_attention(*_qkv_heads(qkv, heads), _stage_layout_key(n1, n2, bs, False), scale,
                                           "triton"))
         x1, x2 = x1 + s1.to_out(o[:, :n1]), x2 + s2.to_out(o[:, n1:])
         ca = self.cross_attn
         if ca is not None:
             qkv = torch.cat([ca.to_qkv1(ca.norm1(x1)), ca.to_qkv2(ca.norm2(x2))], 1)
-            o = _merge_heads(packed_attention(*_qkv_heads(qkv, heads), _stage_layout(n1, n2, bs, True), ca.scale,
+            o = _merge_heads(packed_attention(*_qkv_heads(qkv, heads), _stage_layout_key(n1, n2, bs, True), ca.scale,
                                               "triton"))
             x1, x2 = x1 + ca.to_out1(o[:, :n1]), x2 + ca.to_out2(o[:, n1:])
         return x1, x2
 
 
 @torch.compiler.assume_constant_result
-def _stage_layout(n1: int, n2: int, block: int, cross: bool) -> int:
+def _stage_layout_key(n1: int, n2: int, block: int, cross: bool) -> int:
     """Key of the packed [n1 | n2] layout: a constant for torch.compile, which so never traces
     layout construction (the sequence lengths of a model are static)."""
     make = cross_attention_layout if cross else self_attention_layout
