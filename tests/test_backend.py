@@ -58,7 +58,7 @@ def pair(name, cfg, seed=0):
 def loss_and_grads(name, model, video, current):
     model.zero_grad(set_to_none=True)
     out = call(name, model, video, current)
-    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     (out * target).sum().backward()
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}
 
@@ -247,6 +247,9 @@ def test_gpu_fast_autocast_paper_shape(name, dtype):
     floor = 1e-3
     assert err(got, want) <= 2 * err(low, want) + floor * max(1.0, want.abs().max().item())
     for k in want_g:
+        if want_g[k] is None:  # unused by this model (the video ViT's second head)
+            assert got_g[k] is None, k
+            continue
         scale = max(1e-6, want_g[k].abs().max().item())
         assert err(got_g[k], want_g[k]) <= 2 * err(low_g[k], want_g[k]) + floor * scale, k
 
