@@ -48,7 +48,7 @@ VIDEO_EXT = (".mp4", ".mkv", ".avi", ".mov", ".ts", ".m4v", ".webm", ".flv", ".m
 class Scorer:
     """A model as a function: a batch of windows -> p(abnormal) per window (and per pixel)."""
 
-    def __init__(self, model, meta: dict, device: str = "cpu"):
+    def __init__(self, model, meta: dict, device: str = "cpu", batch: int = 64, cuda_graphs: bool = True):
         cfg = model.config
         self.name, self.task = meta["model_name"], meta["task"]
         data = meta.get("data") or {}
@@ -62,13 +62,18 @@ class Scorer:
         self.uses_video, self.uses_current = self.name != "current", self.name != "video"
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        # on CUDA: a forward captured for `batch` windows (fmfast.graphs), built at the first call
+        self.batch, self.graphed = batch, None
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
 
     @torch.inference_mode()
     def __call__(self, frames: torch.Tensor, frame_index: torch.Tensor, current: torch.Tensor):
         """frames: a store [N,3,W,H] uint8; frame_index [B,T] into it; current [B,2S,3] float32.
         -> (prob [B] float32, prob_map [B,W,H] float32 or None), on the CPU."""
         dev = self.device
-        if self.name == "fmformer":
+        if self.cuda_graphs:
+            out = self._replay(frames, frame_index, current)
+        elif self.name == "fmformer":
             out = self.model(frames.to(dev), current.to(dev), frame_index=frame_index.to(dev))
         elif self.name == "video":
             out = self.model(frames.to(dev), frame_index=frame_index.to(dev))
@@ -78,6 +83,26 @@ class Scorer:
         if p.ndim == 3:
             return p.flatten(1).amax(1).cpu(), p.cpu()
         return p.cpu(), None
+
+    def _replay(self, frames: torch.Tensor, frame_index: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """The captured forward; only the windows' clips go to the GPU, not the frame buffer."""
+        from fmfast.graphs import CaptureError, GraphedForward
+
+        inputs = []
+        if self.uses_video:
+            b, t = frame_index.shape
+            clip = frames.index_select(0, frame_index.reshape(-1).to(frames.device)).view(b, t, *frames.shape[1:])
+            inputs.append(clip.transpose(1, 2).to(self.device))  # [B, 3, T, W, H]
+        if self.uses_current:
+            inputs.append(current.to(self.device))
+        if self.graphed is None:
+            try:
+                self.graphed = GraphedForward(self.model, [x[:1].expand(self.batch, *x.shape[1:]) for x in inputs])
+            except CaptureError as e:
+                print(f"detect: CUDA graph capture failed, scoring eagerly ({e})", file=sys.stderr)
+                self.cuda_graphs = False
+                return self.model(*inputs)
+        return self.graphed(*inputs)
 
 
 class _Grow:
@@ -519,7 +544,7 @@ def main(argv=None) -> int:
     if a.follow and a.recording:
         raise UserError("--follow watches VIDEO and CURRENT.csv; a V2 recording cannot grow")
     model, meta = load_model(a.checkpoint)
-    scorer = Scorer(model, meta, _device(a.device))
+    scorer = Scorer(model, meta, _device(a.device), batch=a.batch)
     tracker = AlarmTracker(a.on, a.off, a.min_duration)
     out = Path(a.out)
     if out.exists() and not out.is_dir():

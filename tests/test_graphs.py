@@ -462,3 +462,42 @@ def _tensor_lr(opt, device):
     for g in opt.param_groups:
         g["lr"] = torch.tensor(float(g["lr"]), device=device)
     return opt
+
+
+@pytest.mark.parametrize("name,task", [("fmformer", "classification"), ("fmformer", "segmentation"),
+                                       ("video", "segmentation"), ("current", "classification")])
+def test_detect_scorer_replay_path_equals_eager(name, task, monkeypatch):
+    """fmfast.detect's Scorer on its CUDA-graph path (clips gathered on the host, static buffers at
+    the batch size, any number of windows) with the eager twin standing in for the capture."""
+    import fmfast.graphs
+    from fmfast.detect import Scorer
+
+    made = []
+
+    def stand_in(fn, example):
+        made.append(StaticForward(fn, example, graph=False))
+        return made[-1]
+
+    monkeypatch.setattr(fmfast.graphs, "GraphedForward", stand_in)
+    model = model16(task, name=name)
+    meta = {"model_name": name, "task": task, "data": {}}
+    eager = Scorer(copy_model(model), meta, "cpu")
+    replay = Scorer(model, meta, "cpu", batch=4)
+    replay.cuda_graphs = True  # what a CUDA device turns on
+    g = torch.Generator().manual_seed(5)
+    store = torch.randint(0, 256, (20, 3, 16, 16), generator=g, dtype=torch.uint8)
+    for n in (3, 9):  # fewer windows than the static batch, then chunks of 4 + 4 + 1
+        index = torch.randint(0, 20, (n, 4), generator=g)
+        current = torch.randn(n, 16, 3, generator=g)
+        (p, pm), (q, qm) = eager(store, index, current), replay(store, index, current)
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        assert (pm is None) == (qm is None) == (task == "classification")
+        if pm is not None:
+            torch.testing.assert_close(qm, pm, rtol=1e-5, atol=1e-6)
+    assert len(made) == 1 and made[0].batch == 4
+
+
+def copy_model(m):
+    import copy
+
+    return copy.deepcopy(m)
