@@ -3,6 +3,8 @@ model with the same weights -- logits and every parameter gradient -- and switch
 on a loaded checkpoint. Tiny shapes: the interpreter costs ~0.5 ms per program instance."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,11 @@ GPU = torch.cuda.is_available()
 def tiny(**kw) -> ModelConfig:
     seg = {"seg_hidden_dims": (8, 8, 8)} if kw.get("task") == "segmentation" else {}
     return ModelConfig(**{**TINY, **seg, **kw})
+
+
+# CPU tensors through the Triton kernels: the interpreter (tests/conftest.py sets it unless told not to)
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -78,6 +85,7 @@ def assert_close_all(a: dict, b: dict, rtol=2e-4, atol=2e-5):
 
 @pytest.mark.parametrize("name,task", [("fmformer", "classification"), ("fmformer", "segmentation"),
                                        ("video", "classification"), ("current", "classification")])
+@interpreted
 def test_fast_backend_matches_reference_logits_and_every_gradient(name, task):
     cfg = tiny(task=task)
     ref, fast = pair(name, cfg)
@@ -92,6 +100,7 @@ def test_fast_backend_matches_reference_logits_and_every_gradient(name, task):
     assert all(g.abs().sum() > 0 for k, g in got_g.items() if g is not None and not (name == "video" and "mlp_head2" in k))
 
 
+@interpreted
 def test_fast_backend_really_runs_the_kernels(monkeypatch):
     """The fast model's forward goes through both Triton entry points (not a silent fallback)."""
     import fmfast.kernels.attention as ka
@@ -121,6 +130,7 @@ def test_fast_backend_really_runs_the_kernels(monkeypatch):
     assert calls == {"tok": 1, "attn": cfg.depth}
 
 
+@interpreted
 def test_fast_frame_store_input_equals_clip_input():
     cfg = tiny()
     ref, fast = pair("fmformer", cfg)
@@ -186,6 +196,7 @@ def test_bad_backend_raises():
         set_backend(VideoViT(tiny()), "gpu")
 
 
+@interpreted
 def test_stream_attention_shares_the_wrapped_modules():
     a = Attention(32, 2, 16)
     s = StreamAttention.wrap(a, "triton")
@@ -195,6 +206,7 @@ def test_stream_attention_shares_the_wrapped_modules():
         torch.testing.assert_close(s(x), a(x), rtol=1e-4, atol=1e-5)
 
 
+@interpreted
 def test_switch_backends_on_a_loaded_checkpoint(tmp_path):
     cfg = tiny()
     ref, _ = pair("fmformer", cfg, seed=4)

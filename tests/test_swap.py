@@ -5,6 +5,7 @@ path runs under TRITON_INTERPRET=1; shapes are tiny (the interpreter is slow per
 from __future__ import annotations
 
 import copy
+import os
 
 import _reference_standin as ref
 import pytest
@@ -19,6 +20,11 @@ from fmfast.nn import MultiStreamAttention
 # 32x32 frames, 4 frames, 8x8x2 tubelets: 32 + 8 dilated video tokens; head dim 16 (a kernel size)
 KW = dict(image_size=32, image_patch_size=8, frames=4, frame_patch_size=2, num_classes=2, dim=32, depth=1,
           heads=2, mlp_dim=48, dim_head=16)
+
+
+# CPU tensors through the Triton kernels: the interpreter (tests/conftest.py sets it unless told not to)
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,6 +60,7 @@ def same_grads(a, b, rtol=2e-4, atol=2e-6):
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
 
 
+@interpreted
 def test_vicu_swap_keeps_outputs_gradients_and_parameters():
     model = vicu()
     before = copy.deepcopy(model)
@@ -79,6 +86,7 @@ def test_vicu_swap_keeps_outputs_gradients_and_parameters():
         torch.testing.assert_close(model(video.to(torch.uint8), current), want, rtol=1e-4, atol=1e-4)
 
 
+@interpreted
 def test_vicu_swapped_model_trains_like_the_original():
     model, before = vicu(), vicu()
     swap_modules(model, backend="fast")
@@ -91,6 +99,7 @@ def test_vicu_swapped_model_trains_like_the_original():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
 
 
+@interpreted
 def test_swap_runs_the_original_forward_for_inputs_the_kernel_cannot_take(monkeypatch):
     model = vicu()
     swap_modules(model, backend="fast")
@@ -106,6 +115,7 @@ def test_swap_runs_the_original_forward_for_inputs_the_kernel_cannot_take(monkey
     assert calls == [1, 1]
 
 
+@interpreted
 @pytest.mark.parametrize("pe", ["learnable", "tri"])
 def test_video_vit_swap(pe):
     torch.manual_seed(0)
@@ -121,6 +131,7 @@ def test_video_vit_swap(pe):
     same_grads(want_g, got_g)
 
 
+@interpreted
 def test_current_vit_swap():
     torch.manual_seed(0)
     kw = {k: v for k, v in KW.items() if k not in ("image_size", "image_patch_size", "frames", "frame_patch_size")}
@@ -162,6 +173,7 @@ def test_unknown_and_unfit_modules_are_left_alone():
     assert "swapped 1" in str(report) and "dropped" in str(report)
 
 
+@interpreted
 def test_fmfast_reference_model_gets_the_fast_backend():
     cfg = ModelConfig(image_size=32, num_frames=4, dim=32, depth=1, heads=2, dim_head=16, mlp_dim=48, current_len=12)
     torch.manual_seed(0)
