@@ -25,7 +25,8 @@ from fmfast import FmFormer, ModelConfig
 from fmfast.graphs import GraphedForward, StaticForward
 from fmfast.nn import MultiStreamAttention, MultiStreamFeedForward
 
-needs_gpu = pytest.mark.skipif(not GPU, reason=GPU_REASON)
+def needs_gpu(test):
+    return pytest.mark.gpu(pytest.mark.skipif(not GPU, reason=GPU_REASON)(test))
 PAPER = ModelConfig()
 TINY = ModelConfig(image_size=32, num_frames=4, dim=32, depth=1, heads=2, dim_head=16, mlp_dim=48, current_len=12)
 

@@ -45,7 +45,8 @@ from fmfast.graphs import make_capturable
 from fmfast.stepping import TrainRunner
 from fmfast.trainer import epoch_order
 
-needs_gpu = pytest.mark.skipif(not GPU, reason=GPU_REASON)
+def needs_gpu(test):
+    return pytest.mark.gpu(pytest.mark.skipif(not GPU, reason=GPU_REASON)(test))
 EPOCH_SAMPLES = 2_200_000
 B = 256
 

@@ -234,8 +234,12 @@ def test_switch_backends_on_a_loaded_checkpoint(tmp_path):
 
 # --------------------------------------------------------------------------- GPU only
 
-gpu = pytest.mark.skipif(not GPU, reason="needs CUDA: compiled Triton kernels and bf16/fp16 autocast on the GPU "
-                                         "(bf16 arithmetic is not faithful in the CPU interpreter)")
+_no_gpu = pytest.mark.skipif(not GPU, reason="needs CUDA: compiled Triton kernels and bf16/fp16 autocast on the GPU "
+                                             "(bf16 arithmetic is not faithful in the CPU interpreter)")
+
+
+def gpu(test):
+    return pytest.mark.gpu(_no_gpu(test))
 
 
 @gpu

@@ -38,7 +38,11 @@ from fmfast.runner import forward
 from fmfast.stepping import EvalRunner, TrainRunner, train_blockers, use_graphs
 
 GPU = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not GPU, reason="needs CUDA: CUDA-graph capture and replay exist only on a GPU")
+_no_gpu = pytest.mark.skipif(not GPU, reason="needs CUDA: CUDA-graph capture and replay exist only on a GPU")
+
+
+def gpu(test):
+    return pytest.mark.gpu(_no_gpu(test))
 
 
 @pytest.fixture(autouse=True, scope="module")
