@@ -29,14 +29,6 @@ interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
-
-
 def inputs(cfg, b=2, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     h, w = cfg.frame_hw

@@ -45,13 +45,6 @@ def gpu(test):
     return pytest.mark.gpu(_no_gpu(test))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def cfg16(task="classification", **kw) -> ModelConfig:
     # 16x16 frames, 8x8x2 tubelets: 8 standard + 2 dilated tokens; head dim 16 (a kernel size)

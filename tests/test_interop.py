@@ -47,14 +47,6 @@ OV = dict(image_size=32, heads=2)
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny ops on a shared 2-core box: intra-op threads only spin against other jobs (10x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # --------------------------------------------------------------------------- the reference's keys
 
 def official_spec(kind: str, cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:

@@ -39,14 +39,6 @@ def run(name, model, video, current):
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny ops on a shared 2-core box: intra-op threads only spin against other jobs (10x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # --------------------------------------------------------------------------- sizes
 
 def test_parameter_counts_equal_the_published_code():

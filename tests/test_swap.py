@@ -27,13 +27,6 @@ interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def vicu(**kw):
     torch.manual_seed(0)
