@@ -11,14 +11,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FMFAST_CACHE", Path.home() / ".cache" / "fmfast"))
 
 
-def default_synthetic_root(recordings: int = 3, frames: int = 3000, seed: int = 0, console=None) -> Path:
+def default_synthetic_root(recordings: int = 3, frames: int = 3000, seed: int = 0, size: int = 64,
+                           console=None) -> Path:
     """Path of the synthetic dataset with these parameters, generating it on first use.
 
     Generation writes into a temporary folder that is renamed into place, so an interrupted
     first run never leaves a half-written dataset that later runs would trust."""
-    from fmfast.data.synthetic import generate
+    from fmfast.data.synthetic import VERSION, generate
 
-    root = cache_dir() / f"synthetic-r{recordings}-f{frames}-s{seed}"
+    root = cache_dir() / f"synthetic-v{VERSION}-r{recordings}-f{frames}-s{seed}-{size}px"
     if (root / "test.json").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -26,7 +27,7 @@ def default_synthetic_root(recordings: int = 3, frames: int = 3000, seed: int = 
     try:
         if console is not None:
             console.print(f"generating the synthetic furnace benchmark into {root} (once) ...")
-        generate(tmp, recordings=recordings, frames=frames, seed=seed)
+        generate(tmp, recordings=recordings, frames=frames, seed=seed, size=size)
         try:
             os.replace(tmp, root)
         except OSError:  # another process won the race; its copy is identical
