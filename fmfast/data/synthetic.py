@@ -19,7 +19,7 @@ import numpy as np
 from .furnace import ABNORMAL, SCENARIOS, Furnace, current_log, schedule, severity
 from .matfile import write_mat
 
-VERSION = 2  # bump when the output for given arguments changes (caches key on it)
+VERSION = 3  # bump when the output for given arguments changes (caches key on it)
 TEST_FRACTION = 0.2
 _CHUNK = 256
 _T0 = dt.datetime(2023, 5, 10, 21, 0, 0)
@@ -53,12 +53,13 @@ def _recording(seed: int, r: int, frames: int, size: int, tick=None):
         if tick:
             tick(t1 - t0)
 
-    # clocks: frames at ~25 fps from a random sub-second phase; the current log starts a few
-    # seconds before the first frame and runs a little past the last one
+    # clocks: frames at ~25 fps from a random sub-second phase; the current log starts 90-130 s
+    # before the first frame (so nearly every frame has a full 120 s history; the first few
+    # seconds' are stretched a little) and runs a little past the last one
     fps = rng.uniform(24.6, 25.4)
     t = rng.uniform(0, 1) + np.arange(frames) / fps
     sec = np.floor(t).astype(np.int64)
-    pre, post = int(rng.integers(0, 5)), int(rng.integers(0, 3))
+    pre, post = int(rng.integers(90, 131)), int(rng.integers(0, 3))
     slots = 2 * (int(sec[-1]) + 1 + pre + post)
     slot = np.floor(2 * t).astype(np.int64) + 2 * pre
     slot_imb = np.zeros(slots)
