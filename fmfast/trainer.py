@@ -175,7 +175,7 @@ class Trainer:
     def _load(self, path) -> None:
         state = ckpt.read(path, map_location="cpu")
         if state.get("format") != ckpt.FORMAT or "optimizer" not in state:
-            raise UserError(f"{path}: not an fmfast training checkpoint (use it with --init or evaluate instead)")
+            raise UserError(f"{path}: not an fmfast training checkpoint (it holds weights only; evaluate it with python -m fmfast.evaluate)")
         diff = _diff(_comparable(state["settings"]), _comparable(self.s))
         if diff:
             raise UserError(f"{path}: was trained with different settings ({', '.join(diff[:6])})")
