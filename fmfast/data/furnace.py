@@ -44,6 +44,7 @@ class Segment:
     start: int        # frames [start, end) of the recording
     end: int
     event: tuple[int, int]  # frames of the event inside the segment
+    phase: int | None = None  # the phase that drops, for events the current sees
 
 
 def schedule(rng: np.random.Generator, frames: int) -> list[Segment]:
@@ -196,21 +197,23 @@ def current_log(rng: np.random.Generator, slots: int, imbalance: np.ndarray, pha
     """Three-phase arc current [slots, 3] in amperes, two slots per second.
 
     ``imbalance`` [slots] in [0, 1] is the strength of a phase imbalance (anomaly or load
-    disturbance) and ``phase`` [slots] the phase that drops. Normal operation: balanced phases
-    near 10 kA, a slow common drift, white load noise per phase and one-slot arc spikes.
+    disturbance) and ``phase`` [slots] the phase that drops. Normal operation: phases near
+    10 kA with one phase running a few percent high (a furnace's usual electrode pattern), a
+    slow common drift, white load noise and rare one-slot arc spikes.
 
     Each current token is layer-normalised over its 3 phases, which keeps only the direction
-    of the imbalance, not its size. So normal operation is kept balanced (its direction then
-    wanders randomly from row to row) and an event holds one direction -- "phase p low" --
-    for its whole length: the evidence is that persistence, not a single row.
+    of the 3-vector, not its size. The usual pattern keeps normal rows in one direction; an
+    event pulls the direction well away from it (towards "phase p low"), so a single row
+    already carries evidence and a run of rows makes it certain.
     """
-    level = 10000.0 * (1 + rng.normal(0, 0.002, 3))
+    high = rng.integers(0, 3)
+    level = 10000.0 * (1 + rng.normal(0, 0.003, 3) + rng.uniform(0.05, 0.07) * np.eye(3)[high])
     walk = np.cumsum(rng.normal(0, 0.004, (slots, 4)), axis=0)
     k = 41
     walk = np.stack([np.convolve(np.pad(w, k // 2, mode="edge"), np.ones(k) / k, "valid") for w in walk.T], 1)
-    drift = 0.04 * np.tanh(walk[:, :1] * 3) + 0.002 * np.tanh(walk[:, 1:] * 3)
-    noise = rng.normal(0, 0.015, (slots, 3))
-    spikes = (rng.random((slots, 3)) < 0.01) * rng.choice([-1.0, 1.0], (slots, 3)) * rng.uniform(0.05, 0.08, (slots, 3))
+    drift = 0.04 * np.tanh(walk[:, :1] * 3) + 0.003 * np.tanh(walk[:, 1:] * 3)
+    noise = rng.normal(0, 0.01, (slots, 3))
+    spikes = (rng.random((slots, 3)) < 0.005) * rng.choice([-1.0, 1.0], (slots, 3)) * rng.uniform(0.03, 0.05, (slots, 3))
     amp = np.minimum(1.0, 1.8 * imbalance)[:, None]
     onehot = np.eye(3)[phase]
     event = amp * (-0.2 * onehot + 0.05 * (1 - onehot)) + rng.normal(0, 1, (slots, 3)) * 0.02 * amp

@@ -32,10 +32,13 @@ def _header(created: str) -> bytes:
     return head.ljust(_USERBLOCK, b"\x00")
 
 
-def write_mat(path: str | Path, arrays: dict[str, np.ndarray], created: str | None = None) -> Path:
+def write_mat(path: str | Path, arrays: dict[str, np.ndarray], created: str | None = None,
+              compress: tuple[str, ...] = ()) -> Path:
     """Write ``arrays`` as a MATLAB v7.3 file. Arrays are given in h5py (reversed) axis order.
 
-    ``created`` is the header date; pass a fixed one for byte-identical files.
+    ``created`` is the header date; pass a fixed one for byte-identical files. Arrays named in
+    ``compress`` are stored deflated in chunks of whole frames (masks shrink ~100x; frames are
+    left plain so that loading them is a straight read).
     """
     path = Path(path)
     created = created or time.strftime("%a %b %d %H:%M:%S %Y")
@@ -49,7 +52,9 @@ def write_mat(path: str | Path, arrays: dict[str, np.ndarray], created: str | No
                 continue
             if a.dtype not in _MATLAB_CLASS:
                 raise TypeError(f"write_mat: {name} has dtype {a.dtype}, which MATLAB cannot hold")
-            d = f.create_dataset(name, data=a, track_times=False)
+            packed = dict(compression="gzip", compression_opts=4, chunks=(min(len(a), 256), *a.shape[1:])) \
+                if name in compress and a.ndim and a.size else {}
+            d = f.create_dataset(name, data=a, track_times=False, **packed)
             d.attrs.create("MATLAB_class", np.bytes_(_MATLAB_CLASS[a.dtype]))
     with open(path, "r+b") as f:
         f.write(_header(created))

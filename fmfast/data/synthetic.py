@@ -19,7 +19,7 @@ import numpy as np
 from .furnace import ABNORMAL, SCENARIOS, Furnace, current_log, schedule, severity
 from .matfile import write_mat
 
-VERSION = 3  # bump when the output for given arguments changes (caches key on it)
+VERSION = 5  # bump when the output for given arguments changes (caches key on it)
 TEST_FRACTION = 0.2
 _CHUNK = 256
 _T0 = dt.datetime(2023, 5, 10, 21, 0, 0)
@@ -30,6 +30,7 @@ def _recording(seed: int, r: int, frames: int, size: int, tick=None):
     fur = Furnace(rng, size, frames)
     segs = schedule(rng, frames)
     spots, mists = [], []
+    phase_decks: dict[str, list] = {}  # per scenario, so no phase is a tell of the label
     imbalance = np.zeros(frames)
     phase = np.zeros(frames, dtype=np.int64)
     for s in segs:
@@ -43,7 +44,11 @@ def _recording(seed: int, r: int, frames: int, size: int, tick=None):
             mists.append((m0, m1, fur.mist_opacity(rng, m1 - m0)))
         if s.kind in ("anomaly", "hidden", "disturbance"):
             imbalance[a:b] = severity(b - a)
-            phase[a:b] = rng.integers(0, 3)
+            deck = phase_decks.setdefault(s.kind, [])
+            if not deck:
+                deck.extend(rng.permutation(3).tolist())
+            s.phase = deck.pop()
+            phase[a:b] = s.phase
 
     video = np.empty((frames, 3, size, size), np.uint8)
     label = np.empty((frames, size, size), np.uint8)
@@ -116,7 +121,7 @@ def generate(out: str | Path, recordings: int = 3, frames: int = 3000, seed: int
             task = bar.add_task(name, total=frames) if bar else None
             rec = _recording(seed, r, frames, size, tick=(lambda n: bar.advance(task, n)) if bar else None)
             write_mat(out / "videos" / f"{name}.mat", {"data": rec["video"], "label": rec["label"]},
-                      created=rec["created"])
+                      created=rec["created"], compress=("label",))
             (out / "timestamps" / f"{name}.csv").write_text(
                 "timestamp\n" + "".join(s + "\n" for s in rec["frame_stamps"]))
             (out / "currents" / f"{name}.csv").write_text(
@@ -138,6 +143,8 @@ def generate(out: str | Path, recordings: int = 3, frames: int = 3000, seed: int
             which = "test" if (r, i) in test else "train"
             idx[which].extend(range(s.start, s.end))
             segs.append(dict(kind=s.kind, start=s.start, end=s.end, event=list(s.event), split=which))
+            if s.phase is not None:
+                segs[-1]["phase"] = s.phase
         for which in splits:
             splits[which][f"{name}.mat"] = idx[which]
         meta[name]["segments"] = segs
