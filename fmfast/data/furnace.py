@@ -129,7 +129,7 @@ class Furnace:
         """Centre, size and irregular outline of a hot spot (or of a glare that mimics one)."""
         x0, x1, y0, y1 = self.shell_box
         cx, cy = rng.uniform(x0, x1), rng.uniform(y0, y1)
-        rmax = self.size * rng.uniform(0.06, 0.14)
+        rmax = max(2.0, self.size * rng.uniform(0.06, 0.14))
         th = np.arctan2(self.y - cy, self.x - cx)
         wobble = 1 + 0.18 * np.cos(2 * th + rng.uniform(0, 6.3)) + 0.1 * np.cos(3 * th + rng.uniform(0, 6.3))
         d = np.hypot(self.x - cx, self.y - cy) / wobble  # distance in "radius units"
@@ -138,7 +138,7 @@ class Furnace:
     @staticmethod
     def spot_alpha(d: np.ndarray, r: np.ndarray):
         """Opacity [n,s,s] of a spot of radius r [n] and its exact mask (pixels inside the outline)."""
-        on = (r >= 0.5)[:, None, None]
+        on = (r >= 1.0)[:, None, None]  # a spot exists (and is labelled) from 1 px radius on
         rr = r[:, None, None]
         inside = (d[None] <= rr) & on
         alpha = np.clip(rr - d[None] + 0.5, 0, 1) * on
@@ -214,7 +214,7 @@ def current_log(rng: np.random.Generator, slots: int, imbalance: np.ndarray, pha
     drift = 0.04 * np.tanh(walk[:, :1] * 3) + 0.003 * np.tanh(walk[:, 1:] * 3)
     noise = rng.normal(0, 0.01, (slots, 3))
     spikes = (rng.random((slots, 3)) < 0.005) * rng.choice([-1.0, 1.0], (slots, 3)) * rng.uniform(0.03, 0.05, (slots, 3))
-    amp = np.minimum(1.0, 1.8 * imbalance)[:, None]
+    amp = np.minimum(1.0, 2.5 * imbalance)[:, None]  # the arc reacts early in an event
     onehot = np.eye(3)[phase]
     event = amp * (-0.2 * onehot + 0.05 * (1 - onehot)) + rng.normal(0, 1, (slots, 3)) * 0.02 * amp
     return (level * (1 + drift + noise + spikes + event)).astype(np.float64)

@@ -19,7 +19,7 @@ import numpy as np
 from .furnace import ABNORMAL, SCENARIOS, Furnace, current_log, schedule, severity
 from .matfile import write_mat
 
-VERSION = 5  # bump when the output for given arguments changes (caches key on it)
+VERSION = 6  # bump when the output for given arguments changes (caches key on it)
 TEST_FRACTION = 0.2
 _CHUNK = 256
 _T0 = dt.datetime(2023, 5, 10, 21, 0, 0)
@@ -96,7 +96,7 @@ def _split(seed: int, segments: list[list]) -> set[tuple[int, int]]:
     return test
 
 
-def generate(out: str | Path, recordings: int = 3, frames: int = 3000, seed: int = 0, size: int = 64,
+def generate(out: str | Path, recordings: int = 3, frames: int = 12000, seed: int = 0, size: int = 64,
              progress: bool = False) -> Path:
     """Write a synthetic FMF V2 dataset to ``out`` and return its path."""
     if recordings < 1 or frames < 40:
@@ -161,7 +161,8 @@ def main(argv=None) -> None:
                                 description="Write a synthetic fused-magnesium-furnace dataset (FMF V2 layout).")
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--recordings", type=int, default=3, help="number of recordings (default 3)")
-    p.add_argument("--frames", type=int, default=3000, help="frames per recording, ~25 fps (default 3000)")
+    p.add_argument("--frames", type=int, default=12000,
+                   help="frames per recording at ~25 fps (default 12000: 8 min, ~60 events)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--size", type=int, default=64, help="frame side in pixels (default 64)")
     a = p.parse_args(argv)
