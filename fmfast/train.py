@@ -111,8 +111,9 @@ def main(argv=None) -> int:
 
         syn = d["synthetic"]
         console.print(f"data: the built-in synthetic furnace benchmark, {syn['recordings']} recordings x {syn['frames']} frames at "
-                      f"{syn['size']}x{syn['size']} px, {d['current_seconds']} s current windows "
-                      f"(sized for a CPU; --data PATH for real recordings, --current-seconds 120 data.synthetic.size=64 for the paper's shapes)")
+                      f"{syn['size']}x{syn['size']} px, {d['num_frames']}-frame clips, {d['current_seconds']} s current windows "
+                      f"(sized for a CPU; --data PATH for real recordings; data.synthetic.size=64 --num-frames 10 "
+                      f"--current-seconds 120 for the paper's shapes)")
         d["root"] = str(default_synthetic_root(syn["recordings"], syn["frames"], syn["seed"], syn["size"], console=console))
     elif not Path(d["root"]).exists():
         raise UserError(f"{d['root']}: data folder not found")

@@ -17,7 +17,9 @@ So the rule is "imbalance AND (spot OR mist)": a video-only model confuses glare
 anomalies and mist with hidden anomalies, a current-only model confuses load disturbances
 with anomalies, and a model reading both can be right. The imbalance is one phase dropping
 against the other two, because the current tokenizer layer-normalises the 3 phases of each
-step (a common-mode change would be invisible to it).
+step (a common-mode change would be invisible to it). It starts with the segment, a second or
+two before a hot spot shows: the arc reacts first, so a labelled frame always has seconds of it
+in its current window.
 
 Images are rendered as [n, y, x, 3] and stored in h5py order [n, 3, x, y] ([T, 3, W, H]).
 """
@@ -129,7 +131,7 @@ class Furnace:
         """Centre, size and irregular outline of a hot spot (or of a glare that mimics one)."""
         x0, x1, y0, y1 = self.shell_box
         cx, cy = rng.uniform(x0, x1), rng.uniform(y0, y1)
-        rmax = max(2.0, self.size * rng.uniform(0.06, 0.14))
+        rmax = max(2.0, self.size * rng.uniform(0.12, 0.22))
         th = np.arctan2(self.y - cy, self.x - cx)
         wobble = 1 + 0.18 * np.cos(2 * th + rng.uniform(0, 6.3)) + 0.1 * np.cos(3 * th + rng.uniform(0, 6.3))
         d = np.hypot(self.x - cx, self.y - cy) / wobble  # distance in "radius units"

@@ -19,7 +19,7 @@ import numpy as np
 from .furnace import ABNORMAL, SCENARIOS, Furnace, current_log, schedule, severity
 from .matfile import write_mat
 
-VERSION = 6  # bump when the output for given arguments changes (caches key on it)
+VERSION = 7  # bump when the output for given arguments changes (caches key on it)
 TEST_FRACTION = 0.2
 _CHUNK = 256
 _T0 = dt.datetime(2023, 5, 10, 21, 0, 0)
@@ -43,12 +43,14 @@ def _recording(seed: int, r: int, frames: int, size: int, tick=None):
             m0, m1 = max(s.start, a - pad), min(s.end, b + pad)
             mists.append((m0, m1, fur.mist_opacity(rng, m1 - m0)))
         if s.kind in ("anomaly", "hidden", "disturbance"):
-            imbalance[a:b] = severity(b - a)
+            # the arc reacts first: the imbalance starts with the segment, before the spot shows,
+            # so every labelled frame already has a few seconds of it in its current window
+            imbalance[s.start:b] = severity(b - s.start)
             deck = phase_decks.setdefault(s.kind, [])
             if not deck:
                 deck.extend(rng.permutation(3).tolist())
             s.phase = deck.pop()
-            phase[a:b] = s.phase
+            phase[s.start:b] = s.phase
 
     video = np.empty((frames, 3, size, size), np.uint8)
     label = np.empty((frames, size, size), np.uint8)
