@@ -1,15 +1,21 @@
-"""Sample gathering: ``FMFDataset.batch`` vs per-sample loops, outputs asserted equal first.
+"""Sample gathering: ``FMFDataset.batch`` vs per-sample loading, outputs asserted equal first.
 
 Peers, same dataset and indices, batch 256, paper shapes (T=10, 64x64, 240x3 current):
-(a) ``[ds[i] for i in idx]`` then stacking -- the same dataset, one sample at a time;
-(b) a reference-style per-sample loader written here after the published ViCuDataset's
-    algorithm (per-recording numpy arrays, a timestamp list searched with ``list.index``, a
-    dict of per-second current rows, float32 clips) -- what DESIGN.md's ">= 10x the reference
-    dataset" is measured against.
+(a) ``[ds[i] for i in idx]`` then stacking -- the same dataset, one sample at a time. Its
+    ``__getitem__`` is itself one vectorised gather, so the loop costs only the per-call
+    overhead plus a second copy (the stack); ``ds.batch`` is bounded by copying 31 MB of uint8
+    clips, so this ratio tops out near 5-7x on one CPU thread.
+(b) the reference pipeline: a dataset written here after the published ViCuDataset's algorithm
+    (per-recording numpy arrays, a timestamp list searched with ``list.index``, a dict of
+    per-second current rows, float32 clips, its train-mode horizontal flip) batched the way its
+    training script does, by ``DataLoader``'s default collate -- what DESIGN.md's ">= 10x the
+    reference dataset's samples/s" is measured against. Conservative: the bench recordings hold
+    ~3 min of current, the FMF recordings 22-100 min, and ``list.index`` scans them linearly.
 
-CPU cases run single-threaded (both sides): per-sample loops cannot use intra-op threads, and on
-a shared machine torch's thread pool turns sub-millisecond gathers into tens of milliseconds of
-waiting, which measures the neighbours rather than the code. The GPU case gathers on the device.
+CPU cases run single-threaded (both sides, the DataLoader with ``num_workers=0``): per-sample
+loops cannot use intra-op threads, and on a shared machine torch's thread pool turns
+sub-millisecond gathers into tens of milliseconds of waiting, which measures the neighbours
+rather than the code. The GPU case gathers on the device.
 
 Run: ``python -m pytest -q bench/test_bench_data.py -s`` (``-s`` prints the table).
 """
@@ -17,12 +23,15 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import time
 
 import h5py
 import numpy as np
 import pytest
 import torch
+
+from torch.utils.data import default_collate
 
 from fmfast.data import FMFDataset
 from fmfast.data.synthetic import generate
@@ -31,10 +40,10 @@ B = 256
 
 
 class ReferenceStyle:
-    """Per-sample loading the way the reference dataset does it (no flip: test mode)."""
+    """Per-sample loading the way the reference dataset does it (train mode adds its flip)."""
 
     def __init__(self, root, split, num_frames=10, stride=1, current_seconds=120):
-        self.T, self.s, self.S = num_frames, stride, current_seconds
+        self.T, self.s, self.S, self.train = num_frames, stride, current_seconds, split == "train"
         names = sorted(p.stem for p in (root / "videos").glob("*.mat"))
         split_map = json.loads((root / f"{split}.json").read_text())
         self.frame_split = [split_map[f"{n}.mat"] for n in names]
@@ -73,6 +82,8 @@ class ReferenceStyle:
         cur = np.array(cur, dtype=np.float32)
         if len(cur) < 2 * self.S:
             cur = cur[np.linspace(0, len(cur) - 1, 2 * self.S).astype(np.int32)]
+        if self.train and random.uniform(0, 1) < 0.5:
+            clip = np.ascontiguousarray(clip[..., :, ::-1])
         return clip, cur, label
 
 
@@ -123,41 +134,48 @@ def test_bench_batch_vs_getitem(benchmark, data, split, one_thread):
     print(f"\n[{split}, flips={ds.train}] clips {tuple(got[0].shape)} {got[0].dtype}, currents "
           f"{tuple(got[1].shape)} {got[1].dtype}, labels {tuple(got[2].shape)}, threads={torch.get_num_threads()}")
     print(f"  (a) getitem loop  {loop_s * 1e3:8.2f} ms  {B / loop_s:10.0f} samples/s")
-    print(f"  ds.batch          {batch_s * 1e3:8.2f} ms  {B / batch_s:10.0f} samples/s  x{ratio:.1f} (target >= 10x)")
+    print(f"  ds.batch          {batch_s * 1e3:8.2f} ms  {B / batch_s:10.0f} samples/s  x{ratio:.1f} "
+          "(copy-bound: this __getitem__ is itself one vectorised gather)")
     benchmark.extra_info.update(loop_ms=loop_s * 1e3, batch_ms=batch_s * 1e3, ratio=ratio)
     benchmark.pedantic(lambda: ds.batch(idx), rounds=10, warmup_rounds=1)
     assert ratio >= 3, f"batch only {ratio:.1f}x a per-sample loop"
 
 
-def _reference_case(data, device):
-    ds = FMFDataset(data, split="test").to(device)
-    ref_ds = ReferenceStyle(data, "test")
+def _reference_case(data, device, split):
+    ds = FMFDataset(data, split=split, seed=0).to(device)
+    ref_ds = ReferenceStyle(data, split)
     idx = torch.randint(0, len(ds), (B,), generator=torch.Generator().manual_seed(1))
     clips, currents, labels = (t.cpu() for t in ds.batch(idx))
+    ref_ds.train = False  # parity against the unflipped reference; ours may flip a sample
     r_clips, r_currents, r_labels = _stack([ref_ds[int(i)] for i in idx])
-    assert torch.equal(clips.float(), r_clips) and torch.equal(currents, r_currents) and torch.equal(labels, r_labels)
+    ref_ds.train = split == "train"
+    same = (clips.float() == r_clips).flatten(1).all(1)
+    mirrored = (clips.float() == r_clips.flip(-1)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and torch.equal(currents, r_currents) and torch.equal(labels, r_labels)
+    assert bool(same.all()) if split == "test" else 0.3 < (mirrored & ~same).float().mean() < 0.7
     sync = torch.cuda.synchronize if ds.device.type == "cuda" else (lambda: None)
     idx = idx.to(device)
-    loop_s, batch_s = _time_pair(lambda: [ref_ds[int(i)] for i in idx.tolist()], lambda: ds.batch(idx), sync=sync)
+    order = idx.tolist()
+    loop_s, batch_s = _time_pair(lambda: default_collate([ref_ds[i] for i in order]), lambda: ds.batch(idx), sync=sync)
     ratio = loop_s / batch_s
-    print(f"\n[test] reference-style per-sample loader (CPU) vs ds.batch on {ds.device}, B={B}, "
-          f"clips {tuple(clips.shape)}, threads={torch.get_num_threads()}")
-    print(f"  (b) reference-style {loop_s * 1e3:8.2f} ms  {B / loop_s:10.0f} samples/s")
-    print(f"  ds.batch            {batch_s * 1e3:8.2f} ms  {B / batch_s:10.0f} samples/s  x{ratio:.1f} (target >= 10x)")
+    print(f"\n[{split}, flips={ds.train}] reference pipeline (CPU: per-sample dataset + default collate, float32 clips) "
+          f"vs ds.batch on {ds.device}, B={B}, clips {tuple(clips.shape)}, threads={torch.get_num_threads()}")
+    print(f"  (b) reference pipeline {loop_s * 1e3:8.2f} ms  {B / loop_s:10.0f} samples/s")
+    print(f"  ds.batch               {batch_s * 1e3:8.2f} ms  {B / batch_s:10.0f} samples/s  x{ratio:.1f} (target >= 10x)")
     return ds, idx, ratio, loop_s, batch_s
 
 
-def test_bench_batch_vs_reference_style(benchmark, data, one_thread):
-    ds, idx, ratio, loop_s, batch_s = _reference_case(data, "cpu")
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_bench_batch_vs_reference_style(benchmark, data, split, one_thread):
+    ds, idx, ratio, loop_s, batch_s = _reference_case(data, "cpu", split)
     benchmark.extra_info.update(loop_ms=loop_s * 1e3, batch_ms=batch_s * 1e3, ratio=ratio)
     benchmark.pedantic(lambda: ds.batch(idx), rounds=10, warmup_rounds=1)
-    # bounded by copying 31 MB of uint8 clips per batch; the reference-style loop copies them too
-    assert ratio >= 2, f"batch only {ratio:.1f}x the reference-style loader"
+    assert ratio >= 10, f"batch only {ratio:.1f}x the reference pipeline"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: gathers from a GPU-resident frame store")
 def test_bench_gpu_batch_vs_reference_style(benchmark, data):
-    ds, idx, ratio, loop_s, batch_s = _reference_case(data, "cuda")
+    ds, idx, ratio, loop_s, batch_s = _reference_case(data, "cuda", "train")
     benchmark.extra_info.update(loop_ms=loop_s * 1e3, batch_ms=batch_s * 1e3, ratio=ratio)
     benchmark.pedantic(lambda: (ds.batch(idx), torch.cuda.synchronize()), rounds=20, warmup_rounds=2)
-    assert ratio >= 10, f"GPU batch only {ratio:.1f}x the reference-style loader"
+    assert ratio >= 10, f"GPU batch only {ratio:.1f}x the reference pipeline"
