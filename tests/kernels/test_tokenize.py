@@ -198,6 +198,15 @@ def test_frame_store_repeated_and_clamped_indices():
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
 
 
+def test_ops_gather_clip_clamps_like_the_kernel():
+    # fmfast.ops' PyTorch path (what CPU models run) must read the same frames as the kernel
+    from fmfast.ops.tokenize import gather_clip
+
+    store = make_video((5, 3, 4, 4), torch.uint8, seed=1)
+    index = torch.tensor([[-3, -1, 0, 4], [2, 5, 7, 1]])
+    torch.testing.assert_close(gather_clip(store, index), store[index.clamp(0, 4)].permute(0, 2, 1, 3, 4), atol=0, rtol=0)
+
+
 def test_frame_store_int32_transposed_table_and_strided_store():
     N, C, H, W, p, pf, D, dil = 6, 3, 8, 8, 4, 1, 16, (1, 2)
     store = make_video((N, H, W, C), torch.uint8, seed=5).permute(0, 3, 1, 2)  # channels-last store
