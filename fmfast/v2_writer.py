@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from fmfast.cli import UserError, atomic_write
-from fmfast.data.matfile import _USERBLOCK, _header
+from fmfast.data.matfile import USERBLOCK, mat_header
 
 SUBDIRS = ("videos", "currents", "timestamps")
 
@@ -32,7 +32,7 @@ class MatAppender:
     def __init__(self, path: Path, size_wh: tuple[int, int], chunk: int = 16):
         w, h = size_wh
         self.path = Path(path)
-        self._f = h5py.File(self.path, "w", userblock_size=_USERBLOCK, libver="earliest")
+        self._f = h5py.File(self.path, "w", userblock_size=USERBLOCK, libver="earliest")
         self._data = self._f.create_dataset("data", shape=(0, 3, w, h), maxshape=(None, 3, w, h),
                                             dtype=np.uint8, chunks=(chunk, 3, w, h), track_times=False)
         self._label = self._f.create_dataset("label", shape=(0, w, h), maxshape=(None, w, h),
@@ -57,7 +57,7 @@ class MatAppender:
             self._f.close()
             self._f = None
             with open(self.path, "r+b") as f:  # MATLAB recognises a v7.3 file by this header
-                f.write(_header(time.strftime("%a %b %d %H:%M:%S %Y")))
+                f.write(mat_header(time.strftime("%a %b %d %H:%M:%S %Y")))
 
 
 class Staging:

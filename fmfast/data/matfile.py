@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import DataError
 
-_USERBLOCK = 512
+USERBLOCK = 512
 _MATLAB_CLASS = {
     np.dtype(np.uint8): "uint8", np.dtype(np.int8): "int8",
     np.dtype(np.uint16): "uint16", np.dtype(np.int16): "int16",
@@ -24,12 +24,13 @@ _MATLAB_CLASS = {
 }
 
 
-def _header(created: str) -> bytes:
+def mat_header(created: str) -> bytes:
+    """The 512-byte user block that makes an HDF5 file a MATLAB v7.3 file (written over its start)."""
     # MATLAB identifies a v7.3 file by this text, then 8 bytes of subsystem offset,
     # version 0x0200 and the endian mark 'IM' (little-endian) at bytes 124..127.
     text = f"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: {created} HDF5 schema 1.00 ."
     head = text.encode("ascii").ljust(116, b" ")[:116] + b" " * 8 + b"\x00\x02" + b"IM"
-    return head.ljust(_USERBLOCK, b"\x00")
+    return head.ljust(USERBLOCK, b"\x00")
 
 
 def write_mat(path: str | Path, arrays: dict[str, np.ndarray], created: str | None = None,
@@ -42,7 +43,7 @@ def write_mat(path: str | Path, arrays: dict[str, np.ndarray], created: str | No
     """
     path = Path(path)
     created = created or time.strftime("%a %b %d %H:%M:%S %Y")
-    with h5py.File(path, "w", userblock_size=_USERBLOCK, libver="earliest") as f:
+    with h5py.File(path, "w", userblock_size=USERBLOCK, libver="earliest") as f:
         for name, a in arrays.items():
             a = np.ascontiguousarray(a)
             if a.dtype == np.bool_:
@@ -57,7 +58,7 @@ def write_mat(path: str | Path, arrays: dict[str, np.ndarray], created: str | No
             d = f.create_dataset(name, data=a, track_times=False, **packed)
             d.attrs.create("MATLAB_class", np.bytes_(_MATLAB_CLASS[a.dtype]))
     with open(path, "r+b") as f:
-        f.write(_header(created))
+        f.write(mat_header(created))
     return path
 
 
