@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fmfast.cli import atomic_write  # noqa: E402
@@ -27,12 +28,15 @@ def curves(path: Path, history: list[dict], losses: list[float], task: str) -> N
         smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
         ax1.plot(np.arange(k, len(losses) + 1), smooth, lw=1.5, label=f"mean of {k}")
     ax1.set(xlabel="step", ylabel="training loss", title="loss")
+    if losses and min(losses) > 0:
+        ax1.set_yscale("log")  # the first steps' loss would otherwise flatten the rest
     ax1.legend(frameon=False)
     epochs = [h["epoch"] for h in history]
     keys = ["accuracy", "f1", "auroc", "fdr", "mdr"] if task == "classification" else ["pixel_accuracy", "miou", "frame_accuracy"]
     for k in keys:
         ax2.plot(epochs, [h["test"].get(k, np.nan) for h in history], marker="o", label=k)
     ax2.set(xlabel="epoch", ylabel="test metric", title="test metrics", ylim=(-0.02, 1.02))
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.legend(frameon=False, fontsize=8)
     _save(fig, path)
 
