@@ -19,8 +19,8 @@ def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None
              progress=None, keep: int = 0, cuda_graphs: bool = False, cache: dict | None = None) -> tuple[dict, dict]:
     """Run ``model`` over ``ds`` in order -> ``(metrics, examples)``.
 
-    ``examples`` holds the first ``keep`` inputs' clips, labels and predictions (for the mask
-    overlay plots); ``metrics`` includes samples/s of the whole pass. ``cuda_graphs`` (CUDA):
+    ``examples`` holds ``keep`` inputs' clips, labels and predictions from across the split,
+    mostly abnormal ones (for the mask overlay plots); ``metrics`` includes samples/s of the whole pass. ``cuda_graphs`` (CUDA):
     replay a forward captured at ``batch_size``; with ``ds`` on the GPU the batch is gathered
     inside the graph. ``cache`` (a dict the caller keeps) reuses the capture across calls."""
     was_training = model.training
@@ -31,17 +31,15 @@ def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None
     # a subset is spread evenly over the split: its first samples would all come from one
     # recording and one event
     order = torch.linspace(0, len(ds) - 1, n).round().long() if n < len(ds) else torch.arange(n)
-    examples: dict = {}
+    picks: tuple[list, list] = ([], [])  # sample indices worth showing: (abnormal, normal)
     task_id = progress.add_task("evaluate", total=n, loss=float("nan")) if progress is not None else None
     t0 = time.perf_counter()
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         logits, labels = runner(idx)
         acc.update(logits.float(), labels)
-        if keep and start == 0:
-            k = min(keep, len(idx))
-            examples = {"clips": ds.batch(idx[:k])[0].cpu(), "labels": labels[:k].cpu(), "pred": logits[:k].float().argmax(1).cpu(),
-                        "prob": torch.softmax(logits[:k].float(), 1)[:, 1].cpu(), "keys": [ds.sample_key(int(i)) for i in idx[:k]]}
+        if keep:
+            _pick(picks, idx, labels, logits)
         if progress is not None:
             progress.update(task_id, advance=len(idx))
     if device.type == "cuda":
@@ -49,11 +47,45 @@ def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None
     elapsed = time.perf_counter() - t0
     if progress is not None:
         progress.remove_task(task_id)
+    examples = _examples(model, model_name, ds, device, amp_dtype, picks, keep) if keep else {}
     model.train(was_training)
     metrics = acc.compute()
     metrics["samples"] = n
     metrics["samples_per_s"] = n / elapsed if elapsed > 0 else float("inf")
     return metrics, examples
+
+
+def _pick(picks, idx, labels, logits) -> None:
+    """Remember one abnormal (by truth or prediction) and one normal sample of this batch."""
+    pred = logits.float().argmax(1)
+    flag = (labels.flatten(1).amax(1) > 0) | (pred.flatten(1).amax(1) > 0) if labels.dim() > 1 else (labels > 0) | (pred > 0)
+    for want, bucket in ((True, picks[0]), (False, picks[1])):
+        hit = (flag == want).nonzero()
+        if len(hit):
+            bucket.append(int(idx[int(hit[0])]))
+
+
+def _spread(items: list, k: int) -> list:
+    """``k`` items evenly spaced over ``items`` (so over the whole split, not its first batches)."""
+    if k >= len(items):
+        return list(items)
+    return [items[int(i)] for i in torch.linspace(0, len(items) - 1, k).round().long()]
+
+
+def _examples(model, model_name, ds, device, amp_dtype, picks, keep: int) -> dict:
+    """Inputs, labels and predictions of ``keep`` samples, abnormal ones first (for the mask
+    overlays): three quarters abnormal where there are enough, the rest normal."""
+    from fmfast.stepping import EvalRunner
+
+    abnormal, normal = picks
+    n_ab = min(len(abnormal), keep - min(len(normal), keep // 4))
+    idx = torch.tensor(_spread(abnormal, n_ab) + _spread(normal, keep - n_ab), dtype=torch.long)
+    if not len(idx):
+        return {}
+    logits, labels = EvalRunner(model, model_name, ds, len(idx), device, amp_dtype, graph=False)(idx)
+    logits = logits.float()
+    return {"clips": ds.batch(idx)[0].cpu(), "labels": labels.cpu(), "pred": logits.argmax(1).cpu(),
+            "prob": torch.softmax(logits, 1)[:, 1].cpu(), "keys": [ds.sample_key(int(i)) for i in idx]}
 
 
 def _runner(model, model_name, ds, batch_size, device, amp_dtype, graph: bool, cache: dict | None):
