@@ -9,6 +9,9 @@
 # H200 even if a stage hangs; a stage that runs out of time is recorded as such and the check
 # goes on. Logs of every stage, the pytest-benchmark JSON and results.md/results.json land in
 # OUTDIR. Exit status: 0 if every stage passed, 1 otherwise.
+#
+# On this workplace's lent GPU machine (which returns at most 8 files from $OUT), run it as
+#   tools/gpu_check.sh /tmp/gc; rc=$?; tar czf $OUT/gpu_check.tgz -C /tmp/gc .; cat /tmp/gc/results.md; exit $rc
 set -uo pipefail
 
 OUT=${1:?usage: tools/gpu_check.sh OUTDIR}
@@ -16,6 +19,8 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 
+# the interpreter that holds torch: $PYTHON, else python3 (some CUDA images have no `python`)
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 BUDGET=${GPU_CHECK_BUDGET:-470}  # seconds for everything (8 min = 480 s, a little to spare)
 START=$(date +%s)
 export TRITON_INTERPRET=0        # compiled kernels; tests/conftest.py only sets 1 when unset
@@ -49,25 +54,25 @@ stage() {
 
 {
     nvidia-smi || true
-    python -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')"
+    "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')"
 } > "$OUT/environment.txt" 2>&1
 log "$(grep -E '^(torch|triton|device)' "$OUT/environment.txt" | tr '\n' ' ')"
 
-stage install 90 pip install --no-deps --no-build-isolation -e .
+stage install 90 "$PY" -m pip install --no-deps --no-build-isolation -e .
 
 # The GPU tests (named *cuda*/*gpu*); the rest of tests/ runs the kernels in the interpreter on
 # CPU tensors and is the CPU suite's job. "not interpreter": a test that puts GPU tile sizes
 # through the interpreter on purpose.
-stage gpu_tests 150 python -m pytest -q -p no:cacheprovider -rs -k "(cuda or gpu) and not interpreter" \
+stage gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider -rs -k "(cuda or gpu) and not interpreter" \
     --junitxml="$OUT/gpu_tests.xml" tests/kernels tests/test_backend.py tests/test_graphs.py tests/test_swap.py
 
 # The end-to-end targets first (training step, inference), then the rest of the suite (kernels,
 # data, ingest) with what is left; -s keeps the printed tables in the logs.
-stage bench_model 210 python -m pytest -q -p no:cacheprovider -s -rs --benchmark-only \
+stage bench_model 210 "$PY" -m pytest -q -p no:cacheprovider -s -rs --benchmark-only \
     --benchmark-json="$OUT/bench_model.json" bench/test_bench_train.py bench/test_bench_model.py
-stage bench_rest 240 python -m pytest -q -p no:cacheprovider -s -rs --benchmark-only \
+stage bench_rest 240 "$PY" -m pytest -q -p no:cacheprovider -s -rs --benchmark-only \
     --benchmark-json="$OUT/bench_rest.json" --ignore=bench/test_bench_train.py --ignore=bench/test_bench_model.py bench
 
-stage results 20 python tools/gpu_results.py "$OUT"
+stage results 20 "$PY" tools/gpu_results.py "$OUT"
 log "done in $(elapsed)s; table: $OUT/results.md"
 awk '$2 != 0 { bad = 1 } END { exit bad }' "$OUT/stages.txt"
