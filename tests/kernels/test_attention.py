@@ -332,3 +332,54 @@ def test_gpu_multistream_paper_shape(dtype):
     want = ref(x1, x2)
     for a, l, e in zip(got, low, want):
         assert _err(a, e) <= 2 * _err(l, e) + 1e-4
+
+
+# ---- the GPU compiler, without a GPU ----------------------------------------------------------
+_LOWER_TO_SM90 = r"""
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+import fmfast.kernels.attention as ka
+
+FLOATS = ("qk_scale", "sm_scale")
+F32_PTRS = ("LSE", "DELTA")
+INT_PTRS = ("KV_NUM", "KV_FULL", "KV_IDX", "Q_NUM", "Q_FULL", "Q_IDX", "QBITS", "KSEG", "COORDS", "EBITS")
+# the paper's shape: 64 x 64 blocks, head_dim 32; bf16 (tf32 dots) and fp32 (ieee dots)
+for lo, prec in (("bf16", "tf32"), ("fp32", "ieee")):
+    for fn in (ka._fwd_kernel, ka._bwd_delta_kernel, ka._bwd_kernel):
+        meta = dict(BLOCK_M=64, BLOCK_N=64, HEAD_DIM=32, HAS_WINDOW=True, HAS_EBITS=True, DOT_PREC=prec)
+        sig, consts = {}, {}
+        for a in fn.arg_names:
+            if a in meta:
+                sig[a], consts[a] = "constexpr", meta[a]
+            elif a in FLOATS:
+                sig[a] = "fp32"
+            elif a in F32_PTRS:
+                sig[a] = "*fp32"
+            elif a in INT_PTRS:
+                sig[a] = "*i32"
+            elif a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+                sig[a] = "*" + lo
+            else:
+                sig[a] = "i32"
+        k = compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                    options={"num_warps": ka._warps(32, 64, 64), "num_stages": 2})
+        assert k.asm.get("cubin"), fn.__name__
+        print(fn.__name__, lo, "ok", k.metadata.shared, "bytes shared")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled tests run the kernels themselves")
+def test_kernels_lower_to_sm90_cubin():
+    """Compile forward and backward for an H100/H200 (sm_90) down to cubin with Triton's bundled
+    ptxas, in bf16 and fp32: the GPU compiler rejects things the interpreter accepts."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _LOWER_TO_SM90], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count(" ok ") == 6, res.stdout
