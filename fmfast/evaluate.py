@@ -11,7 +11,7 @@ import time
 import torch
 
 from fmfast.cli import Parser
-from fmfast.metrics import MetricAccumulator
+from fmfast.metrics import MetricAccumulator, abnormal
 
 
 @torch.no_grad()
@@ -20,17 +20,17 @@ def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None
     """Run ``model`` over ``ds`` in order -> ``(metrics, examples)``.
 
     ``examples`` holds ``keep`` inputs' clips, labels and predictions from across the split,
-    mostly abnormal ones (for the mask overlay plots); ``metrics`` includes samples/s of the whole pass. ``cuda_graphs`` (CUDA):
-    replay a forward captured at ``batch_size``; with ``ds`` on the GPU the batch is gathered
-    inside the graph. ``cache`` (a dict the caller keeps) reuses the capture across calls."""
+    mostly abnormal ones (for the mask overlay plots); ``metrics`` includes samples/s of the
+    whole pass. ``cuda_graphs`` (CUDA): replay a forward captured at ``batch_size``; with ``ds``
+    on the GPU the batch is gathered inside the graph. ``cache`` (a dict the caller keeps) reuses the capture across calls."""
     was_training = model.training
     model.eval()
     runner = _runner(model, model_name, ds, batch_size, device, amp_dtype, cuda_graphs and device.type == "cuda", cache)
     acc = MetricAccumulator(ds.task)
-    n = len(ds) if not max_samples else min(max_samples, len(ds))
     # a subset is spread evenly over the split: its first samples would all come from one
     # recording and one event
-    order = torch.linspace(0, len(ds) - 1, n).round().long() if n < len(ds) else torch.arange(n)
+    order = evenly_spread(len(ds), max_samples or len(ds))
+    n = len(order)
     picks: tuple[list, list] = ([], [])  # sample indices worth showing: (abnormal, normal)
     task_id = progress.add_task("evaluate", total=n, loss=float("nan")) if progress is not None else None
     t0 = time.perf_counter()
@@ -57,19 +57,18 @@ def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None
 
 def _pick(picks, idx, labels, logits) -> None:
     """Remember one abnormal (by truth or prediction) and one normal sample of this batch."""
-    pred = logits.float().argmax(1)
-    flag = (labels.flatten(1).amax(1) > 0) | (pred.flatten(1).amax(1) > 0) if labels.dim() > 1 else (labels > 0) | (pred > 0)
+    flag = abnormal(labels) | abnormal(logits.float().argmax(1))
     for want, bucket in ((True, picks[0]), (False, picks[1])):
         hit = (flag == want).nonzero()
         if len(hit):
             bucket.append(int(idx[int(hit[0])]))
 
 
-def _spread(items: list, k: int) -> list:
-    """``k`` items evenly spaced over ``items`` (so over the whole split, not its first batches)."""
-    if k >= len(items):
-        return list(items)
-    return [items[int(i)] for i in torch.linspace(0, len(items) - 1, k).round().long()]
+def evenly_spread(total: int, k: int) -> torch.Tensor:
+    """``min(k, total)`` indices into ``range(total)``, evenly spaced over all of it."""
+    if k >= total:
+        return torch.arange(total)
+    return torch.linspace(0, total - 1, k).round().long()
 
 
 def _examples(model, model_name, ds, device, amp_dtype, picks, keep: int) -> dict:
@@ -77,9 +76,10 @@ def _examples(model, model_name, ds, device, amp_dtype, picks, keep: int) -> dic
     overlays): three quarters abnormal where there are enough, the rest normal."""
     from fmfast.stepping import EvalRunner
 
-    abnormal, normal = picks
-    n_ab = min(len(abnormal), keep - min(len(normal), keep // 4))
-    idx = torch.tensor(_spread(abnormal, n_ab) + _spread(normal, keep - n_ab), dtype=torch.long)
+    flagged, normal = picks
+    n_ab = min(len(flagged), keep - min(len(normal), keep // 4))
+    idx = torch.tensor([flagged[i] for i in evenly_spread(len(flagged), n_ab)]
+                       + [normal[i] for i in evenly_spread(len(normal), keep - n_ab)], dtype=torch.long)
     if not len(idx):
         return {}
     logits, labels = EvalRunner(model, model_name, ds, len(idx), device, amp_dtype, graph=False)(idx)

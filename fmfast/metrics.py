@@ -13,6 +13,11 @@ def _ratio(num, den) -> float:
     return float(num) / float(den) if den else 0.0
 
 
+def abnormal(x: torch.Tensor) -> torch.Tensor:
+    """Per sample, whether a class ``[B]`` or a mask ``[B, W, H]`` says abnormal (any pixel > 0)."""
+    return (x.flatten(1) > 0).any(1) if x.dim() > 1 else x > 0
+
+
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
     """``[num_classes, num_classes]`` int64 counts; rows are the truth, columns the prediction."""
     pred, target = pred.reshape(-1).long().cpu(), target.reshape(-1).long().cpu()
@@ -114,9 +119,7 @@ class MetricAccumulator:
             self.scores.append(torch.softmax(logits.float(), 1)[:, 1].cpu())
             self.targets.append(target.cpu())
         else:
-            frame_pred = (pred.flatten(1) > 0).any(1)
-            frame_true = (target.flatten(1) > 0).any(1)
-            self.frame_cm += confusion(frame_pred, frame_true, 2)
+            self.frame_cm += confusion(abnormal(pred), abnormal(target), 2)
 
     def compute(self) -> dict:
         if self.task == "classification":

@@ -38,11 +38,14 @@ def train(model: str, out: Path, extra: list[str]) -> tuple[dict, float]:
     return json.loads(last)["test"], elapsed
 
 
-def by_scenario(run: Path, samples: int = 2000) -> dict[str, tuple[float, float]]:
-    """Per synthetic scenario, over its event frames in the test split (the evaluation's evenly
-    spread subset): (share truly abnormal, share the run's final model flags abnormal)."""
+def by_scenario(run: Path) -> dict[str, tuple[float, float]]:
+    """Per synthetic scenario, over its event frames in the test samples the run evaluated on:
+    (share truly abnormal, share the run's final model flags abnormal)."""
+    import yaml
+
     from fmfast.checkpoint import load_model
     from fmfast.data import FMFDataset
+    from fmfast.evaluate import evenly_spread
     from fmfast.stepping import EvalRunner
 
     model, meta = load_model(run / "last.pt")
@@ -51,7 +54,8 @@ def by_scenario(run: Path, samples: int = 2000) -> dict[str, tuple[float, float]
                     current_seconds=d["current_seconds"])
     segments = json.loads((Path(d["root"]) / "synthetic.json").read_text())["recordings"]
     runner = EvalRunner(model.eval(), meta["model_name"], ds, 256, torch.device("cpu"), None, graph=False)
-    order = torch.linspace(0, len(ds) - 1, min(samples, len(ds))).round().long()
+    max_eval = yaml.safe_load((run / "config.yaml").read_text())["train"]["max_eval_samples"]
+    order = evenly_spread(len(ds), max_eval or len(ds))
     seen: dict[str, list[tuple[int, int]]] = {}
     with torch.no_grad():
         for start in range(0, len(order), 256):
