@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from fmfast.cli import Parser, UserError
-from fmfast.settings import AMP, DEFAULTS, QUICK, MODEL_NAMES, OPTIMIZERS, SCHEDULES, load_yaml, merge, parse_override, validate
+from fmfast.settings import (AMP, DEFAULTS, MODEL_NAMES, OPTIMIZERS, QUICK, SCHEDULES, load_yaml, merge, model_config,
+                             parse_override, validate)
 
 # flag -> (section, key); flags left unset do not override the config file
 FLAGS = {
@@ -110,6 +111,7 @@ def main(argv=None) -> int:
         from fmfast.data.cache import default_synthetic_root
 
         syn = d["synthetic"]
+        model_config(s, (syn["size"], syn["size"]))  # a model that cannot fit fails before generating data
         console.print(f"data: the built-in synthetic furnace benchmark, {syn['recordings']} recordings x {syn['frames']} frames at "
                       f"{syn['size']}x{syn['size']} px, {d['num_frames']}-frame clips, {d['current_seconds']} s current windows "
                       f"(sized for a CPU; --data PATH for real recordings; data.synthetic.size=64 --num-frames 10 "

@@ -190,6 +190,14 @@ def test_train_bad_input(args, needle, capsys):
     cli_error(main, args, capsys, needle)
 
 
+def test_model_that_cannot_fit_fails_before_generating_data(tmp_path, monkeypatch, capsys):
+    from fmfast.train import main
+
+    monkeypatch.setenv("FMFAST_CACHE", str(tmp_path / "cache"))
+    cli_error(main, ["--num-frames", "3"], capsys, "frame_patch_size")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_bad_input_exit_code_from_the_shell():
     assert_one_line_error(run_cli("fmfast.train", "--bogus", check=False), "--bogus")
 
