@@ -23,6 +23,6 @@ setup(
     extras_require={
         # av encodes the tests' videos and is the decoding peer in bench/; onnx + onnxruntime
         # check ONNX exports against PyTorch
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "nvtx", "av", "onnx", "onnxruntime"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "nvtx", "ruff", "av", "onnx", "onnxruntime"],
     },
 )

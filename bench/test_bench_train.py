@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from _common import (
     GPU,
     GPU_REASON,
+    check,
     flash_tol,
     max_err,
     peak_mb,
