@@ -98,6 +98,9 @@ class Trainer:
                                                   train_blockers(self.opt, self.amp, self.world))
         self.on_device = False
         self._lr = []
+        # Reading a loss makes the host wait for the GPU, which then idles while the host queues
+        # the next step; on a GPU losses are read in groups (a CPU runs synchronously anyway).
+        self.loss_read_every = 1 if self.device.type == "cpu" else 25
         if self.graphs:
             self._setup_graphs()
         if resume:
@@ -194,7 +197,8 @@ class Trainer:
         self.console.print(f"resumed from {path}: epoch {self.epoch + 1}, step {self.step}")
 
     # ---------------------------------------------------------------- loop
-    def _train_step(self, idx: torch.Tensor) -> float:
+    def _train_step(self, idx: torch.Tensor) -> torch.Tensor:
+        """One optimiser step; the loss stays a device tensor (reading it would sync)."""
         if self.graphs:
             loss = self.runner(idx)
             self.sched.step()
@@ -202,7 +206,7 @@ class Trainer:
                 if g["lr"] is not lr:  # a scheduler that assigns floats: keep the graph's tensor
                     lr.fill_(float(g["lr"]))
                     g["lr"] = lr
-            return loss.item()
+            return loss
         clips, currents, labels = to_device(self.train_ds.batch(idx), self.device)
         with autocast(self.device, self.amp):
             logits = forward(self.model, self.model_name, clips, currents)
@@ -212,7 +216,7 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
-        return loss.item()
+        return loss.detach()
 
     def fit(self) -> dict:
         t = self.s["train"]
@@ -227,15 +231,20 @@ class Trainer:
                 batches = order.split(t["batch_size"])
                 bar = progress.add_task(f"epoch {self.epoch + 1}/{t['epochs']}", total=len(order), loss=float("nan"),
                                         completed=min(self.step * t["batch_size"], len(order)))
-                t0, seen, run_loss = time.perf_counter(), 0, []
+                t0, seen, run_loss, pending = time.perf_counter(), 0, [], []
                 for i in range(self.step, len(batches)):
-                    loss = self._train_step(batches[i])
+                    pending.append(self._train_step(batches[i]))
                     self.step, self.global_step = i + 1, self.global_step + 1
-                    self.losses.append(loss)
-                    run_loss.append(loss)
                     seen += len(batches[i])
-                    progress.update(bar, advance=len(batches[i]), loss=sum(run_loss[-20:]) / len(run_loss[-20:]))
-                    if every and self.step % every == 0 and self.step < len(batches):
+                    save = every and self.step % every == 0 and self.step < len(batches)
+                    if len(pending) >= self.loss_read_every or save or self.step == len(batches):
+                        losses = torch.stack(pending).tolist()  # the one host sync in a while
+                        pending.clear()
+                        self.losses += losses
+                        run_loss += losses
+                        progress.update(bar, loss=sum(run_loss[-20:]) / len(run_loss[-20:]))
+                    progress.update(bar, advance=len(batches[i]))
+                    if save:
                         self._save("last.pt")
                 train_time = time.perf_counter() - t0
                 progress.remove_task(bar)

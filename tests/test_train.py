@@ -111,6 +111,41 @@ def test_killed_run_resumes_to_the_same_weights(tiny_root, tmp_path):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_losses_read_in_groups_are_complete_at_every_checkpoint(tiny_root, tmp_path, monkeypatch):
+    """On a GPU the loop reads losses every 25 steps (reading one syncs the host with the GPU);
+    grouped reads must log the same losses, and every checkpoint must hold all of them so far."""
+    from fmfast.trainer import Trainer
+
+    saves, lag = {}, {}
+    init, save, step = Trainer.__init__, Trainer._save, Trainer._train_step
+
+    def stepped(self, idx):
+        lag.setdefault(self.loss_read_every, set()).add(self.global_step - len(self.losses))  # steps not yet read
+        loss = step(self, idx)
+        assert isinstance(loss, torch.Tensor) and loss.dim() == 0
+        return loss
+
+    def record(self, name):
+        saves.setdefault(self.loss_read_every, []).append((self.global_step, list(self.losses)))
+        save(self, name)
+
+    def grouped(self, *a, **kw):
+        init(self, *a, **kw)
+        self.loss_read_every = 3 if "grouped" in str(self.out) else 1
+
+    monkeypatch.setattr(Trainer, "__init__", grouped)
+    monkeypatch.setattr(Trainer, "_save", record)
+    monkeypatch.setattr(Trainer, "_train_step", stepped)
+    args = ["--epochs", "2", "--checkpoint-every", "4", "--model", "current", "--max-train-samples", "56"]
+    in_process(tiny_root, tmp_path / "each", *args)
+    in_process(tiny_root, tmp_path / "grouped", *args)
+    assert lag == {1: {0}, 3: {0, 1, 2}}
+    each, grouped_ = saves[1], saves[3]
+    assert len(each) >= 4 and [s for s, _ in each] == [s for s, _ in grouped_]
+    for (step, a), (_, b) in zip(each, grouped_):
+        assert len(a) == step and a == b
+
+
 def test_config_file_and_dotted_overrides(tiny_root, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({"train": {"epochs": 1, "batch_size": 4}, "optim": {"name": "sgd", "lr": 0.01}}))
