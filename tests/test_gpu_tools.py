@@ -18,7 +18,7 @@ def test_gpu_check_script_parses_and_needs_outdir():
 
 def test_gpu_results_table(tmp_path):
     (tmp_path / "environment.txt").write_text("torch 2.11.0 cuda 12.8\ntriton 3.6.0\ndevice NVIDIA H200\n")
-    (tmp_path / "stages.txt").write_text("install 0 9\ngpu_tests 1 80\nbench_model 0 190\nbench_rest 124 150\n")
+    (tmp_path / "stages.txt").write_text("install 0 9\ngpu_tests 1 80\nbench_model 0 190\nbench_train 137 140\nbench_rest 124 150\n")
     (tmp_path / "gpu_tests.xml").write_text(
         '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="0">'
         '<testcase classname="tests.test_graphs" name="test_gpu_a"/>'
@@ -41,6 +41,7 @@ def test_gpu_results_table(tmp_path):
     assert p.returncode == 0, p.stderr
     md = (tmp_path / "results.md").read_text()
     assert "| gpu_tests | failed (1) | 80 |" in md and "| bench_rest | ran out of time | 150 |" in md
+    assert "| bench_train | ran out of time (killed) | 140 |" in md
     assert "3 run, 1 failed" in md and "FAILED tests.test_graphs::test_gpu_b" in md
     assert "| epoch over 2.2M samples incl. gather (s) | 71.0 | <= 60 | **no** |" in md
     assert "| (a) reference | 41.600 | 5.20 | 6,154 |" in md
