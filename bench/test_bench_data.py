@@ -4,7 +4,9 @@ Peers, same dataset and indices, batch 256, paper shapes (T=10, 64x64, 240x3 cur
 (a) ``[ds[i] for i in idx]`` then stacking -- the same dataset, one sample at a time. Its
     ``__getitem__`` is itself one vectorised gather, so the loop costs only the per-call
     overhead plus a second copy (the stack); ``ds.batch`` is bounded by copying 31 MB of uint8
-    clips, so this ratio tops out near 5-8x on one CPU thread (7.5-8x measured).
+    clips, so this ratio tops out near 5-8x on one CPU thread (6-6.5x measured on the test
+    split). On the train split both sides also mirror the flipped half of the clips (the store
+    keeps no mirrored copy: half the memory), a copy neither can avoid: 3-4x measured.
 (b) the reference pipeline: a dataset written here after the published ViCuDataset's algorithm
     (per-recording numpy arrays, a timestamp list searched with ``list.index``, a dict of
     per-second current rows, float32 clips, its train-mode horizontal flip) batched the way its
@@ -123,7 +125,7 @@ def _stack(items):
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_bench_batch_vs_getitem(benchmark, data, split, one_thread):
-    ds = FMFDataset(data, split=split, seed=0)  # train: with flips (mirrored store)
+    ds = FMFDataset(data, split=split, seed=0)  # train: with flips
     idx = torch.randint(0, len(ds), (B,), generator=torch.Generator().manual_seed(0))
     got = ds.batch(idx)
     ref = _stack([ds[int(i)] for i in idx])
@@ -138,7 +140,7 @@ def test_bench_batch_vs_getitem(benchmark, data, split, one_thread):
           "(copy-bound: this __getitem__ is itself one vectorised gather)")
     benchmark.extra_info.update(loop_ms=loop_s * 1e3, batch_ms=batch_s * 1e3, ratio=ratio)
     benchmark.pedantic(lambda: ds.batch(idx), rounds=10, warmup_rounds=1)
-    assert ratio >= 3, f"batch only {ratio:.1f}x a per-sample loop"
+    assert ratio >= (2 if ds.train else 3), f"batch only {ratio:.1f}x a per-sample loop"
 
 
 def _reference_case(data, device, split):

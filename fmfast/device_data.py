@@ -2,7 +2,8 @@
 
 The video is never materialised: the model's tokenizer reads the frame store by a ``[B, T]``
 frame table (``model(ds.frames, current, frame_index=...)``), the current windows and labels
-are index gathers, flipped samples point into the store's mirrored half. Every step of that is
+are index gathers, a flipped sample's frames are entries ``~i`` that the tokenizer reads
+mirrored, and its mask is flipped with a ``where``. Every step of that is
 a device op without a host sync, so it can live inside a captured CUDA graph whose only input
 is the batch's sample indices.
 
@@ -21,15 +22,19 @@ Tensor = torch.Tensor
 def gather_inputs(ds, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(frame_index [B,T], currents [B,2S,3] float32, labels [B] or [B,W,H] int64)`` of the
     samples ``idx`` (in ``[0, len(ds))``), gathered on the dataset's device; equal to
-    ``ds.batch(idx)`` with the clips left in the store (``ds.frames[frame_index]``)."""
+    ``ds.batch(idx)`` with the clips left in the store (``fmfast.ops.gather_clip(ds.frames,
+    frame_index)``)."""
     idx = idx.reshape(-1)
     fi = ds.frame_index(idx)
     rows = ds.current_index(idx)
     currents = ds.currents.index_select(0, rows.reshape(-1)).view(rows.shape[0], rows.shape[1], -1)
     if ds.task == "classification":
         labels = ds.labels.index_select(0, idx)
-    else:  # the labelled frame is a clip's last; its index already points into the mirrored half
-        labels = ds.masks.index_select(0, fi[:, -1]).long()
+    else:  # the labelled frame is a clip's last
+        last = fi[:, -1]
+        flip = last < 0
+        masks = ds.masks.index_select(0, torch.where(flip, -1 - last, last))
+        labels = torch.where(flip[:, None, None], masks.flip(-1), masks).long()
     return fi, currents, labels
 
 

@@ -7,8 +7,10 @@ each tubelet flattened in the order (p1, p2, pf, c) -- index ((p1*p + p2)*pf + f
 ``[B, 1 + sum_s n_s, D]``: row 0 is ``cls + pos_0[0]``, then scale 0 (``pos_0[1:]``), scale 1, ...
 
 Input is a clip ``[B, C, T, H, W]`` (uint8 or float, any strides) or a frame store ``[N, C, H, W]``
-plus a ``[B, T]`` integer table of frame indices (clamped into ``[0, N-1]``), so clips are never
-materialised. Each program gathers its tubelets' pixels straight from that memory.
+plus a ``[B, T]`` integer table of frame indices, so clips are never materialised: entry ``i``
+reads frame ``i``, entry ``~i`` (= -1-i) reads frame ``i`` mirrored along W (training flips cost
+no flipped copy of the store); frames are clamped into ``[0, N-1]``. Each program gathers its
+tubelets' pixels straight from that memory.
 
 Kernels (blocks never span scales; a block's scale and geometry come from its program id):
   ``_tokenize_fwd``     grid = token blocks of all scales (64 tokens on GPU) x batch: gather,
@@ -73,7 +75,8 @@ def _scale(pid, H, W, TG, d0, d1, d2, d3, P: tl.constexpr, BM: tl.constexpr, BY_
 def _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it,
           P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr):
     """Per-token part of the pixel offset (and of the frame-index offset) for tokens ``tok`` of
-    batch rows ``bb`` (int64): offsets are row part + column part, so they are computed once."""
+    batch rows ``bb`` (int64): offsets are row part + column part, so they are computed once.
+    Also each token's first pixel column (a mirrored frame reads column W-1-w instead of w)."""
     ti = tok // (gh * gw)
     hi = (tok // gw) % gh
     wi = tok % gw
@@ -81,7 +84,7 @@ def _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it,
     ix = bb * s_ib + (ti * PF) * s_it
     if not FRAME_STORE:
         px += bb * s_b + (ti * PF).to(tl.int64) * s_t
-    return px, ix
+    return px, ix, wi * (P * d)
 
 
 @triton.jit
@@ -96,21 +99,27 @@ def _cols(kk, d, s_c, s_t, s_h, s_w, s_it,
     px = c * s_c + (p1 * d) * s_h + (p2 * d) * s_w  # dilation: a strided read, no resampled copy
     if not FRAME_STORE:
         px += f * s_t
-    return px, f * s_it, ((p1 * P + p2) * PF + f) * C + c
+    return px, f * s_it, ((p1 * P + p2) * PF + f) * C + c, p2 * d
 
 
 @triton.jit
-def _gather(src_ptr, idx_ptr, rpx, rix, cpx, cix, m, n_store, s_b, FRAME_STORE: tl.constexpr):
-    """Pixels [BM, BK] as fp32; frame-store indices are clamped into [0, n_store - 1]."""
+def _gather(src_ptr, idx_ptr, rpx, rix, rw, cpx, cix, cw, m, n_store, W, s_b, s_w, FRAME_STORE: tl.constexpr):
+    """Pixels [BM, BK] as fp32. Frame-store entries: i reads frame i, ~i (= -1-i) frame i
+    mirrored along W (a training flip, so no flipped copy of the store is needed); the frame is
+    clamped into [0, n_store - 1]."""
     off = rpx[:, None] + cpx[None, :]
     if FRAME_STORE:
         fid = tl.load(idx_ptr + rix[:, None] + cix[None, :], mask=m, other=0).to(tl.int64)
-        off += tl.minimum(tl.maximum(fid, 0), n_store - 1) * s_b
+        flip = fid < 0
+        fid = tl.where(flip, -1 - fid, fid)
+        off += tl.minimum(fid, n_store - 1) * s_b
+        col = rw[:, None] + cw[None, :]
+        off += tl.where(flip, (W - 1 - 2 * col).to(tl.int64) * s_w, 0)  # column w -> W-1-w
     return tl.load(src_ptr + off, mask=m, other=0).to(tl.float32)
 
 
 @triton.jit
-def _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rm, d, n_store, s_b, s_c, s_t, s_h, s_w, s_it,
+def _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c, s_t, s_h, s_w, s_it,
                      win_ptr, bin_ptr, w_ptr, bp_ptr, s, eps, D,
                      C: tl.constexpr, P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr,
                      BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr):
@@ -123,8 +132,9 @@ def _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rm, d, n_store, s_b, s_c, s_t, 
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         km = kk < K
-        cpx, cix, _ = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
-        x = _gather(src_ptr, idx_ptr, rpx, rix, cpx, cix, rm[:, None] & km[None, :], n_store, s_b, FRAME_STORE)
+        cpx, cix, _, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
+        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, cpx, cix, cw, rm[:, None] & km[None, :], n_store, W, s_b, s_w,
+                    FRAME_STORE)
         na = k0 * 1.0
         nb = tl.minimum(K - k0, BK) * 1.0
         cm = tl.sum(x, axis=1) / nb
@@ -140,8 +150,9 @@ def _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rm, d, n_store, s_b, s_c, s_t, 
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         km = kk < K
-        cpx, cix, ko = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
-        x = _gather(src_ptr, idx_ptr, rpx, rix, cpx, cix, rm[:, None] & km[None, :], n_store, s_b, FRAME_STORE)
+        cpx, cix, ko, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
+        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, cpx, cix, cw, rm[:, None] & km[None, :], n_store, W, s_b, s_w,
+                    FRAME_STORE)
         g = tl.load(win_ptr + s * K + ko, mask=km, other=0.0).to(tl.float32)
         be = tl.load(bin_ptr + s * K + ko, mask=km, other=0.0).to(tl.float32)
         xn = (x - mean[:, None]) * rstd[:, None] * g[None, :] + be[None, :]
@@ -176,8 +187,8 @@ def _tokenize_fwd(src_ptr, idx_ptr, out_ptr, cls_ptr, pos_ptr,
     tok = (pid - blk0) * BM + tl.arange(0, BM)
     rm = tok < n_tok
     bb = tl.zeros([BM], dtype=tl.int64) + b
-    rpx, rix = _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
-    z, _, _ = _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rm, d, n_store, s_b, s_c, s_t, s_h, s_w, s_it,
+    rpx, rix, rw = _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
+    z, _, _ = _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c, s_t, s_h, s_w, s_it,
                                win_ptr, bin_ptr, w_ptr, bp_ptr, s, eps, D,
                                C, P, PF, FRAME_STORE, BM, BK, BD, CDT)
     nn = tl.arange(0, BD)
@@ -226,8 +237,9 @@ def _tokenize_bwd_tok(src_ptr, idx_ptr, gout_ptr, dz_ptr, mean_ptr, rstd_ptr,
     for b in range(b_lo, b_hi):
         # the batch index as an int64 vector (the loop variable is a plain int in the interpreter)
         bb = tl.zeros([BM], dtype=tl.int64) + b
-        rpx, rix = _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
-        z, mu, rs = _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rm, d, n_store, s_b, s_c, s_t, s_h, s_w, s_it,
+        rpx, rix, rw = _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
+        z, mu, rs = _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c, s_t, s_h, s_w,
+                                     s_it,
                                      win_ptr, bin_ptr, w_ptr, bp_ptr, s, eps, D,
                                      C, P, PF, FRAME_STORE, BM, BK, BD, CDT)
         zh, zr = _ln_d(z, nm, D, eps)
@@ -273,7 +285,7 @@ def _tokenize_bwd_w(src_ptr, idx_ptr, dz_ptr, mean_ptr, rstd_ptr, part_w_ptr, pa
     s, _, d, gh, gw, n_tok, row0 = _scale(tl.program_id(2), H, W, TG, d0, d1, d2, d3, P, BM, False)
     kk = pk * BK + tl.arange(0, BK)
     km = kk < K
-    cpx, cix, ko = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
+    cpx, cix, ko, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
     nn = tl.arange(0, BD)
     nm = nn < D
     g = tl.load(win_ptr + s * K + ko, mask=km, other=0.0).to(tl.float32)
@@ -293,8 +305,9 @@ def _tokenize_bwd_w(src_ptr, idx_ptr, dz_ptr, mean_ptr, rstd_ptr, part_w_ptr, pa
         rm = r < r_hi
         bb = (r // n_tok).to(tl.int64)
         tok = r % n_tok
-        rpx, rix = _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
-        x = _gather(src_ptr, idx_ptr, rpx, rix, cpx, cix, rm[:, None] & km[None, :], n_store, s_b, FRAME_STORE)
+        rpx, rix, rw = _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
+        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, cpx, cix, cw, rm[:, None] & km[None, :], n_store, W, s_b, s_w,
+                    FRAME_STORE)
         rr = bb * (N_OUT - 1) + (row0 - 1 + tok)
         mu = tl.load(mean_ptr + rr, mask=rm, other=0.0)
         rs = tl.load(rstd_ptr + rr, mask=rm, other=0.0)
@@ -602,8 +615,10 @@ def multiscale_tokenize_ref(video: torch.Tensor, cls_token: torch.Tensor, scales
     dilations = [int(d) for d in dilations]
     scales = [tuple(sp) for sp in scales]
     B, _, D, K = _check_inputs(video, frame_index, cls_token, scales, patch_size, frame_patch_size, dilations)
-    if frame_index is not None:  # gather the clips: [B, T, C, H, W] -> [B, C, T, H, W]
-        video = video[frame_index.long().clamp(0, video.shape[0] - 1)].permute(0, 2, 1, 3, 4)
+    if frame_index is not None:  # gather the clips (mirrored where the entry is ~i)
+        from fmfast.ops.tokenize import gather_clip
+
+        video = gather_clip(video, frame_index)
     x = video.to(cls_token.dtype)
     p, pf = patch_size, frame_patch_size
     out = []

@@ -147,16 +147,27 @@ def test_flips_reproducible_per_seed_and_epoch(synth):
     assert torch.equal(a.flips, e0)
 
 
-def test_frame_index_reads_mirrored_store(tiny_v2):
+def test_frame_index_marks_flipped_samples_and_the_store_has_no_mirrored_copy(tiny_v2):
+    from fmfast.ops import gather_clip
+
     ds = tiny(tiny_v2, train=True, seed=3)
-    n = ds.num_store_frames
-    assert ds.frames.shape[0] == 2 * n
-    assert torch.equal(ds.frames[n:], ds.frames[:n].flip(-1))
+    assert ds.frames.shape[0] == ds.num_store_frames == int(ds.frame_offsets[-1])
+    assert ds.flips.any() and not ds.flips.all()
     g = ds.frame_index(range(len(ds)))
+    assert torch.equal((g < 0).all(1), ds.flips) and torch.equal((g < 0).any(1), ds.flips)
+    clips = gather_clip(ds.frames, g)  # [B, 3, T, W, H]
     for i in range(len(ds)):
-        clip = ds[i][0]  # [3, T, W, H]
-        assert torch.equal(ds.frames[g[i]].permute(1, 0, 2, 3), clip)
-        assert bool((g[i] >= n).all()) == bool(ds.flips[i])
+        assert torch.equal(clips[i], ds[i][0])  # ds[i] flips its clip itself (the definition)
+
+
+def test_flip_rows_cpu_loop_and_gpu_where_agree():
+    from fmfast.data.dataset import flip_rows, mirror_where
+
+    x = torch.randint(0, 255, (5, 3, 2, 4, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    flips = torch.tensor([True, False, False, True, True])
+    want = torch.stack([x[b].flip(-1) if flips[b] else x[b] for b in range(5)])
+    assert torch.equal(mirror_where(x, flips), want)
+    assert torch.equal(flip_rows(x.clone(), flips), want)
 
 
 # ---- batching ----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from fmfast.graphs import (
     pad_batch,
     portable_state_dict,
 )
+from fmfast.ops import gather_clip
 from fmfast.runner import forward
 from fmfast.stepping import EvalRunner, TrainRunner, train_blockers, use_graphs
 
@@ -211,12 +212,12 @@ def test_warmup_is_undone_exactly(task):
 
 @pytest.mark.parametrize("task", ["classification", "segmentation"])
 def test_gather_inputs_equals_ds_batch(synth, task):  # noqa: F811
-    ds = dataset(synth, task)  # train split: half the samples flipped, read from the mirrored half
+    ds = dataset(synth, task)  # train split: half the samples flipped, read mirrored by index
     assert ds.flips.any()
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:9]
     clips, currents, labels = ds.batch(idx)
     fi, cur, lab = gather_inputs(ds, idx)
-    assert torch.equal(ds.frames[fi].permute(0, 2, 1, 3, 4), clips)
+    assert torch.equal(gather_clip(ds.frames, fi), clips)
     assert torch.equal(cur, currents) and torch.equal(lab, labels) and lab.dtype == labels.dtype
 
 

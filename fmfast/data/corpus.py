@@ -15,8 +15,8 @@ from .errors import DataError
 class Corpus:
     names: list[str]              # recordings, ordered by name
     frame_offsets: np.ndarray     # [R + 1] int64: recording r owns frames [off[r], off[r+1])
-    frames: torch.Tensor          # [N, 3, W, H] uint8, all recordings concatenated (+ N mirrored)
-    masks: torch.Tensor | None    # [N, W, H] uint8 in {0, 1}, segmentation only (+ N mirrored)
+    frames: torch.Tensor          # [N, 3, W, H] uint8, all recordings concatenated
+    masks: torch.Tensor | None    # [N, W, H] uint8 in {0, 1}, segmentation only
     frame_labels: np.ndarray      # [N] uint8: 1 if any mask pixel of the frame is > 0
     currents: torch.Tensor        # [rows, 3] float32, all recordings concatenated
     row_offsets: np.ndarray       # [R + 1] int64: recording r owns rows [off[r], off[r+1])
@@ -25,13 +25,11 @@ class Corpus:
     sample_frame: np.ndarray      # [M] int64, frame index within its recording
 
 
-def allocate(shapes: list[tuple[int, ...]], mirror: bool = False) -> tuple[torch.Tensor, np.ndarray]:
-    """One uint8 tensor for several first-axis-concatenated arrays (twice as long with
-    ``mirror``), and the offsets of each part."""
+def allocate(shapes: list[tuple[int, ...]]) -> tuple[torch.Tensor, np.ndarray]:
+    """One uint8 tensor for several first-axis-concatenated arrays, and the offsets of each part."""
     counts = [s[0] for s in shapes]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    n = int(offsets[-1]) * (2 if mirror else 1)
-    return torch.empty((n, *shapes[0][1:]), dtype=torch.uint8), offsets
+    return torch.empty((int(offsets[-1]), *shapes[0][1:]), dtype=torch.uint8), offsets
 
 
 def check_split_indices(path, name: str, indices, n: int) -> np.ndarray:
@@ -45,7 +43,7 @@ def check_split_indices(path, name: str, indices, n: int) -> np.ndarray:
     return a
 
 
-def read_stores(files: list, data_key: str, shapes: list[tuple[int, ...]], masks: bool, mirror: bool):
+def read_stores(files: list, data_key: str, shapes: list[tuple[int, ...]], masks: bool):
     """Bulk-read every recording's frames (and masks) straight into concatenated stores.
 
     Returns (frames, frame_offsets [R+1], masks or None, frame_labels [N]); frames is
@@ -53,8 +51,8 @@ def read_stores(files: list, data_key: str, shapes: list[tuple[int, ...]], masks
     long and rows N.. hold the frames flipped on the last axis, so that a flipped clip is a
     plain gather. The class label of a frame is 1 when any mask pixel is > 0.
     """
-    frames, offsets = allocate(shapes, mirror=mirror)
-    mask_store = allocate([s[:1] + s[2:] for s in shapes], mirror=mirror)[0] if masks else None
+    frames, offsets = allocate(shapes)
+    mask_store = allocate([s[:1] + s[2:] for s in shapes])[0] if masks else None
     frame_labels = np.empty(len(frames), dtype=np.uint8)
     for r, path in enumerate(files):
         a, b = offsets[r], offsets[r + 1]
@@ -67,12 +65,6 @@ def read_stores(files: list, data_key: str, shapes: list[tuple[int, ...]], masks
                 np.minimum(m, 1, out=m)
             else:
                 frame_labels[a:b] = matfile.any_positive(f["label"])
-    if mirror:
-        n = int(offsets[-1])
-        for store in (frames, mask_store):
-            for i in range(0, n if store is not None else 0, 4096):  # chunks bound the temporary
-                j = min(i + 4096, n)
-                store[n + i:n + j].copy_(store[i:j].flip(-1))
     return frames, offsets, mask_store, frame_labels
 
 

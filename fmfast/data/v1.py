@@ -32,7 +32,7 @@ def v1_files(root: Path) -> list[Path]:
     return files
 
 
-def load_v1(root: Path, split: str, masks: bool, mirror: bool = False) -> Corpus:
+def load_v1(root: Path, split: str, masks: bool) -> Corpus:
     files = v1_files(root)
     shapes, currents, labelled = [], [], []
     for path in files:
@@ -63,7 +63,7 @@ def load_v1(root: Path, split: str, masks: bool, mirror: bool = False) -> Corpus
         currents.append(values.astype(np.float32))
         labelled.append(np.flatnonzero(codes == SPLIT_CODE[split]).astype(np.int64))
 
-    frames, offsets, mask_store, frame_labels = read_stores(files, "video", shapes, masks, mirror)
+    frames, offsets, mask_store, frame_labels = read_stores(files, "video", shapes, masks)
     rec, frame = samples(labelled)
     if len(rec) == 0:
         raise DataError(root, f"no frames marked {split} ({SPLIT_CODE[split]}) in 'train_test_index'")

@@ -56,7 +56,7 @@ def _frame_rows(ts_path: Path, cur_path: Path, stamps: list[str], seconds: list[
     return np.where(pair >= 0, row0 + 2 * (pair + 1), -1)
 
 
-def load_v2(root: Path, split: str, masks: bool, mirror: bool = False) -> Corpus:
+def load_v2(root: Path, split: str, masks: bool) -> Corpus:
     for sub in FOLDERS:
         if not (root / sub).is_dir():
             raise DataError(root / sub, "missing folder (V2 layout needs videos/, currents/, timestamps/)")
@@ -98,7 +98,7 @@ def load_v2(root: Path, split: str, masks: bool, mirror: bool = False) -> Corpus
 
     # Pass 2: the bulk read, straight into the concatenated stores.
     mats = [root / "videos" / f"{n}.mat" for n in names]
-    frames, frame_offsets, mask_store, frame_labels = read_stores(mats, "data", shapes, masks, mirror)
+    frames, frame_offsets, mask_store, frame_labels = read_stores(mats, "data", shapes, masks)
     rec, frame = samples(labelled_all)
     if len(rec) == 0:
         raise DataError(split_path, "no labelled frames")

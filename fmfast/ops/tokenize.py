@@ -33,9 +33,16 @@ def patch_embed_ref(x: torch.Tensor, p: ScaleParams, eps: float = LN_EPS) -> tor
 
 
 def gather_clip(store: torch.Tensor, frame_index: torch.Tensor) -> torch.Tensor:
-    """Frame store ``[N,C,H,W]`` + frame table ``[B,T]`` -> clip ``[B,C,T,H,W]``. Indices are
-    clamped into ``[0, N-1]``, as the Triton kernel does, so both paths agree on any table."""
-    return store[frame_index.long().clamp(0, store.shape[0] - 1)].permute(0, 2, 1, 3, 4)
+    """Frame store ``[N,C,H,W]`` + frame table ``[B,T]`` -> clip ``[B,C,T,H,W]``.
+
+    Entry ``i`` is frame ``i``; entry ``~i`` (= -1-i) is frame ``i`` mirrored along W (how a
+    training flip is asked for without a flipped copy of the store). Frames are clamped into
+    ``[0, N-1]``, as the Triton kernel does, so both paths agree on any table."""
+    fi = frame_index.long()
+    flip = fi < 0
+    clip = store[torch.where(flip, -1 - fi, fi).clamp(max=store.shape[0] - 1)]  # [B, T, C, H, W]
+    clip = torch.where(flip[:, :, None, None, None], clip.flip(-1), clip)
+    return clip.permute(0, 2, 1, 3, 4)
 
 
 def tubelets(video: torch.Tensor, patch_size: int, frame_patch_size: int, dilation: int = 1) -> torch.Tensor:

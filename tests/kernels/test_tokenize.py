@@ -184,27 +184,35 @@ def test_non_contiguous_sliced_video():
     assert_matches_ref(video, C, T, H, W, p, pf, D, dil)
 
 
-def test_frame_store_repeated_and_clamped_indices():
-    N, C, H, W, p, pf, D, dil = 5, 3, 16, 16, 4, 2, 24, (1, 2)
+def clips_by_hand(store, index):
+    """The frame-table convention spelled out: entry i is frame i, ~i is frame i mirrored along
+    W, frames clamped into [0, N-1]."""
+    N = store.shape[0]
+    rows = [torch.stack([store[min(e if e >= 0 else ~e, N - 1)].flip(-1) if e < 0 else store[min(e, N - 1)]
+                         for e in row.tolist()]) for row in index]
+    return torch.stack(rows).permute(0, 2, 1, 3, 4)  # [B, C, T, H, W]
+
+
+def test_frame_store_repeated_clamped_and_mirrored_indices():
+    N, C, H, W, p, pf, D, dil = 5, 3, 8, 16, 4, 2, 24, (1, 2)  # H != W: the mirror is along W
     store = make_video((N, C, H, W), torch.uint8, seed=3)
-    index = torch.tensor([[-3, -1, 0, 0], [2, 2, 2, 4], [4, 7, 1, 3]])  # below 0 and past N clamp
+    index = torch.tensor([[~0, ~2, 0, 0], [2, 2, 2, 4], [4, 7, ~9, 3]])  # repeats, past N, mirrored
     T, B = index.shape[1], index.shape[0]
     got, g_got = assert_matches_ref(store, C, T, H, W, p, pf, D, dil, frame_index=index, B=B)
-    # same as materialising the clips with the clamped table
-    clips = store[index.clamp(0, N - 1)].permute(0, 2, 1, 3, 4)
-    want, g_want = assert_matches_ref(clips, C, T, H, W, p, pf, D, dil)
+    # same as materialising the clips by hand
+    want, g_want = assert_matches_ref(clips_by_hand(store, index), C, T, H, W, p, pf, D, dil)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     for a, e in zip(g_got, g_want):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
 
 
-def test_ops_gather_clip_clamps_like_the_kernel():
+def test_ops_gather_clip_reads_like_the_kernel():
     # fmfast.ops' PyTorch path (what CPU models run) must read the same frames as the kernel
     from fmfast.ops.tokenize import gather_clip
 
-    store = make_video((5, 3, 4, 4), torch.uint8, seed=1)
-    index = torch.tensor([[-3, -1, 0, 4], [2, 5, 7, 1]])
-    torch.testing.assert_close(gather_clip(store, index), store[index.clamp(0, 4)].permute(0, 2, 1, 3, 4), atol=0, rtol=0)
+    store = make_video((5, 3, 4, 6), torch.uint8, seed=1)
+    index = torch.tensor([[~3, ~0, 0, 4], [2, 5, 7, ~8]])
+    torch.testing.assert_close(gather_clip(store, index), clips_by_hand(store, index), atol=0, rtol=0)
 
 
 def test_frame_store_int32_transposed_table_and_strided_store():
@@ -218,12 +226,18 @@ def test_frame_store_int32_transposed_table_and_strided_store():
 @settings(max_examples=6, deadline=None)
 @given(B=st.integers(1, 3), C=st.sampled_from([1, 3]), p=st.sampled_from([2, 4]), pf=st.sampled_from([1, 2]),
        tg=st.integers(1, 2), dil=st.sampled_from([(1,), (1, 2), (2,), (1, 3)]), gh=st.integers(1, 2),
-       gw=st.integers(1, 3), D=st.sampled_from([16, 24, 33]), u8=st.booleans(), seed=st.integers(0, 99))
-def test_hypothesis_shapes(B, C, p, pf, tg, dil, gh, gw, D, u8, seed):
+       gw=st.integers(1, 3), D=st.sampled_from([16, 24, 33]), u8=st.booleans(), store=st.booleans(),
+       seed=st.integers(0, 99))
+def test_hypothesis_shapes(B, C, p, pf, tg, dil, gh, gw, D, u8, store, seed):
     m = math.lcm(*dil)
     T, H, W = tg * pf, gh * m * p, gw * m * p
-    video = make_video((B, C, T, H, W), torch.uint8 if u8 else torch.float32, seed=seed)
-    assert_matches_ref(video, C, T, H, W, p, pf, D, dil, seed=seed)
+    dtype = torch.uint8 if u8 else torch.float32
+    if store:  # a frame store and a table with repeated, clamped and mirrored (~i) entries
+        index = torch.randint(-6, 6, (B, T), generator=torch.Generator().manual_seed(seed))
+        assert_matches_ref(make_video((4, C, H, W), dtype, seed=seed), C, T, H, W, p, pf, D, dil,
+                           frame_index=index, B=B, seed=seed)
+    else:
+        assert_matches_ref(make_video((B, C, T, H, W), dtype, seed=seed), C, T, H, W, p, pf, D, dil, seed=seed)
 
 
 def test_paper_shape_forward_backward():
