@@ -175,6 +175,7 @@ def test_bench_batch_vs_reference_style(benchmark, data, split, one_thread):
     assert ratio >= 10, f"batch only {ratio:.1f}x the reference pipeline"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: gathers from a GPU-resident frame store")
 def test_bench_gpu_batch_vs_reference_style(benchmark, data):
     ds, idx, ratio, loop_s, batch_s = _reference_case(data, "cuda", "train")

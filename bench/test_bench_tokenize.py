@@ -24,7 +24,11 @@ from einops import rearrange
 from fmfast.nn import MultiscaleTubeletEmbed
 
 GPU = torch.cuda.is_available()
-needs_gpu = pytest.mark.skipif(not GPU, reason="needs CUDA: the compiled Triton kernel and GPU timings")
+_no_gpu = pytest.mark.skipif(not GPU, reason="needs CUDA: the compiled Triton kernel and GPU timings")
+
+
+def needs_gpu(test):
+    return pytest.mark.gpu(_no_gpu(test))
 C, T, HW, P, PF, D, DIL = 3, 10, 64, 8, 2, 96, (1, 2)
 
 

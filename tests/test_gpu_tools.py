@@ -70,3 +70,31 @@ def test_gpu_check_writes_the_table_when_a_stage_runs_out_of_the_budget(tmp_path
     md = (out / "results.md").read_text()
     assert "| gpu_tests | ran out of time |" in md and "| bench_rest | skipped (budget spent) |" in md, md
     assert "| results |" not in md  # written by that stage, before its own row exists
+
+
+def test_gpu_cases_skip_under_the_interpreter_on_a_cuda_machine(monkeypatch):
+    """The README's test command on a GPU machine runs the interpreter; its GPU cases must skip
+    with a reason instead of running interpreted kernels on CUDA tensors (bf16 wrong, no capture)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import pytest
+    import torch
+
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    root_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(root_conftest)
+
+    def item(gpu):
+        marks = []
+        return SimpleNamespace(marks=marks, add_marker=marks.append,
+                               get_closest_marker=lambda name: pytest.mark.gpu.mark if gpu and name == "gpu" else None)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for interpret, skipped in (("1", True), ("0", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        items = [item(True), item(False)]
+        root_conftest.pytest_collection_modifyitems(None, items)
+        assert [bool(i.marks) for i in items] == [skipped, False]
+        if skipped:
+            assert "TRITON_INTERPRET=0" in items[0].marks[0].kwargs["reason"]

@@ -16,7 +16,11 @@ from hypothesis import given, settings, strategies as st
 import fmfast.kernels.tokenize as tk
 from fmfast.kernels.tokenize import multiscale_tokenize, multiscale_tokenize_ref
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton compiled path)")
+_no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton compiled path)")
+
+
+def cuda(test):
+    return pytest.mark.gpu(_no_cuda(test))
 
 NAMES = ("cls", "norm_in.weight", "norm_in.bias", "proj.weight", "proj.bias", "norm_out.weight",
          "norm_out.bias", "pos")
