@@ -31,15 +31,15 @@ def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None
     # recording and one event
     order = evenly_spread(len(ds), max_samples or len(ds))
     n = len(order)
-    picks: tuple[list, list] = ([], [])  # sample indices worth showing: (abnormal, normal)
+    flags = []  # per batch, which samples are worth showing (abnormal by truth or prediction)
     task_id = progress.add_task("evaluate", total=n, loss=float("nan")) if progress is not None else None
     t0 = time.perf_counter()
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         logits, labels = runner(idx)
         acc.update(logits.float(), labels)
-        if keep:
-            _pick(picks, idx, labels, logits)
+        if keep:  # kept on the device: reading it each batch would make the host wait for the GPU
+            flags.append(abnormal(labels) | abnormal(logits.float().argmax(1)))
         if progress is not None:
             progress.update(task_id, advance=len(idx))
     if device.type == "cuda":
@@ -47,7 +47,7 @@ def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None
     elapsed = time.perf_counter() - t0
     if progress is not None:
         progress.remove_task(task_id)
-    examples = _examples(model, model_name, ds, device, amp_dtype, picks, keep) if keep else {}
+    examples = _examples(model, model_name, ds, device, amp_dtype, _picks(order, flags, batch_size), keep) if keep else {}
     model.train(was_training)
     metrics = acc.compute()
     metrics["samples"] = n
@@ -55,13 +55,19 @@ def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None
     return metrics, examples
 
 
-def _pick(picks, idx, labels, logits) -> None:
-    """Remember one abnormal (by truth or prediction) and one normal sample of this batch."""
-    flag = abnormal(labels) | abnormal(logits.float().argmax(1))
-    for want, bucket in ((True, picks[0]), (False, picks[1])):
-        hit = (flag == want).nonzero()
-        if len(hit):
-            bucket.append(int(idx[int(hit[0])]))
+def _picks(order: torch.Tensor, flags: list, batch_size: int) -> tuple[list, list]:
+    """Sample indices worth showing, ``(abnormal, normal)``: each batch's first flagged and first
+    unflagged sample (``flags[k]`` for the batch ``order[k*batch_size:...]``)."""
+    picks: tuple[list, list] = ([], [])
+    if not flags:
+        return picks
+    for k, flag in enumerate(torch.cat(flags).cpu().split(batch_size)):  # one read of the device
+        idx = order[k * batch_size:(k + 1) * batch_size]
+        for want, bucket in ((True, picks[0]), (False, picks[1])):
+            hit = (flag == want).nonzero()
+            if len(hit):
+                bucket.append(int(idx[int(hit[0])]))
+    return picks
 
 
 def evenly_spread(total: int, k: int) -> torch.Tensor:

@@ -19,10 +19,12 @@ def abnormal(x: torch.Tensor) -> torch.Tensor:
 
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
-    """``[num_classes, num_classes]`` int64 counts; rows are the truth, columns the prediction."""
-    pred, target = pred.reshape(-1).long().cpu(), target.reshape(-1).long().cpu()
-    idx = target * num_classes + pred
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    """``[num_classes, num_classes]`` int64 counts on ``pred``'s device; rows are the truth,
+    columns the prediction. An ``index_add`` rather than ``bincount``, which on a GPU reads the
+    largest index back to the host to size its output."""
+    idx = target.reshape(-1).long().to(pred.device) * num_classes + pred.reshape(-1).long()
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.long, device=pred.device)
+    return counts.index_add_(0, idx, torch.ones_like(idx)).reshape(num_classes, num_classes)
 
 
 def binary_auroc(scores: torch.Tensor, target: torch.Tensor) -> float:
@@ -101,7 +103,8 @@ def segmentation_metrics(cm: torch.Tensor, frame_cm: torch.Tensor) -> dict:
 
 
 class MetricAccumulator:
-    """Collects predictions batch by batch (on any device) and reports the task's metrics."""
+    """Collects predictions batch by batch and reports the task's metrics. Counts and scores
+    stay on the logits' device until ``compute``, so on a GPU ``update`` never waits for it."""
 
     def __init__(self, task: str, num_classes: int = 2):
         self.task, self.num_classes = task, num_classes
@@ -113,20 +116,21 @@ class MetricAccumulator:
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         pred = logits.argmax(1)
-        self.cm += confusion(pred, target, self.num_classes)
+        self.cm = self.cm.to(pred.device) + confusion(pred, target, self.num_classes)
         self.count += logits.shape[0]
         if self.task == "classification":
-            self.scores.append(torch.softmax(logits.float(), 1)[:, 1].cpu())
-            self.targets.append(target.cpu())
+            self.scores.append(torch.softmax(logits.float(), 1)[:, 1])
+            self.targets.append(target)
         else:
-            self.frame_cm += confusion(abnormal(pred), abnormal(target), 2)
+            self.frame_cm = self.frame_cm.to(pred.device) + confusion(abnormal(pred), abnormal(target), 2)
 
     def compute(self) -> dict:
+        cm, frame_cm = self.cm.cpu(), self.frame_cm.cpu()
         if self.task == "classification":
-            scores = torch.cat(self.scores) if self.scores else torch.zeros(0)
-            targets = torch.cat(self.targets) if self.targets else torch.zeros(0, dtype=torch.long)
-            return classification_metrics(self.cm, scores, targets)
-        return segmentation_metrics(self.cm, self.frame_cm)
+            scores = torch.cat([s.cpu() for s in self.scores]) if self.scores else torch.zeros(0)
+            targets = torch.cat([t.cpu() for t in self.targets]) if self.targets else torch.zeros(0, dtype=torch.long)
+            return classification_metrics(cm, scores, targets)
+        return segmentation_metrics(cm, frame_cm)
 
     @property
     def main_metric(self) -> str:
