@@ -20,11 +20,12 @@ def abnormal(x: torch.Tensor) -> torch.Tensor:
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
     """``[num_classes, num_classes]`` int64 counts on ``pred``'s device; rows are the truth,
-    columns the prediction. An ``index_add`` rather than ``bincount``, which on a GPU reads the
-    largest index back to the host to size its output."""
+    columns the prediction. One comparison per cell, summed: ``bincount`` on a GPU reads the
+    largest index back to the host, and ``index_add`` would pile every pixel's atomic add onto
+    the same few counters."""
     idx = target.reshape(-1).long().to(pred.device) * num_classes + pred.reshape(-1).long()
-    counts = torch.zeros(num_classes * num_classes, dtype=torch.long, device=pred.device)
-    return counts.index_add_(0, idx, torch.ones_like(idx)).reshape(num_classes, num_classes)
+    cells = torch.arange(num_classes * num_classes, device=pred.device)
+    return (idx[:, None] == cells).sum(0).reshape(num_classes, num_classes)
 
 
 def binary_auroc(scores: torch.Tensor, target: torch.Tensor) -> float:

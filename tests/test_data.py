@@ -210,6 +210,7 @@ def test_batch_index_forms_and_bounds(tiny_v2):
         ds[-9]
 
 
+@pytest.mark.gpu
 def test_to_device_moves_everything(tiny_v2):
     ds = tiny(tiny_v2, train=True, seed=1)
     assert ds.to("cpu") is ds and ds.device.type == "cpu"

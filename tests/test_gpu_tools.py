@@ -41,7 +41,7 @@ def test_gpu_results_table(tmp_path):
     assert p.returncode == 0, p.stderr
     md = (tmp_path / "results.md").read_text()
     assert "| gpu_tests | failed (1) | 80 |" in md and "| bench_rest | ran out of time | 150 |" in md
-    assert "| bench_train | ran out of time (killed) | 140 |" in md
+    assert "| bench_train | killed (out of time or memory) | 140 |" in md
     assert "3 run, 1 failed" in md and "FAILED tests.test_graphs::test_gpu_b" in md
     assert "| epoch over 2.2M samples incl. gather (s) | 71.0 | <= 60 | **no** |" in md
     assert "| (a) reference | 41.600 | 5.20 | 6,154 |" in md

@@ -64,3 +64,23 @@ def test_accumulator_segmentation_frame_labels_from_masks():
     assert m["frame_confusion"] == [[1, 1], [1, 0]]
     assert m["frame_accuracy"] == pytest.approx(1 / 3)
     assert sum(map(sum, m["confusion"])) == 48
+
+
+def test_confusion_matches_bincount_on_three_classes():
+    g = torch.Generator().manual_seed(0)
+    pred, true = torch.randint(0, 3, (500,), generator=g), torch.randint(0, 3, (500,), generator=g)
+    assert torch.equal(confusion(pred, true, 3), torch.bincount(true * 3 + pred, minlength=9).view(3, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: metrics accumulated on the device")
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_cuda_accumulator_equals_cpu(task):
+    g = torch.Generator().manual_seed(1)
+    shape = (16,) if task == "classification" else (16, 8, 8)
+    batches = [(torch.randn(16, 2, *shape[1:], generator=g), torch.randint(0, 2, shape, generator=g)) for _ in range(3)]
+    cpu, gpu = MetricAccumulator(task), MetricAccumulator(task)
+    for logits, target in batches:
+        cpu.update(logits, target)
+        gpu.update(logits.cuda(), target.cuda())
+    assert gpu.compute() == pytest.approx(cpu.compute())

@@ -13,6 +13,9 @@ RULES = "E9,F63,F7,F821,F822,F823"
 
 
 def test_no_undefined_names_or_syntax_errors():
+    import importlib.util
+
+    assert importlib.util.find_spec("ruff"), "ruff is not installed: pip install -e '.[dev]'"
     r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--select", RULES,
                         "--output-format", "concise", "fmfast", "kernels", "bench", "tests", "tools"],
                        cwd=ROOT, capture_output=True, text=True)

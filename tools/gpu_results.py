@@ -21,7 +21,7 @@ def stages(out: Path) -> list[dict]:
     for line in (f.read_text().splitlines() if f.is_file() else []):
         parts = line.split()
         if len(parts) >= 2:
-            status = {"0": "passed", "124": "ran out of time", "137": "ran out of time (killed)",
+            status = {"0": "passed", "124": "ran out of time", "137": "killed (out of time or memory)",
                       "skipped": "skipped (budget spent)"}.get(parts[1], f"failed ({parts[1]})")
             rows.append({"stage": parts[0], "status": status, "seconds": int(parts[2]) if len(parts) > 2 else None})
     return rows

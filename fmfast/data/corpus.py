@@ -47,9 +47,9 @@ def read_stores(files: list, data_key: str, shapes: list[tuple[int, ...]], masks
     """Bulk-read every recording's frames (and masks) straight into concatenated stores.
 
     Returns (frames, frame_offsets [R+1], masks or None, frame_labels [N]); frames is
-    [N,3,W,H] uint8 and masks [N,W,H] uint8 in {0,1}. With ``mirror`` both stores are twice as
-    long and rows N.. hold the frames flipped on the last axis, so that a flipped clip is a
-    plain gather. The class label of a frame is 1 when any mask pixel is > 0.
+    [N,3,W,H] uint8 and masks [N,W,H] uint8 in {0,1}, each frame once (training flips are read
+    mirrored by index, see ``FMFDataset.frame_index``). The class label of a frame is 1 when any
+    mask pixel is > 0.
     """
     frames, offsets = allocate(shapes)
     mask_store = allocate([s[:1] + s[2:] for s in shapes])[0] if masks else None

@@ -40,7 +40,8 @@ class MultiscaleTubeletEmbed(nn.Module):
 
     Supported: H, W divisible by ``d * p`` for every dilation d, T divisible by ``pf``, and the
     input's C, T, H, W equal to the constructor's. ``forward(store, frame_index)`` reads the clip
-    from a frame store ``[N,C,H,W]`` uint8 with a ``[B,T]`` int64 frame table.
+    from a frame store ``[N,C,H,W]`` uint8 with a ``[B,T]`` int64 frame table (entry ``i``: frame
+    ``i``; ``~i`` = -1-i: frame ``i`` mirrored along W, how training flips are asked for).
 
     ``backend``: "auto" (default) runs the fused Triton tokenizer on CUDA inputs and plain
     PyTorch elsewhere (same results); "triton" / "torch" force one (see ``fmfast.ops.multiscale_tokens``).

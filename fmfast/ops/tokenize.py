@@ -41,7 +41,8 @@ def gather_clip(store: torch.Tensor, frame_index: torch.Tensor) -> torch.Tensor:
     fi = frame_index.long()
     flip = fi < 0
     clip = store[torch.where(flip, -1 - fi, fi).clamp(max=store.shape[0] - 1)]  # [B, T, C, H, W]
-    clip = torch.where(flip[:, :, None, None, None], clip.flip(-1), clip)
+    if fi.device.type != "cpu" or flip.any():  # (a GPU must not read flip back: capturable)
+        clip = torch.where(flip[:, :, None, None, None], clip.flip(-1), clip)
     return clip.permute(0, 2, 1, 3, 4)
 
 
@@ -75,7 +76,8 @@ def multiscale_tokens_ref(
     """Video -> ``[B, 1 + sum_i n_i, D]``: cls, then the tokens of scale 0, 1, ... in (t, h, w) order.
 
     ``video`` is ``[B,C,T,H,W]`` (uint8 or float, 0..255, not normalised) or, with
-    ``frame_index`` ``[B,T]``, a frame store ``[N,C,H,W]`` gathered as ``store[frame_index]``.
+    ``frame_index`` ``[B,T]``, a frame store ``[N,C,H,W]`` read by :func:`gather_clip` (entry
+    ``i``: frame ``i``; ``~i``: frame ``i`` mirrored; clamped into ``[0, N-1]``).
     Pixels are cast to the parameters' dtype (exact for uint8 -> fp32); under autocast the
     LayerNorms stay in fp32 and the projection runs in the autocast dtype. The cls token gets
     row 0 of scale 0's position embedding, as in the reference (cls concat, then add).
@@ -104,8 +106,8 @@ def multiscale_tokens(video, cls_token, scales, *, backend: str = "auto", **kw) 
     ``backend``: "auto" runs the fused Triton kernel (``fmfast.kernels.tokenize``, one launch for
     all scales, parameter gradients only: the video is data) on CUDA tensors and the reference
     elsewhere or when a gradient to the video is wanted; "triton" forces the kernel (on CPU it needs TRITON_INTERPRET=1, for tests);
-    "torch" forces the reference. The kernel clamps frame indices into ``[0, N-1]``; the
-    reference expects them in range already.
+    "torch" forces the reference. Both read frame tables alike (see :func:`gather_clip`): a
+    negative entry ``~i`` is frame ``i`` mirrored, not an index to clamp.
     """
     if backend not in TOKENIZE_BACKENDS:
         raise ValueError(f"fmfast.ops.tokenize: backend must be one of {TOKENIZE_BACKENDS}, got {backend!r}")
