@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from fmfast.data.dataset import mirror_where
+from fmfast.ops.tokenize import split_frame_index
+
 Tensor = torch.Tensor
 
 
@@ -31,10 +34,8 @@ def gather_inputs(ds, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if ds.task == "classification":
         labels = ds.labels.index_select(0, idx)
     else:  # the labelled frame is a clip's last
-        last = fi[:, -1]
-        flip = last < 0
-        masks = ds.masks.index_select(0, torch.where(flip, -1 - last, last))
-        labels = torch.where(flip[:, None, None], masks.flip(-1), masks).long()
+        last, flip = split_frame_index(fi[:, -1])
+        labels = mirror_where(ds.masks.index_select(0, last), flip).long()
     return fi, currents, labels
 
 

@@ -61,8 +61,7 @@ def _picks(order: torch.Tensor, flags: list, batch_size: int) -> tuple[list, lis
     picks: tuple[list, list] = ([], [])
     if not flags:
         return picks
-    for k, flag in enumerate(torch.cat(flags).cpu().split(batch_size)):  # one read of the device
-        idx = order[k * batch_size:(k + 1) * batch_size]
+    for idx, flag in zip(order.split(batch_size), torch.cat(flags).cpu().split(batch_size)):  # one device read
         for want, bucket in ((True, picks[0]), (False, picks[1])):
             hit = (flag == want).nonzero()
             if len(hit):

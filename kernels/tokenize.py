@@ -617,9 +617,9 @@ def multiscale_tokenize_ref(video: torch.Tensor, cls_token: torch.Tensor, scales
     B, _, D, K = _check_inputs(video, frame_index, cls_token, scales, patch_size, frame_patch_size, dilations)
     if frame_index is not None:  # gather the clips: entry ~i is frame i mirrored; clamp to [0, N-1]
         fi = frame_index.long()
-        flip = (fi < 0)[:, :, None, None, None]
-        clips = video[torch.where(fi < 0, -1 - fi, fi).clamp(max=video.shape[0] - 1)]  # [B, T, C, H, W]
-        video = torch.where(flip, clips.flip(-1), clips).permute(0, 2, 1, 3, 4)
+        flip = fi < 0
+        clips = video[torch.where(flip, -1 - fi, fi).clamp(max=video.shape[0] - 1)]  # [B, T, C, H, W]
+        video = torch.where(flip[:, :, None, None, None], clips.flip(-1), clips).permute(0, 2, 1, 3, 4)
     x = video.to(cls_token.dtype)
     p, pf = patch_size, frame_patch_size
     out = []

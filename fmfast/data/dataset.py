@@ -146,7 +146,7 @@ class FMFDataset:
         """``[B, T]`` indices into ``frames`` of each sample's clip; a flipped sample's as ``~i``
         (read mirrored by ``fmfast.ops.gather_clip`` and the tokenizer kernel)."""
         idx = self._index(indices)
-        g = torch.maximum(self._gframe[idx, None] - self._back, self._first[idx, None])
+        g = self._clip_frames(idx)
         return torch.where(self.flips[idx, None], -1 - g, g)
 
     def current_index(self, indices: Indices) -> torch.Tensor:
@@ -158,7 +158,7 @@ class FMFDataset:
         """(clips [B,3,T,W,H] uint8, currents [B,2S,3] float32, labels [B] or [B,W,H] int64),
         equal to stacking ``self[i]`` for i in indices; gathered on the dataset's device."""
         idx = self._index(indices)
-        g = torch.maximum(self._gframe[idx, None] - self._back, self._first[idx, None])
+        g = self._clip_frames(idx)
         B, T = g.shape
         _, C, W, H = self.frames.shape
         # One row gather straight into [B, C, T] order: row (g*C + c) of the [N*C, W*H] plane view.
@@ -175,6 +175,10 @@ class FMFDataset:
         return clips, currents, labels
 
     # ---- helpers -------------------------------------------------------------------------
+    def _clip_frames(self, idx: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` store indices of the clips' frames, clamped at each recording's frame 0."""
+        return torch.maximum(self._gframe[idx, None] - self._back, self._first[idx, None])
+
     def _check(self, i) -> int:
         n = len(self)
         i = int(i)

@@ -32,16 +32,23 @@ def patch_embed_ref(x: torch.Tensor, p: ScaleParams, eps: float = LN_EPS) -> tor
     return F.layer_norm(x, p.norm_out_weight.shape, p.norm_out_weight, p.norm_out_bias, eps)
 
 
+def split_frame_index(frame_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A frame table -> ``(frames, mirrored)``: entry ``i`` is frame ``i``, entry ``~i`` (= -1-i)
+    frame ``i`` mirrored along W (see :func:`gather_clip`). No host sync (capturable)."""
+    fi = frame_index.long()
+    mirrored = fi < 0
+    return torch.where(mirrored, -1 - fi, fi), mirrored
+
+
 def gather_clip(store: torch.Tensor, frame_index: torch.Tensor) -> torch.Tensor:
     """Frame store ``[N,C,H,W]`` + frame table ``[B,T]`` -> clip ``[B,C,T,H,W]``.
 
     Entry ``i`` is frame ``i``; entry ``~i`` (= -1-i) is frame ``i`` mirrored along W (how a
     training flip is asked for without a flipped copy of the store). Frames are clamped into
     ``[0, N-1]``, as the Triton kernel does, so both paths agree on any table."""
-    fi = frame_index.long()
-    flip = fi < 0
-    clip = store[torch.where(flip, -1 - fi, fi).clamp(max=store.shape[0] - 1)]  # [B, T, C, H, W]
-    if fi.device.type != "cpu" or flip.any():  # (a GPU must not read flip back: capturable)
+    frames, flip = split_frame_index(frame_index)
+    clip = store[frames.clamp(max=store.shape[0] - 1)]  # [B, T, C, H, W]
+    if flip.device.type != "cpu" or flip.any():  # (a GPU must not read flip back: capturable)
         clip = torch.where(flip[:, :, None, None, None], clip.flip(-1), clip)
     return clip.permute(0, 2, 1, 3, 4)
 
