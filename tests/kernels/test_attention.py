@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from fmfast.kernels.attention import block_sparse_attention, block_sparse_attention_ref, element_mask
 from fmfast.ops import layout as L
+from _sm90 import lower_in_subprocess
 
 _no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton compiled path)")
 
@@ -374,12 +375,5 @@ for lo, prec in (("bf16", "tf32"), ("fp32", "ieee")):
 def test_kernels_lower_to_sm90_cubin():
     """Compile forward and backward for an H100/H200 (sm_90) down to cubin with Triton's bundled
     ptxas, in bf16 and fp32: the GPU compiler rejects things the interpreter accepts."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _LOWER_TO_SM90], env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count(" ok ") == 6, res.stdout
+    out = lower_in_subprocess(_LOWER_TO_SM90)
+    assert out.count(" ok ") == 6, out

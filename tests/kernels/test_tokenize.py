@@ -3,9 +3,6 @@ twin against a literal reading of the reference model (einops rearrange + neares
 
 Shapes stay tiny: the interpreter costs milliseconds per Triton op per program instance."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import fmfast.kernels.tokenize as tk
 from fmfast.kernels.tokenize import multiscale_tokenize, multiscale_tokenize_ref
+from _sm90 import lower_in_subprocess
 
 _no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton compiled path)")
 
@@ -433,12 +431,8 @@ for fn, store_mode, cdt in [(tk._tokenize_fwd, False, tl.float32), (tk._tokenize
 def test_kernels_lower_to_sm90_cubin():
     """Compile the kernels for an H100/H200 (sm_90) down to cubin with Triton's bundled ptxas: the
     GPU compiler rejects things the interpreter accepts (tl.dot shapes and dtypes, scalar types)."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _LOWER_TO_SM90], env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count(" ok ") == 3, res.stdout
+    out = lower_in_subprocess(_LOWER_TO_SM90)
+    assert out.count(" ok ") == 3, out
 
 
 # ---- bad input ------------------------------------------------------------------------------------
