@@ -7,7 +7,8 @@ setup(
     version="0.1.0",
     description="Fast FmFormer: cross-modal (video + arc current) anomaly detection for fused magnesium furnaces",
     python_requires=">=3.10",
-    packages=["fmfast", "fmfast.data", "fmfast.nn", "fmfast.ops", "fmfast.models", "fmfast.kernels"],
+    packages=["fmfast", "fmfast.data", "fmfast.nn", "fmfast.models", "fmfast.engine", "fmfast.detect", "fmfast.cli",
+              "fmfast.kernels"],
     package_dir={"fmfast.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
@@ -20,6 +21,7 @@ setup(
         "pyyaml",
         "matplotlib",
     ],
+    entry_points={"console_scripts": ["fmfast = fmfast.cli:main"]},
     extras_require={
         # av encodes the tests' videos and is the decoding peer in bench/; onnx + onnxruntime
         # check ONNX exports against PyTorch

@@ -1,8 +1,9 @@
-"""Timing and reporting shared by the model and training benchmarks.
+"""Timing, GPU marks and reporting shared by the benchmarks.
 
 GPU: CUDA events around repeated calls, median of repetitions (pytest-benchmark times the host,
 which for asynchronous GPU work measures launches, not work). CPU: wall clock, single thread
-(a shared 2-core machine: intra-op threads measure the neighbours), median.
+(a shared 2-core machine: intra-op threads measure the neighbours), median. ``best_of``: wall
+clock, the best of a few rounds that interleave the peers, so all see the same machine load.
 """
 from __future__ import annotations
 
@@ -20,9 +21,20 @@ needs_interpreter = pytest.mark.skipif(
     not INTERPRET, reason="the fast path on CPU tensors needs TRITON_INTERPRET=1 (off here: kernels compiled for the GPU)")
 
 
+def needs_gpu(test=None, *, reason: str = GPU_REASON):
+    """Mark a GPU case: the ``gpu`` marker (the root conftest.py skips such cases under the Triton
+    interpreter) and a skip without CUDA saying what the case needs. ``@needs_gpu`` gives the
+    general reason, ``@needs_gpu(reason="needs CUDA: ...")`` a more specific one."""
+    def mark(t):
+        return pytest.mark.gpu(pytest.mark.skipif(not GPU, reason=reason)(t))
+    return mark if test is None else mark(test)
+
+
 def time_ms(step, reps: int = 5, inner: int = 10, warmup: int = 3, cpu_reps: int = 3) -> float:
-    """Median milliseconds per call of ``step`` (CPU: ``cpu_reps`` timed calls after one warm-up;
-    ``cpu_reps=1``: one call, no warm-up, for steps already run once by a parity check)."""
+    """Median milliseconds per call of ``step``. GPU: ``warmup`` calls, then ``reps`` repetitions
+    of ``inner`` calls between two CUDA events. CPU, one thread: one warm-up call, then ``cpu_reps``
+    timed calls (an even count takes the upper median; ``cpu_reps=1``: one call, no warm-up, for
+    steps already run once by a parity check)."""
     if GPU:
         for _ in range(warmup):
             step()
@@ -52,6 +64,28 @@ def time_ms(step, reps: int = 5, inner: int = 10, warmup: int = 3, cpu_reps: int
     return sorted(times)[len(times) // 2] * 1e3
 
 
+def best_of(*fns, rounds: int = 3, reps: tuple[int, ...] | None = None, warmup: int = 0, sync=None) -> list[float]:
+    """Best (minimum) wall-clock seconds of one call of each of ``fns`` (threads as the caller set
+    them). ``warmup`` untimed calls of each first; then ``rounds`` rounds, each calling every
+    function in turn (``reps[i]`` timed calls of the i-th, default 1), so that all see the same
+    machine load. ``sync`` (e.g. ``torch.cuda.synchronize``) runs after each call, inside its time."""
+    sync = sync or (lambda: None)
+    reps = reps or (1,) * len(fns)
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    sync()
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for k, (fn, n) in enumerate(zip(fns, reps)):
+            for _ in range(n):
+                t = time.perf_counter()
+                fn()
+                sync()
+                best[k] = min(best[k], time.perf_counter() - t)
+    return best
+
+
 def peak_mb(step):
     """(peak GPU memory in MB allocated while ``step`` runs once, above what was held before,
     ``step``'s result)."""
@@ -64,7 +98,7 @@ def peak_mb(step):
 
 
 def check(target: str, value: float, goal: float, higher_is_better: bool = True) -> dict:
-    """One target of DESIGN.md/the issue, evaluated (stored for tools/gpu_results.py)."""
+    """One performance target, evaluated (stored for tools/gpu_results.py)."""
     met = value >= goal if higher_is_better else value <= goal
     return {"target": target, "value": round(float(value), 4), "goal": ("<= " if not higher_is_better else ">= ") + str(goal),
             "met": bool(met)}

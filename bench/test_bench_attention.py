@@ -3,27 +3,24 @@
 Peers: (a) the reference's four separate attentions (plain matmul-softmax-matmul), (b) SDPA with a
 dense element mask, (c) FlexAttention (compiled) with the equivalent BlockMask. One FmFormer
 attention stage = the self phase (block-diagonal layout) + the cross phase (off-diagonal), both
-on the same packed q, k, v. FLOP rates count the blocks actually computed.
+on the same packed q, k, v. FLOP rates count the blocks actually computed. Timing: ``time_ms``
+(bench/_common.py): on a GPU CUDA events around 10 calls, median of 5 repetitions, L2 warm --
+runs before it used ``triton.testing.do_bench`` (mean per call, L2 flushed between calls), so
+their times are not comparable one to one; on CPU one thread, median of 6 after a warm-up (and
+the parity check's call).
 
 Run: ``python -m pytest -q bench/test_bench_attention.py -s`` (``-s`` prints the tables).
 On CPU only a tiny case runs through the PyTorch paths; the GPU cases skip with a reason.
 """
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _common import max_err, needs_gpu, run_benchmark, time_ms
 
-from fmfast.ops import layout as L
-from fmfast.ops.attention import attention_ref
+from fmfast.kernels import layout as L
+from fmfast.nn.attention import attention_ref
 
-GPU = torch.cuda.is_available()
-_no_gpu = pytest.mark.skipif(not GPU, reason="needs CUDA: compiled Triton kernel, FlexAttention "
-                                             "(no CPU backward) and GPU timings")
-
-
-def needs_gpu(test):
-    return pytest.mark.gpu(_no_gpu(test))
+NEEDS_CUDA = "needs CUDA: compiled Triton kernel, FlexAttention (no CPU backward) and GPU timings"
 
 
 # ---- peers -------------------------------------------------------------------------------------
@@ -80,10 +77,6 @@ def _run(fn, q, k, v, do, backward, pack=None):
     return [o.detach().float() for o in packed] + [q.grad.float(), k.grad.float(), v.grad.float()]
 
 
-def _err(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
-
-
 def _step(fn, q, k, v, do, backward, pack=None):
     """A callable timing one forward (or forward+backward) call."""
     qs, ks, vs = (t.detach().clone().requires_grad_(backward) for t in (q, k, v))
@@ -95,33 +88,6 @@ def _step(fn, q, k, v, do, backward, pack=None):
             torch.autograd.backward(outs, [do] * len(outs))
             qs.grad = ks.grad = vs.grad = None
     return step
-
-
-def _time_ms(step):
-    if GPU:
-        import triton.testing
-
-        return triton.testing.do_bench(step, warmup=10, rep=50)
-    # CPU: one thread (OpenMP threads stall on a shared machine), median after two warmups
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        times = []
-        for _ in range(8):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
-    return sorted(times[2:])[3] * 1e3
-
-
-def _bench(benchmark, step):
-    def synced():
-        step()
-        if GPU:
-            torch.cuda.synchronize()
-    benchmark.pedantic(synced, rounds=10 if GPU else 3, warmup_rounds=2 if GPU else 1)
 
 
 def _flops(lay, b, h, d, backward):
@@ -149,13 +115,14 @@ def test_bench_tiny_torch_paths(benchmark, backward):
     lays = [L.self_attention_layout(lengths, 16, 16), L.cross_attention_layout(lengths, 16, 16)]
     q, k, v, do = _inputs(b, h, sum(lengths), d, torch.float32, "cpu")
     sep, dense = separate_fn(lengths[0], scale), sdpa_fn([lay.dense_mask() for lay in lays], scale)
-    assert _err(_run(sep, q, k, v, do, backward, separate_pack), _run(dense, q, k, v, do, backward)) < 1e-5
+    assert max_err(_run(sep, q, k, v, do, backward, separate_pack), _run(dense, q, k, v, do, backward)) < 1e-5
     step = _step(dense, q, k, v, do, backward)
-    rows = [("(b) packed SDPA + dense mask", _time_ms(step), None),
-            ("(a) four separate attentions", _time_ms(_step(sep, q, k, v, do, backward, separate_pack)), None)]
+    rows = [("(b) packed SDPA + dense mask", time_ms(step, cpu_reps=6), None),
+            ("(a) four separate attentions", time_ms(_step(sep, q, k, v, do, backward, separate_pack), cpu_reps=6),
+             None)]
     _report(f"tiny CPU {'fwd+bwd' if backward else 'fwd'}: B={b} H={h} D={d} N={lengths} fp32 "
             f"(ratios vs (b); Triton needs a GPU)", rows, benchmark)
-    _bench(benchmark, step)
+    run_benchmark(benchmark, step)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -168,16 +135,16 @@ def test_bench_tiny_window_torch_paths(benchmark):
     dense = sdpa_fn([lay.dense_mask()], None)
     bm = lay.to_block_mask()
     flex = lambda q, k, v: [flex_attention(q, k, v, block_mask=bm)]
-    assert _err(_run(dense, q, k, v, do, False), _run(flex, q, k, v, do, False)) < 1e-5
+    assert max_err(_run(dense, q, k, v, do, False), _run(flex, q, k, v, do, False)) < 1e-5
     step = _step(dense, q, k, v, do, False)
-    rows = [("(b) SDPA + dense mask", _time_ms(step), None),
-            ("(c) FlexAttention eager", _time_ms(_step(flex, q, k, v, do, False)), None)]
+    rows = [("(b) SDPA + dense mask", time_ms(step, cpu_reps=6), None),
+            ("(c) FlexAttention eager", time_ms(_step(flex, q, k, v, do, False), cpu_reps=6), None)]
     _report(f"tiny CPU window fwd: N={lay.seq_len} density={lay.density:.2f}", rows, benchmark)
-    _bench(benchmark, step)
+    run_benchmark(benchmark, step)
 
 
 # ---- GPU: the paper's shape and a scaled windowed shape ----------------------------------------
-@needs_gpu
+@needs_gpu(reason=NEEDS_CUDA)
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwdbwd"])
 @pytest.mark.parametrize("batch", [64, 256])
 def test_bench_paper_stage(benchmark, batch, backward):
@@ -191,20 +158,20 @@ def test_bench_paper_stage(benchmark, batch, backward):
              "(b) SDPA + dense mask": (sdpa_fn(masks, scale), None),
              "(c) FlexAttention (compiled)": (flex_fn(lays, scale, "cuda"), None)}
     ref = _run(sdpa_fn(masks, scale), q.float(), k.float(), v.float(), do.float(), backward)  # fp32
-    low_err = _err(_run(sdpa_fn(masks, scale), q, k, v, do, backward), ref)
+    low_err = max_err(_run(sdpa_fn(masks, scale), q, k, v, do, backward), ref)
     for name, (fn, pack) in peers.items():
-        err = _err(_run(fn, q, k, v, do, backward, pack), ref)
+        err = max_err(_run(fn, q, k, v, do, backward, pack), ref)
         assert err <= 2 * low_err + 1e-2, f"{name}: parity error {err:.2e} (bf16 SDPA: {low_err:.2e})"
     flops = sum(_flops(lay, batch, h, d, backward) for lay in lays)
     rows = []
     for name, (fn, pack) in peers.items():
-        rows.append((name, _time_ms(_step(fn, q, k, v, do, backward, pack)), flops if name.startswith("ours") else None))
+        rows.append((name, time_ms(_step(fn, q, k, v, do, backward, pack)), flops if name.startswith("ours") else None))
     _report(f"paper stage {'fwd+bwd' if backward else 'fwd'}: B={batch} H={h} D={d} N={lengths} {dtype} "
             f"(targets: >= 2x (a), >= (c))", rows, benchmark)
-    _bench(benchmark, _step(ours_fn(lays, scale), q, k, v, do, backward))
+    run_benchmark(benchmark, _step(ours_fn(lays, scale), q, k, v, do, backward))
 
 
-@needs_gpu
+@needs_gpu(reason=NEEDS_CUDA)
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwdbwd"])
 def test_bench_scaled_window(benchmark, backward):
     grid, window, b, h, d, dtype = (16, 28, 28), (3, 7, 7), 2, 8, 64, torch.bfloat16
@@ -217,14 +184,14 @@ def test_bench_scaled_window(benchmark, backward):
              "(b) SDPA + dense mask": (sdpa_fn([mask], None), None),
              "(c) FlexAttention (compiled)": (flex_fn([lay], None, "cuda"), None)}
     ref = _run(sdpa_fn([mask], None), q.float(), k.float(), v.float(), do.float(), backward)
-    low_err = _err(_run(sdpa_fn([mask], None), q, k, v, do, backward), ref)
+    low_err = max_err(_run(sdpa_fn([mask], None), q, k, v, do, backward), ref)
     for name, (fn, pack) in peers.items():
-        err = _err(_run(fn, q, k, v, do, backward, pack), ref)
+        err = max_err(_run(fn, q, k, v, do, backward, pack), ref)
         assert err <= 2 * low_err + 1e-2, f"{name}: parity error {err:.2e} (bf16 SDPA: {low_err:.2e})"
-    rows = [(name, _time_ms(_step(fn, q, k, v, do, backward, pack)),
+    rows = [(name, time_ms(_step(fn, q, k, v, do, backward, pack)),
              _flops(lay, b, h, d, backward) if name.startswith("ours") else None)
             for name, (fn, pack) in peers.items()]
-    dense_ms = _time_ms(_step(ours_fn([dense_lay], None), q, k, v, do, backward))
+    dense_ms = time_ms(_step(ours_fn([dense_lay], None), q, k, v, do, backward))
     rows.append(("ours, dense layout (FLOP-rate peer)", dense_ms, _flops(dense_lay, b, h, d, backward)))
     _report(f"scaled window {'fwd+bwd' if backward else 'fwd'}: B={b} H={h} D={d} grid={grid} window={window} "
             f"N={n} density={lay.density:.3f} {dtype} (targets: >= (c), >= 60% of the dense FLOP rate)",
@@ -232,4 +199,4 @@ def test_bench_scaled_window(benchmark, backward):
     sparse_rate, dense_rate = rows[0][2] / rows[0][1], rows[-1][2] / rows[-1][1]
     print(f"  computed-block FLOP rate: {sparse_rate / dense_rate:.0%} of dense")
     benchmark.extra_info["flop_rate_vs_dense"] = sparse_rate / dense_rate
-    _bench(benchmark, _step(ours_fn([lay], None), q, k, v, do, backward))
+    run_benchmark(benchmark, _step(ours_fn([lay], None), q, k, v, do, backward))

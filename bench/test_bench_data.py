@@ -10,14 +10,16 @@ Peers, same dataset and indices, batch 256, paper shapes (T=10, 64x64, 240x3 cur
 (b) the reference pipeline: a dataset written here after the published ViCuDataset's algorithm
     (per-recording numpy arrays, a timestamp list searched with ``list.index``, a dict of
     per-second current rows, float32 clips, its train-mode horizontal flip) batched the way its
-    training script does, by ``DataLoader``'s default collate -- what DESIGN.md's ">= 10x the
+    training script does, by ``DataLoader``'s default collate -- what the target ">= 10x the
     reference dataset's samples/s" is measured against. Conservative: the bench recordings hold
     ~3 min of current, the FMF recordings 22-100 min, and ``list.index`` scans them linearly.
 
 CPU cases run single-threaded (both sides, the DataLoader with ``num_workers=0``): per-sample
 loops cannot use intra-op threads, and on a shared machine torch's thread pool turns
 sub-millisecond gathers into tens of milliseconds of waiting, which measures the neighbours
-rather than the code. The GPU case gathers on the device.
+rather than the code. The GPU case gathers on the device. Times are best-of (``best_of`` in
+bench/_common.py): after a warm-up call of each side, 3 rounds interleave one call of the peer with
+5 of ``ds.batch``, so both see the same machine load.
 
 Run: ``python -m pytest -q bench/test_bench_data.py -s`` (``-s`` prints the table).
 """
@@ -26,13 +28,12 @@ from __future__ import annotations
 import csv
 import json
 import random
-import time
 
 import h5py
 import numpy as np
 import pytest
 import torch
-
+from _common import best_of, needs_gpu
 from torch.utils.data import default_collate
 
 from fmfast.data import FMFDataset
@@ -103,22 +104,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _time_pair(slow, fast, rounds=3, fast_reps=5, sync=lambda: None):
-    """Best-of times of two functions, interleaved so that both see the same machine load."""
-    slow(), fast(), sync()
-    best_slow = best_fast = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        slow()
-        best_slow = min(best_slow, time.perf_counter() - t)
-        for _ in range(fast_reps):
-            t = time.perf_counter()
-            fast()
-            sync()
-            best_fast = min(best_fast, time.perf_counter() - t)
-    return best_slow, best_fast
-
-
 def _stack(items):
     return tuple(torch.stack([torch.as_tensor(np.asarray(it[k])) for it in items]) for k in range(3))
 
@@ -131,7 +116,7 @@ def test_bench_batch_vs_getitem(benchmark, data, split, one_thread):
     ref = _stack([ds[int(i)] for i in idx])
     assert all(torch.equal(g, r) for g, r in zip(got, ref))
 
-    loop_s, batch_s = _time_pair(lambda: _stack([ds[int(i)] for i in idx]), lambda: ds.batch(idx))
+    loop_s, batch_s = best_of(lambda: _stack([ds[int(i)] for i in idx]), lambda: ds.batch(idx), reps=(1, 5), warmup=1)
     ratio = loop_s / batch_s
     print(f"\n[{split}, flips={ds.train}] clips {tuple(got[0].shape)} {got[0].dtype}, currents "
           f"{tuple(got[1].shape)} {got[1].dtype}, labels {tuple(got[2].shape)}, threads={torch.get_num_threads()}")
@@ -155,10 +140,11 @@ def _reference_case(data, device, split):
     mirrored = (clips.float() == r_clips.flip(-1)).flatten(1).all(1)
     assert bool((same | mirrored).all()) and torch.equal(currents, r_currents) and torch.equal(labels, r_labels)
     assert bool(same.all()) if split == "test" else 0.3 < (mirrored & ~same).float().mean() < 0.7
-    sync = torch.cuda.synchronize if ds.device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if ds.device.type == "cuda" else None
     idx = idx.to(device)
     order = idx.tolist()
-    loop_s, batch_s = _time_pair(lambda: default_collate([ref_ds[i] for i in order]), lambda: ds.batch(idx), sync=sync)
+    loop_s, batch_s = best_of(lambda: default_collate([ref_ds[i] for i in order]), lambda: ds.batch(idx),
+                              reps=(1, 5), warmup=1, sync=sync)
     ratio = loop_s / batch_s
     print(f"\n[{split}, flips={ds.train}] reference pipeline (CPU: per-sample dataset + default collate, float32 clips) "
           f"vs ds.batch on {ds.device}, B={B}, clips {tuple(clips.shape)}, threads={torch.get_num_threads()}")
@@ -175,8 +161,7 @@ def test_bench_batch_vs_reference_style(benchmark, data, split, one_thread):
     assert ratio >= 10, f"batch only {ratio:.1f}x the reference pipeline"
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: gathers from a GPU-resident frame store")
+@needs_gpu(reason="needs CUDA: gathers from a GPU-resident frame store")
 def test_bench_gpu_batch_vs_reference_style(benchmark, data):
     ds, idx, ratio, loop_s, batch_s = _reference_case(data, "cuda", "train")
     benchmark.extra_info.update(loop_ms=loop_s * 1e3, batch_ms=batch_s * 1e3, ratio=ratio)

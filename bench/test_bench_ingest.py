@@ -11,19 +11,19 @@ Run: ``python -m pytest -q bench/test_bench_ingest.py -s`` (``-s`` prints the ra
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _common import best_of
 
 av = pytest.importorskip("av", reason="PyAV is the decoding peer (dev extra 'av')")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _recordings import stamp, v2_current, write_video  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers
+from helpers.recordings import stamp, v2_current, write_video  # noqa: E402
 
-from fmfast.video_io import VideoReader, resize_frames  # noqa: E402
+from fmfast.data.video import VideoReader, resize_frames  # noqa: E402
 
 N, H, W, FPS, SIZE = 240, 240, 320, 25, 64
 
@@ -61,22 +61,13 @@ def decord_decode(path: Path) -> torch.Tensor:
     return torch.cat([f for _, f in r.chunks((SIZE, SIZE), chunk=64)])
 
 
-def best_of(fn, rounds=3) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def test_bench_decode_vs_pyav(benchmark, recording):
     _, video, _ = recording
     ours, peer = decord_decode(video), pyav_decode(video, resize=True)
     assert ours.shape == peer.shape == (N, 3, SIZE, SIZE)
     # same FFmpeg decoder underneath; colour conversion may differ by a level or two
     assert (ours.float() - peer.float()).abs().mean() < 2.0
-    t_peer = best_of(lambda: pyav_decode(video, resize=True))
+    t_peer = best_of(lambda: pyav_decode(video, resize=True))[0]
     benchmark.pedantic(decord_decode, args=(video,), rounds=3, iterations=1)
     t_ours = benchmark.stats.stats.min
     print(f"\ndecode+resize {N} frames {W}x{H} h264 -> [{N},3,{SIZE},{SIZE}] uint8: decord {N / t_ours:.0f} "
@@ -86,7 +77,7 @@ def test_bench_decode_vs_pyav(benchmark, recording):
 def test_bench_ingest_vs_pyav(benchmark, recording, tmp_path):
     import h5py
 
-    from fmfast.ingest import ingest
+    from fmfast.data.ingest import ingest
 
     d, video, cur = recording
     runs = iter(range(100))
@@ -101,7 +92,7 @@ def test_bench_ingest_vs_pyav(benchmark, recording, tmp_path):
         stored = torch.from_numpy(f["data"][:])
     assert stored.shape == (N, 3, SIZE, SIZE)
     assert (stored.float() - pyav_decode(video, resize=True).float()).abs().mean() < 2.0
-    t_peer = best_of(lambda: pyav_decode(video))
+    t_peer = best_of(lambda: pyav_decode(video))[0]
     benchmark.pedantic(run, rounds=3, iterations=1)
     t_ours = benchmark.stats.stats.min
     print(f"\ningest {N} frames {W}x{H} h264 -> V2 [{N},3,{SIZE},{SIZE}] + current: {N / t_ours:.0f} frames/s; "
@@ -109,21 +100,18 @@ def test_bench_ingest_vs_pyav(benchmark, recording, tmp_path):
 
 
 def test_bench_detect_vs_pyav(benchmark, recording, tmp_path):
-    from fmfast.alarms import AlarmTracker
-    from fmfast.config import ModelConfig
-    from fmfast.detect import Scorer, WindowEngine, build_parser, feed_file
-    from fmfast.models import build_model
+    from fmfast.detect import AlarmTracker, Scorer, WindowEngine, feed_file
+    from fmfast.models import ModelConfig, build_model
 
     d, video, cur = recording
     torch.manual_seed(0)
     model = build_model("fmformer", ModelConfig())  # the paper's size: T=10, 64x64, 240x3 current
     meta = {"model_name": "fmformer", "task": "classification", "data": {}}
-    args = build_parser().parse_args(["--checkpoint", "-", str(video), str(cur), "--start", stamp(0), "--out", "-"])
     hop = 24  # 10 windows: the paper model runs a few windows/s on a shared CPU
 
     def run():
         eng = WindowEngine(Scorer(model, meta), hop=hop, batch=32, tracker=AlarmTracker(0.6, 0.4, 0.0))
-        feed_file(eng, args)
+        feed_file(eng, str(video), str(cur), start=stamp(0))
         return eng.finish(), eng
 
     res, eng = run()
@@ -138,7 +126,7 @@ def test_bench_detect_vs_pyav(benchmark, recording, tmp_path):
     with torch.no_grad():
         p = model.eval()(clip, rows[None]).softmax(1)[0, 1].item()
     assert abs(p - res.probs[-1]) < 1e-4
-    t_peer = best_of(lambda: pyav_decode(video))
+    t_peer = best_of(lambda: pyav_decode(video))[0]
     benchmark.pedantic(run, rounds=1, iterations=1)
     t_ours = benchmark.stats.stats.min
     nw = len(want)

@@ -3,7 +3,7 @@
 Peers, same weights and inputs, paper shape (clip 3x10x64x64 uint8, current 240x3, D=96, 6 layers,
 3 heads x 32, 401 + 241 tokens):
   ours  ``backend="fast"`` (fused tokenizer, packed block-sparse attention), bf16 autocast;
-        inference replayed from a CUDA graph (``fmfast.graphs.GraphedForward``);
+        inference replayed from a CUDA graph (``fmfast.engine.graphs.GraphedForward``);
   (a)   ``backend="reference"``, eager fp32: the published model's math and precision;
   (a')  the same at bf16 autocast (for the parity tolerance, and as a fair eager peer);
   (b)   (a') under ``torch.compile``.
@@ -19,14 +19,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _common import GPU, GPU_REASON, check, flash_tol, max_err, needs_interpreter, report, run_benchmark, time_ms
+from _common import (
+    GPU,
+    GPU_REASON,
+    check,
+    flash_tol,
+    max_err,
+    needs_gpu,
+    needs_interpreter,
+    report,
+    run_benchmark,
+    time_ms,
+)
 
 from fmfast import FmFormer, ModelConfig
-from fmfast.graphs import GraphedForward, StaticForward
+from fmfast.engine.graphs import GraphedForward, StaticForward
 from fmfast.nn import MultiStreamAttention, MultiStreamFeedForward
 
-def needs_gpu(test):
-    return pytest.mark.gpu(pytest.mark.skipif(not GPU, reason=GPU_REASON)(test))
 PAPER = ModelConfig()
 TINY = ModelConfig(image_size=32, num_frames=4, dim=32, depth=1, heads=2, dim_head=16, mlp_dim=48, current_len=12)
 
@@ -75,8 +84,8 @@ class Layer(torch.nn.Module):
 
 def layers(cfg, device):
     torch.manual_seed(0)
-    ref = Layer(cfg, "torch")
-    fast = Layer(cfg, "triton")
+    ref = Layer(cfg, "reference")
+    fast = Layer(cfg, "fast")
     fast.load_state_dict(ref.state_dict())
     return fast.to(device), ref.to(device)
 

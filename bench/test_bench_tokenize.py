@@ -2,10 +2,11 @@
 
 Peers, paper shape (10 frames of 64x64 uint8, 8x8x2 tubelets, D=96, dilations 1 and 2 ->
 1 + 320 + 80 tokens), same weights and clips:
-  ours  ``MultiscaleTubeletEmbed(backend="triton")``: one fused launch forward, three backward;
-  (a)   the same module with ``backend="torch"``: the reference's pass-per-step PyTorch path;
+  ours  ``MultiscaleTubeletEmbed(backend="fast")``: one fused launch forward, three backward;
+  (a)   the same module with ``backend="reference"``: the reference's pass-per-step PyTorch path;
   (b)   (a) under ``torch.compile``.
-Timing: CUDA events around repeated calls (median of several repetitions). Bytes: the minimum is
+Timing: ``time_ms`` (bench/_common.py): CUDA events around repeated calls (median of several
+repetitions); on CPU one thread, median of 3 calls after a warm-up. Bytes: the minimum is
 each input byte read once and each token written once (plus the weights); the kernel's DRAM bytes
 are *modeled* from its access pattern (no cross-program L2 reuse assumed), not measured -- use
 ``ncu --metrics dram__bytes`` for that. Targets (GPU): >= 5x (a) at batch 256, modeled bytes
@@ -14,31 +15,25 @@ within 1.5x of the minimum.
 Run: ``python -m pytest -q bench/test_bench_tokenize.py -s`` (``-s`` prints the tables).
 On CPU only a small batch runs, through the PyTorch paths (Triton needs a GPU); it says so.
 """
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _common import flash_tol, max_err, needs_gpu, run_benchmark, time_ms
 from einops import rearrange
 
 from fmfast.nn import MultiscaleTubeletEmbed
 
-GPU = torch.cuda.is_available()
-_no_gpu = pytest.mark.skipif(not GPU, reason="needs CUDA: the compiled Triton kernel and GPU timings")
-
-
-def needs_gpu(test):
-    return pytest.mark.gpu(_no_gpu(test))
+NEEDS_CUDA = "needs CUDA: the compiled Triton kernel and GPU timings"
 C, T, HW, P, PF, D, DIL = 3, 10, 64, 8, 2, 96, (1, 2)
 
 
 def _modules(device):
     torch.manual_seed(0)
-    ours = MultiscaleTubeletEmbed(HW, T, P, PF, D, channels=C, dilations=DIL, backend="triton")
+    ours = MultiscaleTubeletEmbed(HW, T, P, PF, D, channels=C, dilations=DIL, backend="fast")
     with torch.no_grad():  # non-trivial LayerNorm affines, so their gradients are checked too
         for t in ours.parameters():
             t.add_(0.1 * torch.randn_like(t))
-    ref = MultiscaleTubeletEmbed(HW, T, P, PF, D, channels=C, dilations=DIL, backend="torch")
+    ref = MultiscaleTubeletEmbed(HW, T, P, PF, D, channels=C, dilations=DIL, backend="reference")
     ref.load_state_dict(ours.state_dict())
     return ours.to(device), ref.to(device)
 
@@ -65,10 +60,6 @@ def _run(module, video, grad, backward, amp, frame_index=None):
     return [out.detach().float()] + [p.grad.float() for p in module.parameters()]
 
 
-def _err(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
-
-
 def _step(module, video, grad, backward, amp, frame_index=None):
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
@@ -77,41 +68,6 @@ def _step(module, video, grad, backward, amp, frame_index=None):
             out.backward(grad)
             module.zero_grad(set_to_none=True)
     return step
-
-
-def _time_ms(step, reps=5):
-    if GPU:
-        for _ in range(3):
-            step()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
-                step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 10)
-        return sorted(times)[reps // 2]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # OpenMP threads stall on a shared machine
-    try:
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
-    return sorted(times[1:])[1] * 1e3
-
-
-def _bench(benchmark, step):
-    def synced():
-        step()
-        if GPU:
-            torch.cuda.synchronize()
-    benchmark.pedantic(synced, rounds=10 if GPU else 3, warmup_rounds=2 if GPU else 1)
 
 
 def _bytes(batch, out_bytes, backward, dz_bytes=4):
@@ -179,17 +135,17 @@ def test_bench_cpu_torch_paths(benchmark, backward):
     _, ref = _modules("cpu")
     video, grad = _inputs(batch, "cpu")
     lit = LiteralReference(ref)
-    assert _err(_run(ref, video, grad, backward, False), _run(lit, video, grad, backward, False)) < 1e-4
+    assert max_err(_run(ref, video, grad, backward, False), _run(lit, video, grad, backward, False)) < 1e-4
     step = _step(ref, video, grad, backward, False)
-    rows = [("(a) module, PyTorch path", _time_ms(step)),
-            ("literal reference steps", _time_ms(_step(lit, video, grad, backward, False)))]
+    rows = [("(a) module, PyTorch path", time_ms(step)),
+            ("literal reference steps", time_ms(_step(lit, video, grad, backward, False)))]
     _report(f"CPU {'fwd+bwd' if backward else 'fwd'}: B={batch} clip {C}x{T}x{HW}x{HW} uint8, D={D}, "
             f"dilations {DIL}, fp32 -- PyTorch paths only (the Triton kernel needs a GPU)", rows, benchmark)
-    _bench(benchmark, step)
+    run_benchmark(benchmark, step)
 
 
 # ---- GPU: the paper's shape at batch 1, 64, 256 ------------------------------------------------
-@needs_gpu
+@needs_gpu(reason=NEEDS_CUDA)
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16autocast"])
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwdbwd"])
 @pytest.mark.parametrize("batch", [1, 64, 256])
@@ -197,23 +153,23 @@ def test_bench_paper_tokenizer(benchmark, batch, backward, amp):
     ours, ref = _modules("cuda")
     video, grad = _inputs(batch, "cuda")
     want = _run(ref, video, grad, backward, False)  # fp32 reference
-    low = _err(_run(ref, video, grad, backward, amp), want)  # PyTorch at the same precision
-    tol = 2 * low + 1e-3 * max(1.0, max(t.abs().max().item() for t in want))  # flash-attention style
-    got = _err(_run(ours, video, grad, backward, amp), want)
+    low = max_err(_run(ref, video, grad, backward, amp), want)  # PyTorch at the same precision
+    tol = flash_tol(low, want)
+    got = max_err(_run(ours, video, grad, backward, amp), want)
     assert got <= tol, f"parity: ours {got:.2e}, PyTorch at the same precision {low:.2e}"
     compiled = torch.compile(ref)
-    assert _err(_run(compiled, video, grad, backward, amp), want) <= tol
-    rows = [("ours (fused Triton)", _time_ms(_step(ours, video, grad, backward, amp))),
-            ("(a) reference module, PyTorch eager", _time_ms(_step(ref, video, grad, backward, amp))),
-            ("(b) reference module, torch.compile", _time_ms(_step(compiled, video, grad, backward, amp)))]
+    assert max_err(_run(compiled, video, grad, backward, amp), want) <= tol
+    rows = [("ours (fused Triton)", time_ms(_step(ours, video, grad, backward, amp))),
+            ("(a) reference module, PyTorch eager", time_ms(_step(ref, video, grad, backward, amp))),
+            ("(b) reference module, torch.compile", time_ms(_step(compiled, video, grad, backward, amp)))]
     dtype = "bf16 autocast" if amp else "fp32"
     _report(f"paper tokenizer {'fwd+bwd' if backward else 'fwd'}: B={batch} clip {C}x{T}x{HW}x{HW} uint8 "
             f"-> [{batch}, 401, {D}] fp32, {dtype} (target at B=256: >= 5x (a))", rows, benchmark,
             _bytes(batch, 4, backward, dz_bytes=2 if amp else 4))
-    _bench(benchmark, _step(ours, video, grad, backward, amp))
+    run_benchmark(benchmark, _step(ours, video, grad, backward, amp))
 
 
-@needs_gpu
+@needs_gpu(reason=NEEDS_CUDA)
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16autocast"])
 def test_bench_paper_tokenizer_frame_store(benchmark, amp):
     """The training path, fwd+bwd at B=256: clips read from a uint8 frame store by a [B, T] frame
@@ -227,13 +183,13 @@ def test_bench_paper_tokenizer_frame_store(benchmark, amp):
     fi = torch.where(torch.rand(batch, 1, generator=g) < 0.5, -1 - fi, fi)
     store, fi, grad = store.cuda(), fi.cuda(), _inputs(batch, "cuda")[1]
     want = _run(ref, store, grad, backward, False, fi)
-    low = _err(_run(ref, store, grad, backward, amp, fi), want)
-    tol = 2 * low + 1e-3 * max(1.0, max(t.abs().max().item() for t in want))
-    got = _err(_run(ours, store, grad, backward, amp, fi), want)
+    low = max_err(_run(ref, store, grad, backward, amp, fi), want)
+    tol = flash_tol(low, want)
+    got = max_err(_run(ours, store, grad, backward, amp, fi), want)
     assert got <= tol, f"parity: ours {got:.2e}, PyTorch at the same precision {low:.2e}"
-    rows = [("ours (fused Triton, frame table)", _time_ms(_step(ours, store, grad, backward, amp, fi))),
-            ("(a) reference module, gathered clips", _time_ms(_step(ref, store, grad, backward, amp, fi)))]
+    rows = [("ours (fused Triton, frame table)", time_ms(_step(ours, store, grad, backward, amp, fi))),
+            ("(a) reference module, gathered clips", time_ms(_step(ref, store, grad, backward, amp, fi)))]
     _report(f"paper tokenizer fwd+bwd from a frame store: B={batch}, {T} frames of {C}x{HW}x{HW} uint8 by index, "
             f"half mirrored -> [{batch}, 401, {D}] fp32, {'bf16 autocast' if amp else 'fp32'}", rows, benchmark,
             _bytes(batch, 4, backward, dz_bytes=2 if amp else 4))
-    _bench(benchmark, _step(ours, store, grad, backward, amp, fi))
+    run_benchmark(benchmark, _step(ours, store, grad, backward, amp, fi))

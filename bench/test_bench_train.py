@@ -4,7 +4,7 @@ Training step, paper shape (FmFormer, clip 3x10x64x64, current 240x3), batch 256
 weights and batches, Adam; every peer gathers its batch from the GPU-resident dataset, so the
 ratios compare model + optimiser (the data path has its own cases below and in test_bench_data):
   ours  fast backend, bf16 autocast, the whole step -- gather by frame index, forward, backward,
-        fused capturable Adam -- replayed as one CUDA graph (``fmfast.stepping.TrainRunner``);
+        fused capturable Adam -- replayed as one CUDA graph (``fmfast.engine.step.TrainRunner``);
   (c)   ours without the graph (same kernels, eager launches);
   (a)   reference backend, eager fp32, ``ds.batch`` clips, Adam (the published model's math);
   (b)   reference backend under ``torch.compile``, bf16 autocast, fused Adam.
@@ -32,6 +32,7 @@ from _common import (
     check,
     flash_tol,
     max_err,
+    needs_gpu,
     peak_mb,
     report,
     run_benchmark,
@@ -40,15 +41,12 @@ from _common import (
 
 from fmfast import FmFormer, ModelConfig
 from fmfast.data import FMFDataset
+from fmfast.data.gather import StableFlips, gather_clip
 from fmfast.data.synthetic import generate
-from fmfast.device_data import StableFlips, gather_inputs
-from fmfast.graphs import make_capturable
-from fmfast.ops import gather_clip
-from fmfast.stepping import TrainRunner
-from fmfast.trainer import epoch_order
+from fmfast.engine.graphs import make_capturable
+from fmfast.engine.step import TrainRunner
+from fmfast.engine.trainer import epoch_order
 
-def needs_gpu(test):
-    return pytest.mark.gpu(pytest.mark.skipif(not GPU, reason=GPU_REASON)(test))
 EPOCH_SAMPLES = 2_200_000
 B = 256
 
@@ -104,13 +102,13 @@ def test_bench_cpu_train_step(benchmark, small):
 def test_bench_cpu_gather(benchmark, small):
     idx = torch.randperm(len(small), generator=torch.Generator().manual_seed(1))[:64]
     clips, currents, labels = small.batch(idx)
-    fi, cur, lab = gather_inputs(small, idx)
+    fi, cur, lab = small.inputs(idx)
     assert torch.equal(gather_clip(small.frames, fi), clips)
     assert torch.equal(cur, currents) and torch.equal(lab, labels)
-    rows = [("ours: gather_inputs (frame table, no clip)", time_ms(lambda: gather_inputs(small, idx))),
+    rows = [("ours: ds.inputs (frame table, no clip)", time_ms(lambda: small.inputs(idx))),
             ("ds.batch (clips materialised)", time_ms(lambda: small.batch(idx)))]
     report(benchmark, "CPU data gather: B=64, clip 3x4x16x16 uint8, current 16x3", rows, unit_batch=64)
-    run_benchmark(benchmark, lambda: gather_inputs(small, idx))
+    run_benchmark(benchmark, lambda: small.inputs(idx))
 
 
 # ---- GPU ---------------------------------------------------------------------------------------
@@ -224,7 +222,7 @@ def test_bench_gpu_gather(benchmark, paper_data):
     idx_host = epoch_order(len(ds), 0, 0)[:B]
     idx = idx_host.cuda()
     clips, currents, labels = ds.batch(idx)
-    fi, cur, lab = gather_inputs(ds, idx)
+    fi, cur, lab = ds.inputs(idx)
     assert torch.equal(gather_clip(ds.frames, fi), clips)
     assert torch.equal(cur, currents) and torch.equal(lab, labels)
     h = host.batch(idx_host)
@@ -234,9 +232,9 @@ def test_bench_gpu_gather(benchmark, paper_data):
         for t in host.batch(idx_host):
             t.to("cuda", non_blocking=True)
 
-    rows = [("ours: gather_inputs on the GPU (frame table, no clip)", time_ms(lambda: gather_inputs(ds, idx))),
+    rows = [("ours: ds.inputs on the GPU (frame table, no clip)", time_ms(lambda: ds.inputs(idx))),
             ("ds.batch on the GPU (clips materialised)", time_ms(lambda: ds.batch(idx))),
             ("ds.batch on the host + copy to the GPU", time_ms(to_gpu, reps=3, inner=3))]
     report(benchmark, f"data gather: B={B}, clip 3x10x64x64 uint8, current 240x3, train split with flips", rows,
            unit_batch=B)
-    run_benchmark(benchmark, lambda: gather_inputs(ds, idx))
+    run_benchmark(benchmark, lambda: ds.inputs(idx))

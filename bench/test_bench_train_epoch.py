@@ -1,4 +1,4 @@
-"""Training samples/s of one whole epoch through ``fmfast.trainer.Trainer`` (data gather,
+"""Training samples/s of one whole epoch through ``fmfast.engine.trainer.Trainer`` (data gather,
 forward, backward, Adam, checkpoint, evaluation excluded) — the end-to-end case the GPU
 benchmarks (bench/test_bench_train.py) later beat. On the CPU the shapes are small so the suite
 stays quick; the printed line says which."""
@@ -9,7 +9,7 @@ import copy
 import torch
 
 from fmfast.data.synthetic import generate
-from fmfast.settings import DEFAULTS, merge, validate
+from fmfast.engine.settings import DEFAULTS, merge, validate
 
 
 def test_bench_cpu_training_epoch(benchmark, tmp_path):
@@ -19,7 +19,7 @@ def test_bench_cpu_training_epoch(benchmark, tmp_path):
                   "model": {"depth": 2},
                   "train": {"epochs": 1, "batch_size": 16, "max_train_samples": 64, "max_eval_samples": 16,
                             "device": "cpu", "out": str(tmp_path / "run")}})
-    from fmfast.trainer import Trainer
+    from fmfast.engine.trainer import Trainer
 
     trainer = Trainer(validate(s))
     threads = torch.get_num_threads()

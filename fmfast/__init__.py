@@ -1,7 +1,14 @@
-"""fmfast: a fast, faithful FmFormer (video + arc current anomaly detection for fused magnesium furnaces)."""
-from fmfast.config import ModelConfig
-from fmfast.models import CurrentViT, FmFormer, VideoViT, build_model
-from fmfast.swap import swap_modules
+"""fmfast: a fast, faithful FmFormer (video + arc current anomaly detection for fused magnesium
+furnaces).
+
+The package's folders follow the data path: ``data`` (files -> frame store -> batch gather),
+``nn`` (drop-in modules that dispatch to the Triton kernels in ``kernels``), ``models``
+(FmFormer, baselines, heads, checkpoint interop), ``engine`` (training step, trainer,
+evaluation, checkpoints, metrics), ``detect`` (windows, sources, alarms, reports) and ``cli``
+(the ``fmfast`` command). ``errors`` holds the library's exceptions, ``files`` atomic writes,
+``progress`` the progress bars.
+"""
+from fmfast.models import CurrentViT, FmFormer, ModelConfig, VideoViT, build_model, swap_modules
 
 __version__ = "0.1.0"
 __all__ = ["CurrentViT", "FmFormer", "ModelConfig", "VideoViT", "build_model", "swap_modules"]

@@ -1,6 +1,6 @@
 """Block-sparse attention over a packed sequence of segments (Triton forward and backward).
 
-``q, k, v: [B, H, N, Dh]`` share one block layout (see ``fmfast.ops.layout.BlockLayout``): query
+``q, k, v: [B, H, N, Dh]`` share one block layout (see ``fmfast.kernels.layout.BlockLayout``): query
 block m attends the key blocks ``kv_indices[m, :kv_num_blocks[m]]``; the backward walks the
 transpose (``q_indices``/``q_num_blocks``) for dk/dv. Inside a block, elements are masked by
 segment ids (query i sees key j iff bit ``k_seg[j]`` of ``q_bits[i]`` is set), an optional local
@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 _LOG2E = 1.4426950408889634
-_HEAD_DIMS = (16, 32, 64, 128)
+HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the kernel runs
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -433,8 +433,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"{where}: q, k, v must share a dtype in fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{where}: q, k, v on different devices {q.device}, {k.device}, {v.device}")
-    if q.shape[-1] not in _HEAD_DIMS:
-        raise ValueError(f"{where}: head dim must be one of {_HEAD_DIMS}, got {q.shape[-1]}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"{where}: head dim must be one of {HEAD_DIMS}, got {q.shape[-1]}")
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, sm_scale: Optional[float] = None,
@@ -448,7 +448,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, sm_scale: Op
         key = layout
     elif torch.compiler.is_compiling():
         # a traced registry write would only be replayed after the graph ran: rely on the layout
-        # being registered already (fmfast.ops.layout builders do it; else one eager call does)
+        # being registered already (fmfast.kernels.layout builders do it; else one eager call does)
         key = layout.key
     else:
         key = register_layout(layout)

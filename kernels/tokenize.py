@@ -628,9 +628,9 @@ def multiscale_tokenize_ref(video: torch.Tensor, cls_token: torch.Tensor, scales
         _, C, T, H, W = xs.shape
         xs = xs.reshape(B, C, T // pf, pf, H // p, p, W // p, p)
         xs = xs.permute(0, 2, 4, 6, 5, 7, 3, 1).reshape(B, -1, K)  # b (t h w) (p1 p2 pf c)
-        z = F.layer_norm(xs, (K,), w_in, b_in, eps)
+        z = F.layer_norm(xs, w_in.shape, w_in, b_in, eps)  # (parameter shapes: constants to a tracer)
         z = F.linear(z, w, bp)
-        z = F.layer_norm(z, (D,), w_out, b_out, eps)
+        z = F.layer_norm(z, w_out.shape, w_out, b_out, eps)
         pe = pos.reshape(-1, D)
         out.append(z + (pe[1:] if s == 0 else pe))
     cls = cls_token.reshape(1, 1, D) + scales[0][6].reshape(-1, D)[:1]

@@ -67,8 +67,8 @@ stage install 90 "$PY" -m pip install --no-deps --no-build-isolation -e .
 # CPU tensors and is the CPU suite's job. "not interpreter": a test that puts GPU tile sizes
 # through the interpreter on purpose.
 stage gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -rs -k "(cuda or gpu) and not interpreter" \
-    --junitxml="$OUT/gpu_tests.xml" tests/kernels tests/test_backend.py tests/test_graphs.py tests/test_swap.py \
-    tests/test_data.py tests/test_metrics.py
+    --junitxml="$OUT/gpu_tests.xml" tests/kernels tests/nn tests/engine/test_graphs.py tests/models/test_swap.py \
+    tests/data/test_dataset.py tests/engine/test_metrics.py
 
 # The end-to-end targets first (training step, then inference: separate stages, so the training
 # bench's cold torch.compile peers cannot eat the inference bench's time), then the rest of the

@@ -43,10 +43,10 @@ def by_scenario(run: Path) -> dict[str, tuple[float, float]]:
     (share truly abnormal, share the run's final model flags abnormal)."""
     import yaml
 
-    from fmfast.checkpoint import load_model
+    from fmfast.engine.checkpoints import load_model
     from fmfast.data import FMFDataset
-    from fmfast.evaluate import evenly_spread
-    from fmfast.stepping import EvalRunner
+    from fmfast.engine.evaluation import evenly_spread
+    from fmfast.engine.step import EvalRunner
 
     model, meta = load_model(run / "last.pt")
     d = meta["data"]

@@ -1,6 +1,14 @@
-"""FMF data: the benchmark's V2 and V1 layouts as batched tensors, and a synthetic furnace."""
+"""Data, in the order it flows: files (``matfile``, ``v1``, ``v2``, ``csvfiles``, ``video``) ->
+frame store and sample index (``corpus``, ``dataset.FMFDataset``) -> the one batch gather
+(``gather``; clip windows in ``window``). Also own recordings into the V2 layout (``ingest``,
+``writer``) and the synthetic furnace benchmark (``furnace``, ``synthetic``, ``cache``).
+
+May import: ``fmfast.errors``, ``fmfast.files``, ``fmfast.progress``. Not nn/, models/,
+engine/, detect/ or cli/.
+"""
+from fmfast.errors import DataError
+
 from .dataset import FMFDataset
-from .errors import DataError
 
 
 def __getattr__(name):
@@ -10,5 +18,6 @@ def __getattr__(name):
 
         return generate
     raise AttributeError(f"module 'fmfast.data' has no attribute {name!r}")
+
 
 __all__ = ["FMFDataset", "DataError", "generate"]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from . import matfile
-from .errors import DataError
+from fmfast.errors import DataError
 
 
 @dataclass

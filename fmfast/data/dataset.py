@@ -10,10 +10,11 @@ In training mode clip and mask are flipped on their last axis (H) with p = 0.5, 
 reference's HorizontalFlip does (``x[..., ::-1]``). The decision for sample i in epoch e is a
 fixed function of (seed, e, i); ``set_epoch`` picks the epoch.
 
-Storage: one frame store ``frames [N, 3, W, H]`` uint8 for all recordings (a recording's
-frames are the view ``recording_frames(r)``). ``frame_index`` gives a flipped sample's frames as
-``~i`` (= -1-i), which the tokenizer (``fmfast.ops.gather_clip``, the Triton kernel) reads
-mirrored: flips need no mirrored copy of the store, on the host or the GPU.
+Storage: one frame store ``frames [N, 3, W, H]`` uint8 for all recordings (recording r's
+frames are rows ``frame_offsets[r]:frame_offsets[r+1]``). ``frame_index`` gives a flipped
+sample's frames as ``~i`` (= -1-i), which the tokenizer (``fmfast.data.gather.gather_clip``,
+the Triton kernel) reads mirrored: flips need no mirrored copy of the store, on the host or
+the GPU. ``batch`` is the one gather; ``ds[i]`` is ``batch([i])``'s only sample.
 """
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import DataError
+from fmfast.errors import DataError
+
+from .gather import flip_rows
 from .v1 import load_v1
 from .v2 import is_v2, load_v2
-from .window import clip_offsets, resample_rows, resample_table
+from .window import clip_offsets, resample_table
 
 TASKS = ("classification", "segmentation")
 SPLITS = ("train", "test")
@@ -79,11 +82,8 @@ class FMFDataset:
         self._table = resample_table(2 * current_seconds)
         self.labels = torch.from_numpy(c.frame_labels[first + frame].astype(np.int64))
         self.flips = torch.zeros(len(rec), dtype=torch.bool)
-        # host copies for the per-sample path: numpy scalars are far cheaper than tensor items
-        self._h_rec, self._h_frame, self._h_first, self._h_row_end = rec, frame, first, c.row_end
-        self._h_row_first = c.row_offsets[rec]
-        self._h_back = self._back.numpy()
-        self._h_flips = np.zeros(len(rec), dtype=bool)
+        # host copies for sample_key and len: numpy scalars are far cheaper than tensor items
+        self._h_rec, self._h_frame = rec, frame
         self.set_epoch(0)
 
     # ---- sampling state ----------------------------------------------------------------
@@ -91,8 +91,8 @@ class FMFDataset:
         """Draw this epoch's flips: a fixed function of (seed, epoch, sample index)."""
         self.epoch = int(epoch)
         if self.train:
-            self._h_flips = np.random.default_rng([self.seed, self.epoch]).random(len(self)) < 0.5
-            self.flips = torch.from_numpy(self._h_flips).to(self.device)
+            flips = np.random.default_rng([self.seed, self.epoch]).random(len(self)) < 0.5
+            self.flips = torch.from_numpy(flips).to(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -108,43 +108,20 @@ class FMFDataset:
     def __len__(self) -> int:
         return len(self._h_frame)
 
-    def recording_frames(self, r: int) -> torch.Tensor:
-        """Recording r's frames ``[N_r, 3, W, H]`` (a view into the frame store)."""
-        return self.frames[int(self.frame_offsets[r]):int(self.frame_offsets[r + 1])]
-
     def sample_key(self, i: int) -> tuple[str, int]:
         """(recording name, labelled frame index) of sample i."""
         i = self._check(i)
         return self.names[int(self._h_rec[i])], int(self._h_frame[i])
 
-    # ---- one sample, straight from the definition (the reference for ``batch``) --------
     def __getitem__(self, i: int):
-        """(clip [3,T,W,H] uint8, current [2S,3] float32, label); the clip is a permuted view."""
-        i = self._check(i)
-        f, first = int(self._h_frame[i]), int(self._h_first[i])
-        ids = first + np.maximum(f - self._h_back, 0)  # clip frames, clamped at the recording's frame 0
-        clip = self.frames.index_select(0, torch.from_numpy(ids).to(self.device))  # [T,3,W,H]
-
-        L = 2 * self.current_seconds
-        end = int(self._h_row_end[first + f])
-        start = max(end - L, int(self._h_row_first[i]))
-        rows = start + resample_rows(end - start, L)
-        current = self.currents.index_select(0, torch.from_numpy(rows).to(self.device))
-
-        if self.task == "classification":
-            label = self.labels[i]
-        else:
-            label = self.masks[first + f].long()
-        if self._h_flips[i]:
-            clip = clip.flip(-1)
-            if label.ndim:
-                label = label.flip(-1)
-        return clip.permute(1, 0, 2, 3), current, label
+        """(clip [3,T,W,H] uint8, current [2S,3] float32, label): sample i of :meth:`batch`."""
+        clip, current, label = self.batch([self._check(i)])
+        return clip[0], current[0], label[0]
 
     # ---- a whole batch, vectorised -----------------------------------------------------
     def frame_index(self, indices: Indices) -> torch.Tensor:
         """``[B, T]`` indices into ``frames`` of each sample's clip; a flipped sample's as ``~i``
-        (read mirrored by ``fmfast.ops.gather_clip`` and the tokenizer kernel)."""
+        (read mirrored by ``fmfast.data.gather.gather_clip`` and the tokenizer kernel)."""
         idx = self._index(indices)
         g = self._clip_frames(idx)
         return torch.where(self.flips[idx, None], -1 - g, g)
@@ -156,7 +133,7 @@ class FMFDataset:
 
     def batch(self, indices: Indices):
         """(clips [B,3,T,W,H] uint8, currents [B,2S,3] float32, labels [B] or [B,W,H] int64),
-        equal to stacking ``self[i]`` for i in indices; gathered on the dataset's device."""
+        gathered on the dataset's device."""
         idx = self._index(indices)
         g = self._clip_frames(idx)
         B, T = g.shape
@@ -164,17 +141,27 @@ class FMFDataset:
         # One row gather straight into [B, C, T] order: row (g*C + c) of the [N*C, W*H] plane view.
         rows = (g[:, None, :] * C + torch.arange(C, device=g.device)[None, :, None]).reshape(-1)
         clips = _planes(self.frames).index_select(0, rows).view(torch.uint8).view(B, C, T, W, H)
-        currents = self.currents.index_select(0, self.current_index(idx).reshape(-1)).view(B, -1, 3)
-        flips = self.flips[idx]
-        clips = flip_rows(clips, flips)
-        if self.task == "classification":
-            labels = self.labels[idx]
-        else:
-            masks = _planes(self.masks.unsqueeze(1)).index_select(0, self._gframe[idx])
-            labels = flip_rows(masks.view(torch.uint8).view(B, W, H), flips).long()
-        return clips, currents, labels
+        return flip_rows(clips, self.flips[idx]), self._currents(idx), self._labels(idx)
+
+    def inputs(self, indices: Indices):
+        """(frame_index [B,T], currents, labels): :meth:`batch` with the clips left in the store
+        (``fmfast.data.gather.gather_clip(ds.frames, frame_index)`` builds them; the Triton
+        tokenizer reads the table itself). No host sync: on a GPU-resident dataset this can run
+        inside a captured CUDA graph whose only input is ``indices``."""
+        idx = self._index(indices)
+        return self.frame_index(idx), self._currents(idx), self._labels(idx)
 
     # ---- helpers -------------------------------------------------------------------------
+    def _currents(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.currents.index_select(0, self.current_index(idx).reshape(-1)).view(len(idx), -1, 3)
+
+    def _labels(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.task == "classification":
+            return self.labels.index_select(0, idx)
+        _, W, H = self.masks.shape  # the labelled frame's mask, flipped with its clip
+        masks = _planes(self.masks.unsqueeze(1)).index_select(0, self._gframe[idx]).view(torch.uint8).view(-1, W, H)
+        return flip_rows(masks, self.flips[idx]).long()
+
     def _clip_frames(self, idx: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` store indices of the clips' frames, clamped at each recording's frame 0."""
         return torch.maximum(self._gframe[idx, None] - self._back, self._first[idx, None])
@@ -198,22 +185,6 @@ class FMFDataset:
                 f"samples={len(self)}, recordings={len(self.names)}, frames={self.num_store_frames}, "
                 f"frame_shape={tuple(self.frames.shape[1:])}, num_frames={self.num_frames}, stride={self.stride}, "
                 f"current_seconds={self.current_seconds}, train={self.train}, device={self.device})")
-
-
-def flip_rows(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """``x[b]`` mirrored on the last axis where ``flips[b]`` (in place on the CPU). On the CPU
-    sample by sample (measured 5x faster than a boolean gather/scatter of whole samples); on a
-    GPU a ``where`` (reading the flips on the host would make it wait for the GPU)."""
-    if x.device.type == "cpu":
-        for b in flips.nonzero().flatten().tolist():
-            x[b] = x[b].flip(-1)
-        return x
-    return mirror_where(x, flips)
-
-
-def mirror_where(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """:func:`flip_rows` without reading ``flips`` on the host (what a GPU runs)."""
-    return torch.where(flips.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
 
 
 def _planes(store: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import DataError
+from fmfast.errors import DataError
 
 USERBLOCK = 512
 _MATLAB_CLASS = {

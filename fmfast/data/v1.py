@@ -18,7 +18,7 @@ import torch
 
 from . import matfile
 from .corpus import Corpus, read_stores, samples
-from .errors import DataError
+from fmfast.errors import DataError
 
 SPLIT_CODE = {"train": 0, "test": 1}
 

@@ -16,7 +16,7 @@ import torch
 from . import matfile
 from .corpus import Corpus, check_split_indices, read_stores, samples
 from .csvfiles import read_currents, read_timestamps
-from .errors import DataError
+from fmfast.errors import DataError
 
 FOLDERS = ("videos", "currents", "timestamps")
 

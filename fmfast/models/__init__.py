@@ -1,18 +1,15 @@
-"""Reference models (plain PyTorch) with checkpoint interop to the published code."""
+"""The models: FmFormer and the reference code's two baselines, their heads, interop with the
+published checkpoints, and ``swap_modules`` for models built from the published code.
+
+May import: ``fmfast.nn``, ``fmfast.errors``. Not data/, engine/, detect/ or cli/.
+"""
 from __future__ import annotations
 
-from fmfast.config import ModelConfig
 from fmfast.models.baselines import CurrentViT, VideoViT
+from fmfast.models.config import ModelConfig
 from fmfast.models.fmformer import FmFormer
+from fmfast.models.registry import INPUTS, MODELS, build_model, call
+from fmfast.models.swap import swap_modules
 
-MODELS = {"fmformer": FmFormer, "video": VideoViT, "current": CurrentViT}
-
-
-def build_model(name: str, cfg: ModelConfig | None = None, backend: str = "auto"):
-    """``name`` in {"fmformer", "video", "current"}; ``backend`` in {"auto", "reference", "fast"}."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name](cfg or ModelConfig(), backend=backend)
-
-
-__all__ = ["MODELS", "CurrentViT", "FmFormer", "VideoViT", "build_model"]
+__all__ = ["INPUTS", "MODELS", "CurrentViT", "FmFormer", "ModelConfig", "VideoViT", "build_model", "call",
+           "swap_modules"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fmfast.backend import BackendMixin
-from fmfast.config import ModelConfig
-from fmfast.models.fmformer import OfficialInterop, video_embed, video_head
+from fmfast.models.config import ModelConfig
 from fmfast.models.heads import pool_tokens
+from fmfast.models.interop import OfficialInterop
+from fmfast.models.video import video_embed, video_head
+from fmfast.nn.backend import BackendMixin
 from fmfast.nn.embed import CurrentEmbed
 from fmfast.nn.transformer import Transformer
 

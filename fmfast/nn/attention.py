@@ -1,13 +1,16 @@
 """Attention and feed-forward blocks with the reference model's attribute names and
-``nn.Sequential`` indices, so ``state_dict`` keys are the reference's. The math goes through
-``fmfast.ops.attention`` (dispatch point for a fused kernel)."""
+``nn.Sequential`` indices, so ``state_dict`` keys are the reference's.
+
+``Attention`` and ``MultiStreamAttention`` dispatch inside ``forward`` on ``self.backend``
+(``fmfast.nn.backend``): the reference path is the published math (``softmax(q k^T * scale) v``,
+four separate attentions per FmFormer layer), the fast path the block-sparse Triton kernel over
+a packed sequence (one launch per phase)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from fmfast.ops.attention import attention, packed_attention, packed_layout_key, resolve_backend
-from fmfast.ops.layout import cross_attention_layout, self_attention_layout
+from fmfast.nn.backend import Dispatching, check_backend, use_fast
 
 
 def _out_proj(inner_dim: int, dim: int, project_out: bool) -> nn.Module:
@@ -27,20 +30,71 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-class Attention(nn.Module):
-    """Pre-LN multi-head self-attention branch: ``to_out(attn(to_qkv(norm(x))))`` (no residual)."""
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` on ``[B, H, N, Dh]`` (k, v: M keys), the reference model's
+    operation order (the scale multiplies the logits, not q)."""
+    dots = torch.matmul(q, k.transpose(-1, -2)) * scale
+    return torch.matmul(dots.softmax(dim=-1), v)
 
-    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64):
+
+def _kernel_takes(x: torch.Tensor, dim_head: int) -> bool:
+    from fmfast.kernels.attention import HEAD_DIMS  # the fast path imports Triton anyway
+
+    return dim_head in HEAD_DIMS and x.dtype != torch.float64
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_key: int, scale: float) -> torch.Tensor:
+    """The block-sparse kernel over a packed ``[B, H, N, Dh]`` sequence under a registered layout."""
+    from fmfast.kernels.attention import block_sparse_attention
+
+    return block_sparse_attention(q, k, v, layout_key, scale)
+
+
+@torch.compiler.assume_constant_result
+def _layout_key(lengths: tuple[int, ...], block: int, cross: bool) -> int:
+    """Key of the packed layout of segments ``lengths``: self-attention (block diagonal) or
+    cross (off diagonal). A constant for torch.compile, which so never traces layout building
+    (a model's sequence lengths are static)."""
+    from fmfast.kernels.attention import register_layout
+    from fmfast.kernels.layout import cross_attention_layout, self_attention_layout
+
+    make = cross_attention_layout if cross else self_attention_layout
+    return register_layout(make(lengths, block, block))
+
+
+class Attention(Dispatching, nn.Module):
+    """Pre-LN multi-head self-attention branch: ``to_out(attn(to_qkv(norm(x))))`` (no residual).
+
+    ``x [B, N, dim] -> [B, N, dim]``. ``backend`` (see ``fmfast.nn.backend``): the fast path runs
+    the block-sparse kernel over one dense segment."""
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, backend: str = "auto", block_size: int = 64):
         super().__init__()
         inner = heads * dim_head
         self.heads, self.scale = heads, dim_head ** -0.5
         self.norm = nn.LayerNorm(dim)
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
         self.to_out = _out_proj(inner, dim, not (heads == 1 and dim_head == dim))
+        self.backend, self.block_size = check_backend(backend), block_size
+
+    @classmethod
+    def wrap(cls, attn: nn.Module, backend: str = "auto", block_size: int = 64) -> "Attention":
+        """An Attention holding ``attn``'s own ``norm``, ``to_qkv`` and ``to_out`` modules (the
+        Parameters are shared, not copied). ``attn`` may be the reference code's class of that name."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.heads, new.scale = attn.heads, attn.scale
+        new.norm, new.to_qkv, new.to_out = attn.norm, attn.to_qkv, attn.to_out
+        new.backend, new.block_size = check_backend(backend), block_size
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = _qkv_heads(self.to_qkv(self.norm(x)), self.heads)
-        return self.to_out(_merge_heads(attention(q, k, v, self.scale)))
+        if use_fast(self.backend, x.device) and _kernel_takes(x, q.shape[-1]):
+            o = packed_attention(q, k, v, _layout_key((x.shape[1],), self.block_size, False), self.scale)
+        else:
+            o = attention_ref(q, k, v, self.scale)
+        return self.to_out(_merge_heads(o))
 
 
 class CrossAttention(nn.Module):
@@ -62,38 +116,36 @@ class CrossAttention(nn.Module):
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q1, k1, v1 = _qkv_heads(self.to_qkv1(self.norm1(x1)), self.heads)
         q2, k2, v2 = _qkv_heads(self.to_qkv2(self.norm2(x2)), self.heads)
-        r1 = _merge_heads(attention(q1, k2, v2, self.scale))
-        r2 = _merge_heads(attention(q2, k1, v1, self.scale))
+        r1 = _merge_heads(attention_ref(q1, k2, v2, self.scale))
+        r2 = _merge_heads(attention_ref(q2, k1, v1, self.scale))
         return self.to_out1(r1), self.to_out2(r2)
 
 
-class MultiStreamAttention(nn.Module):
-    """One FmFormer attention stage on streams (x1 video, x2 current), residuals included:
-    self-attention per stream, then the bidirectional cross-attention on the updated streams.
+class MultiStreamAttention(Dispatching, nn.Module):
+    """One FmFormer attention stage on streams (x1 video ``[B, N1, dim]``, x2 current
+    ``[B, N2, dim]``), residuals included: self-attention per stream, then the bidirectional
+    cross-attention on the updated streams.
 
-    ``backend``: "auto" (default) packs both streams into one sequence on CUDA and runs each
-    phase as one block-sparse Triton launch (self: block-diagonal layout, cross: off-diagonal);
-    "triton" forces that path on any device (CPU: the Triton interpreter, for tests); "torch"
-    always runs the reference path (four separate attentions)."""
-
-    _PACKED_HEAD_DIMS = (16, 32, 64, 128)
+    ``backend`` (see ``fmfast.nn.backend``): the fast path packs both streams into one sequence
+    and runs each phase as one block-sparse launch (self: block-diagonal layout, cross:
+    off-diagonal); the reference path runs four separate attentions. The streams' own
+    ``Attention`` modules stay on the reference path either way (the packed path uses their
+    weights, not their forward)."""
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, cross_attention: bool = True,
                  backend: str = "auto", block_size: int = 64):
         super().__init__()
-        self.stream1 = Attention(dim, heads, dim_head)
-        self.stream2 = Attention(dim, heads, dim_head)
+        self.stream1 = Attention(dim, heads, dim_head, backend="reference")
+        self.stream2 = Attention(dim, heads, dim_head, backend="reference")
         self.cross_attn = CrossAttention(dim, heads, dim_head) if cross_attention else None
-        resolve_backend(backend, torch.device("cpu"))  # validate early
-        self.backend, self.block_size = backend, block_size
+        self.backend, self.block_size = check_backend(backend), block_size
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dim_head = self.stream1.to_qkv.out_features // (3 * self.stream1.heads)
-        if resolve_backend(self.backend, x1.device) == "triton" and dim_head in self._PACKED_HEAD_DIMS \
-                and x1.dtype != torch.float64:  # the kernel takes fp16/bf16/fp32
+        if use_fast(self.backend, x1.device) and _kernel_takes(x1, dim_head):
             return self._forward_packed(x1, x2)
-        x1 = x1 + self.stream1(x1)
-        x2 = x2 + self.stream2(x2)
+        x1 = x1 + attention_branch(self.stream1, x1)
+        x2 = x2 + attention_branch(self.stream2, x2)
         if self.cross_attn is not None:
             r1, r2 = self.cross_attn(x1, x2)
             x1, x2 = x1 + r1, x2 + r2
@@ -105,33 +157,21 @@ class MultiStreamAttention(nn.Module):
         s1, s2, heads, scale = self.stream1, self.stream2, self.stream1.heads, self.stream1.scale
         bs = self.block_size
         qkv = torch.cat([s1.to_qkv(s1.norm(x1)), s2.to_qkv(s2.norm(x2))], 1)
-        o = _merge_heads(packed_attention(*_qkv_heads(qkv, heads), _stage_layout_key(n1, n2, bs, False), scale,
-                                          "triton"))
+        o = _merge_heads(packed_attention(*_qkv_heads(qkv, heads), _layout_key((n1, n2), bs, False), scale))
         x1, x2 = x1 + s1.to_out(o[:, :n1]), x2 + s2.to_out(o[:, n1:])
         ca = self.cross_attn
         if ca is not None:
             qkv = torch.cat([ca.to_qkv1(ca.norm1(x1)), ca.to_qkv2(ca.norm2(x2))], 1)
-            o = _merge_heads(packed_attention(*_qkv_heads(qkv, heads), _stage_layout_key(n1, n2, bs, True), ca.scale,
-                                              "triton"))
+            o = _merge_heads(packed_attention(*_qkv_heads(qkv, heads), _layout_key((n1, n2), bs, True), ca.scale))
             x1, x2 = x1 + ca.to_out1(o[:, :n1]), x2 + ca.to_out2(o[:, n1:])
         return x1, x2
 
 
-@torch.compiler.assume_constant_result
-def _stage_layout_key(n1: int, n2: int, block: int, cross: bool) -> int:
-    """Key of the packed [n1 | n2] layout: a constant for torch.compile, which so never traces
-    layout construction (the sequence lengths of a model are static)."""
-    make = cross_attention_layout if cross else self_attention_layout
-    return packed_layout_key(make((n1, n2), block, block))
-
-
-def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Set ``backend`` ("auto" | "triton" | "torch") on every MultiStreamAttention in ``model``."""
-    resolve_backend(backend, torch.device("cpu"))
-    for m in model.modules():
-        if isinstance(m, MultiStreamAttention):
-            m.backend = backend
-    return model
+def attention_branch(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The published math of an attention branch ``m`` (fmfast's ``Attention`` or the reference
+    code's, same attributes), whatever its backend: the reference path of a packed stage."""
+    q, k, v = _qkv_heads(m.to_qkv(m.norm(x)), m.heads)
+    return m.to_out(_merge_heads(attention_ref(q, k, v, m.scale)))
 
 
 class FeedForward(nn.Module):

@@ -1,12 +1,60 @@
-"""Tokenizers: multiscale video tubelets and current time steps, with cls token and positions."""
+"""Tokenizers: multiscale video tubelets and current time steps, with cls token and positions.
+
+Each scale is ``LayerNorm(patch) -> Linear -> LayerNorm(dim)``, then a learnable position
+embedding is added. Tubelets are flattened in the reference's order ``(p1, p2, pf, c)``
+(row-in-patch, column-in-patch, frame-in-tubelet, channel), which the published weights need.
+The video tokenizer dispatches on its ``backend``: the fused Triton kernel
+(``fmfast.kernels.tokenize.multiscale_tokenize``, one launch for all scales) or its plain-PyTorch
+twin ``multiscale_tokenize_ref``, which is the reference math."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fmfast.ops.tokenize import TOKENIZE_BACKENDS, ScaleParams, current_tokens_ref, multiscale_tokens
+from fmfast.nn.backend import Dispatching, check_backend, use_fast
+
+LN_EPS = 1e-5  # nn.LayerNorm's default, as in the reference model
+
+
+class ScaleParams(NamedTuple):
+    """Weights of one tokenizer scale: LayerNorm(patch) -> Linear -> LayerNorm(dim) -> + pos."""
+
+    norm_in_weight: torch.Tensor
+    norm_in_bias: torch.Tensor
+    proj_weight: torch.Tensor
+    proj_bias: torch.Tensor
+    norm_out_weight: torch.Tensor
+    norm_out_bias: torch.Tensor
+    pos_embedding: torch.Tensor  # [1, n, D]; scale 0: [1, 1 + n, D], row 0 belongs to cls
+
+
+def multiscale_tokens(video: torch.Tensor, cls_token: torch.Tensor, scales: Sequence[ScaleParams], *,
+                      backend: str = "auto", **kw) -> torch.Tensor:
+    """Video ``[B,C,T,H,W]`` (or a frame store ``[N,C,H,W]`` with ``frame_index=[B,T]``) ->
+    ``[B, 1 + sum_i n_i, D]``; the arguments are ``fmfast.kernels.tokenize.multiscale_tokenize``'s.
+
+    The fast path has gradients for the parameters only (the video is data): under "auto" a
+    video that wants a gradient runs the reference, under "fast" it is an error. Both read frame tables alike: an entry ``~i`` is frame
+    ``i`` mirrored along W, and entries are clamped into ``[0, N-1]``."""
+    from fmfast.kernels import tokenize  # imports Triton, which the reference twin sits beside
+
+    check_backend(backend)
+    wants_video_grad = video.requires_grad and torch.is_grad_enabled()
+    if backend == "fast" or (use_fast(backend, video.device) and not wants_video_grad):
+        return tokenize.multiscale_tokenize(video, cls_token, scales, **kw)
+    return tokenize.multiscale_tokenize_ref(video, cls_token, scales, **kw)
+
+
+def current_tokens(current: torch.Tensor, cls_token: torch.Tensor, p: ScaleParams, eps: float = LN_EPS) -> torch.Tensor:
+    """Current ``[B,L,C]`` -> ``[B, 1+L, D]``: cls, then one token per time step, plus positions."""
+    x = F.layer_norm(current.to(cls_token.dtype), p.norm_in_weight.shape, p.norm_in_weight, p.norm_in_bias, eps)
+    x = F.linear(x, p.proj_weight, p.proj_bias)
+    x = F.layer_norm(x, p.norm_out_weight.shape, p.norm_out_weight, p.norm_out_bias, eps)
+    x = torch.cat([cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+    return x + p.pos_embedding.to(x.dtype)
 
 
 def _hw(frame_hw) -> tuple[int, int]:
@@ -30,7 +78,7 @@ class TubeletScale(nn.Module):
         )
 
 
-class MultiscaleTubeletEmbed(nn.Module):
+class MultiscaleTubeletEmbed(Dispatching, nn.Module):
     """Video ``[B,C,T,H,W]`` (uint8 or float 0..255) -> tokens ``[B, 1 + sum_i n_i, D]``.
 
     Scale i tokenizes the clip subsampled by ``dilations[i]`` (rows/columns 0, d, 2d, ...) into
@@ -43,8 +91,8 @@ class MultiscaleTubeletEmbed(nn.Module):
     from a frame store ``[N,C,H,W]`` uint8 with a ``[B,T]`` int64 frame table (entry ``i``: frame
     ``i``; ``~i`` = -1-i: frame ``i`` mirrored along W, how training flips are asked for).
 
-    ``backend``: "auto" (default) runs the fused Triton tokenizer on CUDA inputs and plain
-    PyTorch elsewhere (same results); "triton" / "torch" force one (see ``fmfast.ops.multiscale_tokens``).
+    ``backend`` (see ``fmfast.nn.backend``): the fused Triton tokenizer or its plain-PyTorch
+    twin (same results, see :func:`multiscale_tokens`).
     """
 
     def __init__(
@@ -59,9 +107,7 @@ class MultiscaleTubeletEmbed(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if backend not in TOKENIZE_BACKENDS:
-            raise ValueError(f"backend must be one of {TOKENIZE_BACKENDS}, got {backend!r}")
-        self.backend = backend
+        self.backend = check_backend(backend)
         h, w = _hw(frame_hw)
         p, pf = patch_size, frame_patch_size
         dilations = tuple(int(d) for d in dilations)
@@ -136,4 +182,4 @@ class CurrentEmbed(nn.Module):
             self.norm_in.weight, self.norm_in.bias, self.proj.weight, self.proj.bias,
             self.norm_out.weight, self.norm_out.bias, self.pos_embedding,
         )
-        return current_tokens_ref(current, self.cls_token, p)
+        return current_tokens(current, self.cls_token, p)

@@ -6,8 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fmfast.kernels.attention import block_sparse_attention, block_sparse_attention_ref, element_mask
-from fmfast.ops import layout as L
-from _sm90 import lower_in_subprocess
+from fmfast.kernels import layout as L
 
 _no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton compiled path)")
 
@@ -246,16 +245,16 @@ def _module_pair(cross=True, dim=48, heads=2, dim_head=32, seed=0):
     from fmfast.nn import MultiStreamAttention
 
     torch.manual_seed(seed)
-    ref = MultiStreamAttention(dim, heads, dim_head, cross_attention=cross, backend="torch")
+    ref = MultiStreamAttention(dim, heads, dim_head, cross_attention=cross, backend="reference")
     for p in ref.parameters():  # LayerNorm defaults are 1/0: randomise so every weight matters
         p.data.add_(0.1 * torch.randn_like(p))
     fast = copy.deepcopy(ref)
-    fast.backend, fast.block_size = "triton", 16
+    fast.backend, fast.block_size = "fast", 16
     return ref, fast
 
 
 @pytest.mark.parametrize("cross", [True, False])
-def test_multistream_attention_triton_matches_reference(cross):
+def test_multistream_attention_fast_matches_reference(cross):
     ref, fast = _module_pair(cross)
     assert list(fast.state_dict()) == list(ref.state_dict())
     x1, x2 = torch.randn(1, 37, 48), torch.randn(1, 21, 48)
@@ -274,17 +273,18 @@ def test_multistream_attention_triton_matches_reference(cross):
 
 def test_multistream_backend_dispatch(monkeypatch):
     import fmfast.nn.attention as nn_attention
-    from fmfast.nn.attention import MultiStreamAttention, set_attention_backend
+    from fmfast.nn import set_backend
+    from fmfast.nn.attention import MultiStreamAttention
 
     _, fast = _module_pair()
     calls = []
     real = nn_attention.packed_attention
     monkeypatch.setattr(nn_attention, "packed_attention", lambda *a: calls.append(1) or real(*a))
     x1, x2 = torch.randn(1, 20, 48), torch.randn(1, 9, 48)
-    set_attention_backend(fast, "auto")
+    set_backend(fast, "auto")
     fast(x1, x2)
     assert calls == []  # auto on CPU: the reference path
-    set_attention_backend(fast, "triton")
+    set_backend(fast, "fast")
     fast(x1, x2)
     assert calls == [1, 1]  # one launch per phase
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -372,7 +372,7 @@ for lo, prec in (("bf16", "tf32"), ("fp32", "ieee")):
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled tests run the kernels themselves")
-def test_kernels_lower_to_sm90_cubin():
+def test_kernels_lower_to_sm90_cubin(lower_in_subprocess):
     """Compile forward and backward for an H100/H200 (sm_90) down to cubin with Triton's bundled
     ptxas, in bf16 and fp32: the GPU compiler rejects things the interpreter accepts."""
     out = lower_in_subprocess(_LOWER_TO_SM90)

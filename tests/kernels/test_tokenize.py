@@ -12,7 +12,6 @@ from hypothesis import given, settings, strategies as st
 
 import fmfast.kernels.tokenize as tk
 from fmfast.kernels.tokenize import multiscale_tokenize, multiscale_tokenize_ref
-from _sm90 import lower_in_subprocess
 
 _no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton compiled path)")
 
@@ -209,8 +208,8 @@ def test_frame_store_repeated_clamped_and_mirrored_indices():
 
 
 def test_ops_gather_clip_reads_like_the_kernel():
-    # fmfast.ops' PyTorch path (what CPU models run) must read the same frames as the kernel
-    from fmfast.ops.tokenize import gather_clip
+    # fmfast.data.gather's clip gather (what the CPU data path runs) must read the same frames as the kernel
+    from fmfast.data.gather import gather_clip
 
     store = make_video((5, 3, 4, 6), torch.uint8, seed=1)
     index = torch.tensor([[~3, ~0, 0, 4], [2, 5, 7, ~8]])
@@ -329,22 +328,22 @@ def test_compile_sees_one_node_forward_and_backward():
     assert sum(t.startswith("fmfast.multiscale_tokenize_backward.") for t in targets) == 1, targets
 
 
-# ---- dispatch: fmfast.ops.multiscale_tokens and the drop-in module --------------------------------
+# ---- dispatch: fmfast.nn.multiscale_tokens and the drop-in module --------------------------------
 def _module_pair(**kw):
     from fmfast.nn import MultiscaleTubeletEmbed
 
     torch.manual_seed(0)
-    a = MultiscaleTubeletEmbed(**kw, backend="triton")
+    a = MultiscaleTubeletEmbed(**kw, backend="fast")
     with torch.no_grad():
         for t in a.parameters():
             t.add_(0.1 * torch.randn_like(t))
-    b = MultiscaleTubeletEmbed(**kw, backend="torch")
+    b = MultiscaleTubeletEmbed(**kw, backend="reference")
     b.load_state_dict(a.state_dict())
     return a, b
 
 
 @pytest.mark.parametrize("frame_store", [False, True])
-def test_module_triton_backend_is_the_torch_backend(frame_store):
+def test_module_fast_backend_is_the_reference_backend(frame_store):
     fast, ref = _module_pair(frame_hw=(16, 8), num_frames=4, patch_size=4, frame_patch_size=2, dim=24)
     if frame_store:
         args = (make_video((6, 3, 16, 8), torch.uint8), torch.tensor([[0, 0, 1, 2], [5, 4, 4, 3]]))
@@ -360,7 +359,7 @@ def test_module_triton_backend_is_the_torch_backend(frame_store):
 
 
 def test_dispatch_backends_and_video_gradient():
-    from fmfast.ops import ScaleParams, multiscale_tokens
+    from fmfast.nn.embed import ScaleParams, multiscale_tokens
 
     C, T, H, W, p, pf, D, dil = 3, 2, 8, 8, 4, 2, 16, (1, 2)
     cls, scales = make_params(C, p, pf, D, n_tokens(T, H, W, p, pf, dil))
@@ -370,7 +369,7 @@ def test_dispatch_backends_and_video_gradient():
     with pytest.raises(ValueError, match="backend must be one of"):
         multiscale_tokens(video, cls, scales, backend="cuda", **kw)
     with pytest.raises(ValueError, match="no gradient for the video"):
-        multiscale_tokens(video, cls, scales, backend="triton", **kw)
+        multiscale_tokens(video, cls, scales, backend="fast", **kw)
     multiscale_tokens(video, cls, scales, backend="auto", **kw).sum().backward()  # the PyTorch path
     assert video.grad is not None and video.grad.abs().sum() > 0
 
@@ -383,7 +382,7 @@ def test_cuda_model_tokenizer_auto_is_triton():
     emb = MultiscaleTubeletEmbed(64, 10, 8, 2, 96).cuda()
     video = make_video((3, 3, 10, 64, 64), torch.uint8, device="cuda")
     got = emb(video)
-    emb.backend = "torch"
+    emb.backend = "reference"
     torch.testing.assert_close(got, emb(video), atol=1e-4, rtol=1e-4)
     emb.backend = "auto"
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -428,7 +427,7 @@ for fn, store_mode, cdt in [(tk._tokenize_fwd, False, tl.float32), (tk._tokenize
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled tests run the kernels themselves")
-def test_kernels_lower_to_sm90_cubin():
+def test_kernels_lower_to_sm90_cubin(lower_in_subprocess):
     """Compile the kernels for an H100/H200 (sm_90) down to cubin with Triton's bundled ptxas: the
     GPU compiler rejects things the interpreter accepts (tl.dot shapes and dtypes, scalar types)."""
     out = lower_in_subprocess(_LOWER_TO_SM90)

@@ -1,0 +1,63 @@
+"""What every command shares: argument parsing whose mistakes are one line, the one place where
+library errors become ``error: ...`` lines with exit code 2, and the metrics table."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fmfast.errors import FmfastError
+
+
+def fail(msg: str) -> "NoReturn":  # noqa: F821
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and appends each option's default to its help
+    (``--help`` then shows what a run does when the flag is left out)."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if "default" in help or action.default in (None, argparse.SUPPRESS, False) or not action.option_strings:
+            return help
+        return f"{help} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag or value is one line on stderr and exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def run_main(main, argv=None) -> int:
+    """Run a command's ``main(argv)``; the library's errors become one line and exit code 2."""
+    try:
+        return main(argv) or 0
+    except FmfastError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def metrics_table(metrics: dict, title: str = "metrics"):
+    """A rich table of the scalar (and short list) entries of ``metrics``."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            table.add_row(k, f"{v:.4f}")
+        elif isinstance(v, int):
+            table.add_row(k, str(v))
+        elif isinstance(v, list) and v and not isinstance(v[0], list):
+            table.add_row(k, " ".join(f"{x:.4f}" for x in v))
+    return table

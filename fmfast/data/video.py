@@ -1,0 +1,228 @@
+"""Video decoding with decord: bounded-memory chunks, a time limit per chunk, frames resized to
+the model's size and laid out in the V2 axis order [N, 3, W, H].
+
+decord prints FFmpeg and its own log lines straight to file descriptor 2; they are captured
+around each call and boiled down to one reason in the error message instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fmfast.errors import DataError, DecodeError, SettingsError
+
+_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+\.(cc|h):\d+: ")
+
+
+@contextlib.contextmanager
+def _captured_fd2():
+    """Send fd 2 to a temp file for the duration; yields a list that receives its text."""
+    out: list[str] = []
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
+        try:
+            os.dup2(tmp.fileno(), 2)
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read().decode(errors="replace"))
+
+
+_REASONS = (  # what decord/FFmpeg say -> what it means for the user
+    ("cannot find video stream", "no video stream in the file (zero frames)"),
+    ("End of file", "no frames before the end of the file"),
+    ("moov atom not found", "the container index is missing (file cut off while recording?)"),
+    ("Invalid data", "invalid data: not a container FFmpeg can read, or cut off"),
+    ("av_read_frame failed", "reading packets failed (file cut off?)"),
+    ("avcodec_send_packet", "the decoder rejected the stream data (corrupt or missing frame data)"),
+    ("Out of bound", "frames listed in the index are missing"),
+    ("No such file", "no such file"),
+)
+
+
+def _reason(exc: BaseException | None, log: str) -> str:
+    """A short reason from a decord exception and the captured log."""
+    text = str(exc or "") + "\n" + log
+    for key, meaning in _REASONS:
+        if key in text:
+            return meaning
+    lines = [_LOG_PREFIX.sub("", ln.strip()) for ln in text.splitlines() if ln.strip()]
+    return lines[0][:160] if lines else type(exc).__name__
+
+
+def _decord():
+    import decord
+
+    decord.logging.set_level(decord.logging.QUIET)
+    return decord
+
+
+def _contexts():
+    """Decode on the GPU when both torch and this decord build have CUDA, else on the CPU."""
+    decord = _decord()
+    if torch.cuda.is_available():
+        yield decord.gpu(0), "cuda"
+    yield decord.cpu(0), "cpu"
+
+
+def _run_bounded(fn, timeout: float, what: str):
+    """Run ``fn()`` in a daemon thread; a decoder that stalls past ``timeout`` seconds is
+    abandoned (the thread cannot be killed, but the process can exit) instead of hanging."""
+    box: dict = {}
+
+    def work():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise DataError(f"{what}: decoding stalled for more than {timeout:g} s (corrupt or truncated video?)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@dataclass
+class VideoInfo:
+    path: Path
+    frames: int  # as the container's index reports it
+    fps: float
+    height: int
+    width: int
+    device: str  # "cpu" or "cuda": where decord decodes
+
+
+class VideoReader:
+    """One opened video file."""
+
+    def __init__(self, path: str | os.PathLike, timeout: float = 60.0):
+        self.path = Path(path)
+        self.timeout = timeout
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: no such video file")
+        if self.path.stat().st_size == 0:
+            raise DataError(f"{self.path}: empty file (zero frames)")
+        decord = _decord()
+        err = None
+        for ctx, device in _contexts():
+            with _captured_fd2() as log:
+                try:
+                    # opening indexes every packet: allow for reading the file at >= 20 MB/s
+                    limit = self.timeout + self.path.stat().st_size / 20e6
+                    vr = _run_bounded(lambda: decord.VideoReader(str(self.path), ctx=ctx), limit, str(self.path))
+                    n = len(vr)
+                    h, w = vr[0].shape[:2] if n else (0, 0)
+                except DataError:
+                    raise
+                except Exception as e:  # DECORDError, RuntimeError, IndexError ...
+                    err = e
+                    continue
+            if n == 0:
+                raise DataError(f"{self.path}: the video holds zero frames")
+            self._vr, self.info = vr, VideoInfo(self.path, n, float(vr.get_avg_fps() or 0.0), h, w, device)
+            return
+        raise DataError(f"{self.path}: decord cannot open this video ({_reason(err, ''.join(log))})")
+
+    def __len__(self) -> int:
+        return self.info.frames
+
+    def decode(self, idx: list[int]) -> torch.Tensor:
+        """Frames ``idx`` as a uint8 tensor [n, H, W, 3] on the decode device; a frame that
+        cannot be decoded raises DecodeError."""
+        err = None
+        with _captured_fd2() as log:
+            try:
+                b = _run_bounded(lambda: self._vr.get_batch(idx), self.timeout, str(self.path))
+            except DataError:
+                raise
+            except Exception as e:
+                err = e
+        if err is not None:
+            raise DecodeError(self.path, _reason(err, "".join(log)))
+        if self.info.device == "cpu":
+            return torch.from_numpy(b.asnumpy())
+        return torch.utils.dlpack.from_dlpack(b.to_dlpack())
+
+    def pts(self, start: int, stop: int) -> np.ndarray | None:
+        """Presentation times (seconds from the first frame) of frames start..stop-1, or None."""
+        try:
+            with _captured_fd2():
+                ts = np.asarray(self._vr.get_frame_timestamp(range(start, stop)), dtype=np.float64)
+            return ts[:, 0] if ts.shape == (stop - start, 2) else None
+        except Exception:
+            return None
+
+    def chunks(self, size_wh: tuple[int, int] | None, chunk: int = 64, allow_truncated: bool = False
+               ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(first_index, frames)`` with frames uint8 [n, 3, W, H] on the CPU, resized to
+        ``size_wh`` = (W, H) (None keeps the decoded size).
+
+        A chunk that fails to decode (a container whose index lists frames it does not hold) is
+        retried frame by frame to find the first bad frame; that is an error unless
+        ``allow_truncated``, in which case decoding stops there.
+        """
+        n = len(self)
+        for s in range(0, n, chunk):
+            idx = list(range(s, min(s + chunk, n)))
+            try:
+                frames = self.decode(idx)
+            except DecodeError as e:
+                good = []
+                for i in idx:
+                    try:
+                        good.append(self.decode([i]))
+                    except DecodeError:
+                        break
+                if not allow_truncated:
+                    k = s + len(good)
+                    raise DataError(f"{self.path}: truncated or corrupt video: the container lists {n} frames "
+                                    f"but decoding fails at frame {k} ({e.problem}); allow truncated videos to "
+                                    f"keep the first {k}") from None
+                if good:
+                    yield s, resize_frames(torch.cat(good), size_wh).cpu()
+                self.truncated_at = s + len(good)
+                return
+            yield s, resize_frames(frames, size_wh).cpu()
+
+
+def resize_frames(frames: torch.Tensor, size_wh: tuple[int, int] | None) -> torch.Tensor:
+    """uint8 [n, H, W, 3] (as decoded) -> uint8 [n, 3, W, H] (V2 order), antialiased bilinear."""
+    x = frames.permute(0, 3, 1, 2)  # [n, 3, H, W]
+    if size_wh is not None and (x.shape[3], x.shape[2]) != tuple(size_wh):
+        w, h = size_wh
+        if x.device.type == "cpu":  # PyTorch's native uint8 antialiased path: ~10x the float one
+            x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        else:  # (within one grey level of it)
+            x = F.interpolate(x.float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+            x = x.round_().clamp_(0, 255).to(torch.uint8)
+    return x.transpose(2, 3).contiguous()
+
+
+def parse_size(text: str | int | tuple, where: str = "frame size") -> tuple[int, int]:
+    """"64" -> (64, 64); "80x48" -> (80, 48): width x height, which is also the stored [W, H] order.
+    ``where`` names the setting in the error."""
+    if isinstance(text, int):
+        return (text, text)
+    if isinstance(text, (tuple, list)):
+        return (int(text[0]), int(text[1]))
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", str(text))
+    if not m or int(m.group(1)) <= 0 or (m.group(2) and int(m.group(2)) <= 0):
+        raise SettingsError(f"{where}: expected N or WIDTHxHEIGHT, got {text!r}")
+    w = int(m.group(1))
+    return (w, int(m.group(2)) if m.group(2) else w)
