@@ -1,16 +1,19 @@
 """Attention and feed-forward blocks with the reference model's attribute names and
 ``nn.Sequential`` indices, so ``state_dict`` keys are the reference's.
 
-``Attention`` and ``MultiStreamAttention`` dispatch inside ``forward`` on ``self.backend``
-(``fmfast.nn.backend``): the reference path is the published math (``softmax(q k^T * scale) v``,
-four separate attentions per FmFormer layer), the fast path the block-sparse Triton kernel over
-a packed sequence (one launch per phase)."""
+``Attention``, ``CrossAttention`` and ``MultiStreamAttention`` dispatch inside ``forward`` on
+``self.backend`` (``fmfast.nn.backend``): the reference path is the published math
+(``softmax(q k^T * scale) v``, four separate attentions per FmFormer layer), the fused path the
+same four through ``F.scaled_dot_product_attention``, the triton path the block-sparse kernel
+over a packed sequence (one launch per phase)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from fmfast.nn.backend import Dispatching, check_backend, use_fast
+import torch.nn.functional as F
+
+from fmfast.nn.backend import Dispatching, check_backend, implementation
 
 
 def _out_proj(inner_dim: int, dim: int, project_out: bool) -> nn.Module:
@@ -35,6 +38,13 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     operation order (the scale multiplies the logits, not q)."""
     dots = torch.matmul(q, k.transpose(-1, -2)) * scale
     return torch.matmul(dots.softmax(dim=-1), v)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fused: bool) -> torch.Tensor:
+    """``[B, H, N, Dh]`` attention: PyTorch's fused SDPA (``fused``) or the reference's matmuls."""
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return attention_ref(q, k, v, scale)
 
 
 def _kernel_takes(x: torch.Tensor, dim_head: int) -> bool:
@@ -65,8 +75,8 @@ def _layout_key(lengths: tuple[int, ...], block: int, cross: bool) -> int:
 class Attention(Dispatching, nn.Module):
     """Pre-LN multi-head self-attention branch: ``to_out(attn(to_qkv(norm(x))))`` (no residual).
 
-    ``x [B, N, dim] -> [B, N, dim]``. ``backend`` (see ``fmfast.nn.backend``): the fast path runs
-    the block-sparse kernel over one dense segment."""
+    ``x [B, N, dim] -> [B, N, dim]``. ``backend`` (see ``fmfast.nn.backend``): the triton path
+    runs the block-sparse kernel over one dense segment."""
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, backend: str = "auto", block_size: int = 64):
         super().__init__()
@@ -89,20 +99,23 @@ class Attention(Dispatching, nn.Module):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        impl = implementation(self.backend, x.device)
         q, k, v = _qkv_heads(self.to_qkv(self.norm(x)), self.heads)
-        if use_fast(self.backend, x.device) and _kernel_takes(x, q.shape[-1]):
+        if impl == "triton" and _kernel_takes(x, q.shape[-1]):
             o = packed_attention(q, k, v, _layout_key((x.shape[1],), self.block_size, False), self.scale)
         else:
-            o = attention_ref(q, k, v, self.scale)
+            o = attend(q, k, v, self.scale, impl == "fused")
         return self.to_out(_merge_heads(o))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Dispatching, nn.Module):
     """Bidirectional cross-attention branches: stream 1 queries stream 2 and vice versa,
-    both from the same inputs. Returns ``(r1, r2)`` (no residual)."""
+    both from the same inputs. ``x1 [B, N1, dim], x2 [B, N2, dim] -> (r1, r2)`` (no residual).
+    ``backend``: reference or fused (SDPA) math; inside a MultiStreamAttention the stage decides."""
 
-    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64):
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, backend: str = "auto"):
         super().__init__()
+        self.backend = check_backend(backend)
         inner = heads * dim_head
         project_out = not (heads == 1 and dim_head == dim)
         self.heads, self.scale = heads, dim_head ** -0.5
@@ -114,11 +127,7 @@ class CrossAttention(nn.Module):
         self.to_out2 = _out_proj(inner, dim, project_out)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q1, k1, v1 = _qkv_heads(self.to_qkv1(self.norm1(x1)), self.heads)
-        q2, k2, v2 = _qkv_heads(self.to_qkv2(self.norm2(x2)), self.heads)
-        r1 = _merge_heads(attention_ref(q1, k2, v2, self.scale))
-        r2 = _merge_heads(attention_ref(q2, k1, v1, self.scale))
-        return self.to_out1(r1), self.to_out2(r2)
+        return cross_branches(self, x1, x2, implementation(self.backend, x1.device) == "fused")
 
 
 class MultiStreamAttention(Dispatching, nn.Module):
@@ -126,11 +135,11 @@ class MultiStreamAttention(Dispatching, nn.Module):
     ``[B, N2, dim]``), residuals included: self-attention per stream, then the bidirectional
     cross-attention on the updated streams.
 
-    ``backend`` (see ``fmfast.nn.backend``): the fast path packs both streams into one sequence
+    ``backend`` (see ``fmfast.nn.backend``): the triton path packs both streams into one sequence
     and runs each phase as one block-sparse launch (self: block-diagonal layout, cross:
-    off-diagonal); the reference path runs four separate attentions. The streams' own
-    ``Attention`` modules stay on the reference path either way (the packed path uses their
-    weights, not their forward)."""
+    off-diagonal); the reference and fused paths run four separate attentions (matmuls or SDPA).
+    The stage decides for its branches: it uses their weights, not their forward, so the
+    published code's branch modules (``swap_modules``) run the same paths."""
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, cross_attention: bool = True,
                  backend: str = "auto", block_size: int = 64):
@@ -141,13 +150,15 @@ class MultiStreamAttention(Dispatching, nn.Module):
         self.backend, self.block_size = check_backend(backend), block_size
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        impl = implementation(self.backend, x1.device)
         dim_head = self.stream1.to_qkv.out_features // (3 * self.stream1.heads)
-        if use_fast(self.backend, x1.device) and _kernel_takes(x1, dim_head):
+        if impl == "triton" and _kernel_takes(x1, dim_head):
             return self._forward_packed(x1, x2)
-        x1 = x1 + attention_branch(self.stream1, x1)
-        x2 = x2 + attention_branch(self.stream2, x2)
+        fused = impl == "fused"
+        x1 = x1 + attention_branch(self.stream1, x1, fused)
+        x2 = x2 + attention_branch(self.stream2, x2, fused)
         if self.cross_attn is not None:
-            r1, r2 = self.cross_attn(x1, x2)
+            r1, r2 = cross_branches(self.cross_attn, x1, x2, fused)
             x1, x2 = x1 + r1, x2 + r2
         return x1, x2
 
@@ -167,11 +178,21 @@ class MultiStreamAttention(Dispatching, nn.Module):
         return x1, x2
 
 
-def attention_branch(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The published math of an attention branch ``m`` (fmfast's ``Attention`` or the reference
-    code's, same attributes), whatever its backend: the reference path of a packed stage."""
+def attention_branch(m: nn.Module, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """The math of a self-attention branch ``m`` (fmfast's ``Attention`` or the reference code's:
+    same attributes) by its weights, whatever its own backend: reference matmuls or SDPA."""
     q, k, v = _qkv_heads(m.to_qkv(m.norm(x)), m.heads)
-    return m.to_out(_merge_heads(attention_ref(q, k, v, m.scale)))
+    return m.to_out(_merge_heads(attend(q, k, v, m.scale, fused)))
+
+
+def cross_branches(m: nn.Module, x1: torch.Tensor, x2: torch.Tensor, fused: bool = False):
+    """The two branches of a cross-attention ``m`` (fmfast's or the reference code's) by its
+    weights: stream 1 queries stream 2 and vice versa, both from the same inputs."""
+    q1, k1, v1 = _qkv_heads(m.to_qkv1(m.norm1(x1)), m.heads)
+    q2, k2, v2 = _qkv_heads(m.to_qkv2(m.norm2(x2)), m.heads)
+    r1 = _merge_heads(attend(q1, k2, v2, m.scale, fused))
+    r2 = _merge_heads(attend(q2, k1, v1, m.scale, fused))
+    return m.to_out1(r1), m.to_out2(r2)
 
 
 class FeedForward(nn.Module):

@@ -1,11 +1,18 @@
-"""Backends: one set of weights, two ways to run it, one vocabulary from the model down.
+"""Backends: one set of weights, three ways to run it, one vocabulary from the model down.
 
-- ``"reference"``: plain PyTorch, the published model's operation order.
-- ``"fast"``: the fused Triton tokenizer (``fmfast.kernels.tokenize``) and the block-sparse
-  attention kernel (``fmfast.kernels.attention``): FmFormer packs its two streams so each
-  attention phase is one launch; a single-stream encoder runs its attention as one dense
-  segment of the same kernel. On a CPU this needs ``TRITON_INTERPRET=1`` (the tests set it).
-- ``"auto"``: fast for CUDA inputs, reference elsewhere, decided per call from the input's device.
+A module's ``backend`` is what the user asks for; :func:`implementation` turns it, per call and
+from the input's device, into what runs:
+
+- ``"reference"`` -> **reference**: plain PyTorch in the published model's operation order
+  (``softmax(q k^T * scale) v`` as two matmuls), bit for bit the published numbers.
+- ``"auto"`` (the default) -> the fastest path for the device: **triton** on CUDA -- the fused
+  Triton tokenizer (``fmfast.kernels.tokenize``) and the block-sparse attention kernel
+  (``fmfast.kernels.attention``), FmFormer packing its two streams so each attention phase is
+  one launch -- and **fused** on a CPU: the same math through PyTorch's fused CPU operators
+  (``F.scaled_dot_product_attention``: flash attention with an online softmax instead of a
+  materialised ``[N, M]`` logit matrix), which agrees with the reference within 1e-6 in fp32.
+- ``"fast"`` -> **triton** wherever Triton can run it (CUDA, or a CPU under
+  ``TRITON_INTERPRET=1``, which is how the tests check the kernels), **fused** elsewhere.
 
 A backend is an attribute of the modules that dispatch (``MultiscaleTubeletEmbed``,
 ``Attention``, ``MultiStreamAttention``), read inside their ``forward`` (timm's
@@ -14,6 +21,8 @@ every backend, so checkpoints and optimisers move freely between them. Inputs th
 take (head sizes outside ``fmfast.kernels.attention.HEAD_DIMS``, float64) run the reference.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -27,9 +36,16 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def use_fast(backend: str, device: torch.device) -> bool:
-    """Whether a module with this ``backend`` runs its kernel for inputs on ``device``."""
-    return backend == "fast" or (backend == "auto" and device.type == "cuda")
+IMPLEMENTATIONS = ("reference", "triton", "fused")
+
+
+def implementation(backend: str, device: torch.device) -> str:
+    """What a module with ``backend`` runs for inputs on ``device``: one of IMPLEMENTATIONS."""
+    if backend == "reference":
+        return "reference"
+    if device.type == "cuda" or (backend == "fast" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return "triton"
+    return "fused"
 
 
 class Dispatching:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmfast.nn.backend import Dispatching, check_backend, use_fast
+from fmfast.nn.backend import Dispatching, check_backend, implementation
 
 LN_EPS = 1e-5  # nn.LayerNorm's default, as in the reference model
 
@@ -43,7 +43,8 @@ def multiscale_tokens(video: torch.Tensor, cls_token: torch.Tensor, scales: Sequ
 
     check_backend(backend)
     wants_video_grad = video.requires_grad and torch.is_grad_enabled()
-    if backend == "fast" or (use_fast(backend, video.device) and not wants_video_grad):
+    impl = implementation(backend, video.device)
+    if impl == "triton" and (backend == "fast" or not wants_video_grad):
         return tokenize.multiscale_tokenize(video, cls_token, scales, **kw)
     return tokenize.multiscale_tokenize_ref(video, cls_token, scales, **kw)
 

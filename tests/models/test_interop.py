@@ -346,6 +346,12 @@ def test_reference_spec_parameter_count(task, count):
     n = sum(torch.Size(s).numel() for k, s in spec if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     assert n == count
 
+def assert_logits_match(ours, ref):
+    """1e-4 on logits of order one; relative to the output's size where random published-style
+    weights (and BatchNorm statistics) blow the segmentation logits up to ~1e10."""
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4 * max(1.0, ref.abs().max().item()))
+
+
 
 # --------------------------------------------------------------------------- same outputs as the reference
 
@@ -361,7 +367,7 @@ def test_from_official_matches_reference_forward(kind, task):
         ref = official_forward(kind, {k: v.clone() for k, v in sd.items()}, cfg, video, current)
     assert ours.shape == ref.shape
     assert ref.abs().max() > 1e-2  # the comparison is not between two near-zero tensors
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+    assert_logits_match(ours, ref)
 
 
 def test_from_official_matches_reference_without_dilated_tokens():
@@ -371,8 +377,7 @@ def test_from_official_matches_reference_without_dilated_tokens():
     assert model.config == cfg  # task and sizes inferred from the keys and shapes alone
     video, current = inputs(cfg)
     with torch.no_grad():
-        torch.testing.assert_close(model(video, current), official_forward("fmformer", sd, cfg, video, current),
-                                   rtol=0, atol=1e-4)
+        assert_logits_match(model(video, current), official_forward("fmformer", sd, cfg, video, current))
 
 
 def test_reference_residual_unit_rectifies_the_skip_path():
@@ -400,8 +405,7 @@ def test_paper_config_matches_reference_forward_batch1():
         assert model.config == cfg
         video, current = inputs(cfg, b=1)
         with torch.no_grad():
-            torch.testing.assert_close(model(video, current), official_forward("fmformer", sd, cfg, video, current),
-                                       rtol=0, atol=1e-4)
+            assert_logits_match(model(video, current), official_forward("fmformer", sd, cfg, video, current))
 
 
 # --------------------------------------------------------------------------- round trip

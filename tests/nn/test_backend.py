@@ -171,16 +171,6 @@ def test_set_backend_keeps_parameter_objects_and_flags_every_module():
         assert all(mod.backend == "reference" for mod in m.modules() if isinstance(mod, Dispatching))
 
 
-def test_auto_on_cpu_is_the_reference_bit_for_bit():
-    cfg = tiny()
-    ref, _ = pair("fmformer", cfg)
-    auto = FmFormer(cfg, backend="auto")
-    auto.load_state_dict(ref.state_dict())
-    video, current = inputs(cfg)
-    with torch.no_grad():
-        assert torch.equal(auto(video, current), ref(video, current))
-
-
 def test_bad_backend_raises():
     with pytest.raises(ValueError, match="backend must be one of"):
         FmFormer(tiny(), backend="triton")
