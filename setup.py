@@ -23,6 +23,8 @@ setup(
     ],
     entry_points={"console_scripts": ["fmfast = fmfast.cli:main"]},
     extras_require={
+        # the CPU bench's peers: ONNX Runtime and OpenVINO run an ONNX export of the same weights
+        "bench": ["onnx", "onnxruntime", "openvino"],
         # av encodes the tests' videos and is the decoding peer in bench/; onnx + onnxruntime
         # check ONNX exports against PyTorch
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "nvtx", "ruff", "av", "onnx", "onnxruntime"],

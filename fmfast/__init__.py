@@ -8,7 +8,8 @@ evaluation, checkpoints, metrics), ``detect`` (windows, sources, alarms, reports
 (the ``fmfast`` command). ``errors`` holds the library's exceptions, ``files`` atomic writes,
 ``progress`` the progress bars.
 """
+from fmfast.engine.predictor import Predictor
 from fmfast.models import CurrentViT, FmFormer, ModelConfig, VideoViT, build_model, swap_modules
 
 __version__ = "0.1.0"
-__all__ = ["CurrentViT", "FmFormer", "ModelConfig", "VideoViT", "build_model", "swap_modules"]
+__all__ = ["CurrentViT", "FmFormer", "ModelConfig", "Predictor", "VideoViT", "build_model", "swap_modules"]

@@ -38,6 +38,7 @@ from fmfast.detect.sources import feed_file, feed_v2
 from fmfast.detect.windows import WindowEngine
 from fmfast.engine.checkpoints import load_model
 from fmfast.engine.device import resolve_device
+from fmfast.engine.predictor import PRECISIONS
 from fmfast.errors import SettingsError
 from fmfast.progress import stderr_console
 
@@ -59,6 +60,11 @@ def build_parser(prog: str = "fmfast detect") -> Parser:
     p.add_argument("--min-duration", type=float, default=2.0, help="seconds an alarm must last to count")
     p.add_argument("--max-overlays", type=int, default=20, help="segmentation overlays written at most")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="auto: torch.compile on a CPU (compiled once before scoring), a captured CUDA graph on a "
+                        "GPU; eager (saying why) where that is unavailable")
     p.add_argument("--chunk", type=int, default=64, help="frames decoded per batch")
     p.add_argument("--decode-timeout", type=float, default=60.0, help="seconds one chunk may take to decode")
     p.add_argument("--allow-truncated", action="store_true", help="score the decodable part of a cut-off video")
@@ -81,7 +87,8 @@ def main(argv=None) -> int:
         if getattr(a, flag) < 1:
             raise SettingsError(f"--{flag} must be >= 1, got {getattr(a, flag)}")
     model, meta = load_model(a.checkpoint)
-    scorer = Scorer(model, meta, str(resolve_device(a.device)), batch=a.batch)
+    scorer = Scorer(model, meta, str(resolve_device(a.device)), batch=a.batch, precision=a.precision,
+                    compile=a.compile)
     try:
         tracker = AlarmTracker(a.on, a.off, a.min_duration)
     except SettingsError as e:
@@ -161,5 +168,5 @@ def main(argv=None) -> int:
     if len(res.alarms) > 20:
         print(f"  ... {len(res.alarms) - 20} more in alarms.csv")
     print(f"{span:.1f} s of recording in {wall:.2f} s: {span / wall:.1f}x faster than real time "
-          f"({len(res.probs) / wall:.0f} windows/s, {engine.n / wall:.0f} frames/s on {scorer.device})")
+          f"({len(res.probs) / wall:.0f} windows/s, {engine.n / wall:.0f} frames/s, decoding included; {scorer.path})")
     return 0

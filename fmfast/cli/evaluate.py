@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from fmfast.cli.common import Parser, metrics_table
+from fmfast.engine.predictor import PRECISIONS
 from fmfast.errors import SettingsError
 
 
@@ -23,9 +24,11 @@ def build_parser(prog: str = "fmfast evaluate") -> Parser:
     p.add_argument("--batch-size", type=int, default=128, help="samples per forward pass")
     p.add_argument("--max-samples", type=int, default=0, help="at most N samples, spread evenly over the split (0: all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--amp", default="off", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
-    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
-                   help="replay a captured forward on CUDA (auto: on for CUDA devices)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="auto: torch.compile on a CPU, a captured CUDA graph on a GPU; eager (saying why) where "
+                        "that is unavailable")
     p.add_argument("--out", default=None, help="JSON file for the metrics (default: next to the checkpoint)")
     return p
 
@@ -37,18 +40,14 @@ def main(argv=None) -> int:
 
     from fmfast.data import FMFDataset
     from fmfast.data.cache import default_synthetic_root
-    from fmfast.data.gather import fits_on_device
     from fmfast.engine.checkpoints import load_model
-    from fmfast.engine.device import resolve_amp, resolve_device
     from fmfast.engine.evaluation import evaluate
-    from fmfast.engine.step import use_graphs
+    from fmfast.engine.predictor import Predictor
     from fmfast.files import atomic_write
     from fmfast.progress import progress_bar
 
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
-    device = resolve_device(args.device)
-    amp = resolve_amp(args.amp, device)
     model, meta = load_model(args.checkpoint, task=args.task, model_name=args.model)
     cfg, data = model.config, meta.get("data", {})
     root = args.data or data.get("root") or default_synthetic_root(console=console)
@@ -60,16 +59,15 @@ def main(argv=None) -> int:
         stride=args.stride or data.get("stride", 1),
         current_seconds=args.current_seconds or data.get("current_seconds", cfg.current_len // 2),
     )
-    graphs, _ = use_graphs(args.cuda_graphs, device)
-    model.to(device)
-    if graphs and fits_on_device([ds], device):
-        ds.to(device)  # one upload; every batch is then gathered inside the captured forward
-    with progress_bar(console) as progress:
-        metrics, _ = evaluate(model, meta["model_name"], ds, args.batch_size, device, amp, args.max_samples, progress,
-                              cuda_graphs=graphs)
-    metrics.update(checkpoint=str(args.checkpoint), data=str(root), split=args.split, model=meta["model_name"], task=cfg.task)
-    Console().print(metrics_table(metrics, f"{meta['model_name']} · {cfg.task} · {args.split} split"))
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(f".{args.split}-metrics.json")
+    pred = Predictor(model, args.device, args.precision, batch_size=args.batch_size, compile=args.compile, meta=meta)
+    console.print(f"evaluating {len(ds) if not args.max_samples else min(args.max_samples, len(ds)):,} samples: {pred.path}")
+    with progress_bar(console) as progress:
+        metrics, _ = evaluate(pred, meta["model_name"], ds, args.batch_size, pred.device, max_samples=args.max_samples,
+                              progress=progress)
+    metrics.update(checkpoint=str(args.checkpoint), data=str(root), split=args.split, model=meta["model_name"], task=cfg.task,
+                   path=pred.path)
+    Console().print(metrics_table(metrics, f"{meta['model_name']} · {cfg.task} · {args.split} split"))
     with atomic_write(out) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2))
     console.print(f"wrote {out}")

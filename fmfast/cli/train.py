@@ -28,7 +28,7 @@ FLAGS = {
     "schedule": ("schedule", "name"), "amp": ("train", "amp"), "device": ("train", "device"),
     "seed": ("train", "seed"), "out": ("train", "out"), "checkpoint_every": ("train", "checkpoint_every"),
     "max_train_samples": ("train", "max_train_samples"), "max_eval_samples": ("train", "max_eval_samples"),
-    "cuda_graphs": ("train", "cuda_graphs"),
+    "cuda_graphs": ("train", "cuda_graphs"), "backend": ("train", "backend"),
 }
 
 
@@ -66,6 +66,9 @@ def build_parser(prog: str = "fmfast train") -> Parser:
     p.add_argument("--current-seconds", type=int)
     p.add_argument("--amp", choices=AMP, help="mixed precision (auto: bf16 on CUDA, off on CPU)")
     p.add_argument("--cuda-graphs", choices=["auto", "on", "off"])
+    p.add_argument("--backend", choices=["auto", "reference", "fast"],
+                   help="auto: Triton kernels on CUDA, PyTorch's fused SDPA on a CPU; reference: the published "
+                        "operation order; fast: Triton wherever it runs")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", nargs="?", const="auto", help="auto (the run folder's last.pt) or a checkpoint path")

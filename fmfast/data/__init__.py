@@ -8,11 +8,14 @@ engine/, detect/ or cli/.
 """
 from fmfast.errors import DataError
 
-from .dataset import FMFDataset
-
 
 def __getattr__(name):
-    # generate is imported on first use, so that `python -m fmfast.data.synthetic` runs cleanly
+    # imported on first use: `import fmfast` stays light (no h5py) and `python -m
+    # fmfast.data.synthetic` runs cleanly
+    if name == "FMFDataset":
+        from .dataset import FMFDataset
+
+        return FMFDataset
     if name == "generate":
         from .synthetic import generate
 

@@ -20,6 +20,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX-BF16 tiles or AVX512-BF16): where it
+    does, bf16 autocast roughly doubles matmul throughput; where it does not, bf16 is emulated
+    and slower than fp32, so fmfast stays in fp32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(bool(f()) for f in checks if f is not None)
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """``None`` means full fp32. auto = bf16 on CUDA, fp32 on the CPU (CPU bf16 is slower)."""
     if amp == "auto":

@@ -7,6 +7,7 @@ import time
 import torch
 
 from fmfast.engine.metrics import MetricAccumulator, abnormal
+from fmfast.engine.predictor import Predictor
 from fmfast.engine.step import EvalRunner
 
 
@@ -17,11 +18,34 @@ def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None
 
     ``examples`` holds ``keep`` inputs' clips, labels and predictions from across the split,
     mostly abnormal ones (for the mask overlay plots); ``metrics`` includes samples/s of the
-    whole pass. ``cuda_graphs`` (CUDA): replay a forward captured at ``batch_size``; with ``ds``
-    on the GPU the batch is gathered inside the graph. ``cache`` (a dict the caller keeps) reuses the capture across calls."""
+    whole pass. ``model`` is a module (the trainer's per-epoch evaluation) or an
+    ``fmfast.Predictor`` (``fmfast evaluate``: its device, precision and compiled path; the
+    arguments naming those are then ignored). ``cuda_graphs`` (CUDA, a module): replay a forward
+    captured at ``batch_size``; with ``ds`` on the GPU the batch is gathered inside the graph.
+    ``cache`` (a dict the caller keeps) reuses the capture across calls."""
+    if isinstance(model, Predictor):
+        return _evaluate(_predicting(model, ds), ds, batch_size, max_samples, progress, keep, model.device)
     was_training = model.training
     model.eval()
-    runner = _runner(model, model_name, ds, batch_size, device, amp_dtype, cuda_graphs and device.type == "cuda", cache)
+    try:
+        runner = _runner(model, model_name, ds, batch_size, device, amp_dtype, cuda_graphs and device.type == "cuda",
+                         cache)
+        return _evaluate(runner, ds, batch_size, max_samples, progress, keep, device,
+                         lambda idx: EvalRunner(model, model_name, ds, len(idx), device, amp_dtype, graph=False)(idx))
+    finally:
+        model.train(was_training)
+
+
+def _predicting(pred: Predictor, ds):
+    """``runner(idx) -> (logits, labels)`` through a Predictor, from host batches."""
+    def run(idx):
+        clips, currents, labels = ds.batch(idx.cpu())
+        return pred(clips, currents), labels.to(pred.device)
+    return run
+
+
+def _evaluate(runner, ds, batch_size, max_samples, progress, keep, device, example_runner=None):
+    example_runner = example_runner or runner
     acc = MetricAccumulator(ds.task)
     # a subset is spread evenly over the split: its first samples would all come from one
     # recording and one event
@@ -43,8 +67,7 @@ def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None
     elapsed = time.perf_counter() - t0
     if progress is not None:
         progress.remove_task(task_id)
-    examples = _examples(model, model_name, ds, device, amp_dtype, _picks(order, flags, batch_size), keep) if keep else {}
-    model.train(was_training)
+    examples = _examples(example_runner, ds, _picks(order, flags, batch_size), keep) if keep else {}
     metrics = acc.compute()
     metrics["samples"] = n
     metrics["samples_per_s"] = n / elapsed if elapsed > 0 else float("inf")
@@ -72,7 +95,7 @@ def evenly_spread(total: int, k: int) -> torch.Tensor:
     return torch.linspace(0, total - 1, k).round().long()
 
 
-def _examples(model, model_name, ds, device, amp_dtype, picks, keep: int) -> dict:
+def _examples(runner, ds, picks, keep: int) -> dict:
     """Inputs, labels and predictions of ``keep`` samples, abnormal ones first (for the mask
     overlays): three quarters abnormal where there are enough, the rest normal."""
     flagged, normal = picks
@@ -81,7 +104,7 @@ def _examples(model, model_name, ds, device, amp_dtype, picks, keep: int) -> dic
                        + [normal[i] for i in evenly_spread(len(normal), keep - n_ab)], dtype=torch.long)
     if not len(idx):
         return {}
-    logits, labels = EvalRunner(model, model_name, ds, len(idx), device, amp_dtype, graph=False)(idx)
+    logits, labels = runner(idx)
     logits = logits.float()
     return {"clips": ds.batch(idx)[0].cpu(), "labels": labels.cpu(), "pred": logits.argmax(1).cpu(),
             "prob": torch.softmax(logits, 1)[:, 1].cpu(), "keys": [ds.sample_key(int(i)) for i in idx]}

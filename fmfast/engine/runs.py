@@ -17,11 +17,10 @@ class RunFolderTaken(SettingsError):
 
 def comparable(settings: dict) -> dict:
     """The settings that make two runs the same run: all but where it is written, how long it
-    goes and how steps are launched (not what they compute)."""
+    goes and how steps are launched (not the model they train: the backend runs the same weights)."""
     s = json.loads(json.dumps(settings))
-    s["train"].pop("out", None)
-    s["train"].pop("epochs", None)
-    s["train"].pop("cuda_graphs", None)
+    for key in ("out", "epochs", "cuda_graphs", "backend"):
+        s["train"].pop(key, None)
     return s
 
 

@@ -14,6 +14,7 @@ MODEL_NAMES = ("fmformer", "video", "current")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 AMP = ("auto", "bf16", "fp16", "off")
+BACKENDS = ("auto", "reference", "fast")
 
 # Model fields that follow from the data and are therefore not set under `model:`.
 _DATA_DERIVED = {"task", "num_frames", "current_len", "image_size"}
@@ -45,6 +46,7 @@ DEFAULTS = {
         "max_train_samples": 0,  # 0 = the whole split each epoch; else a seeded subset per epoch
         "max_eval_samples": 0,
         "cuda_graphs": "auto",
+        "backend": "auto",  # fmfast.nn.backend: auto | reference | fast (the same weights under each)
     },
 }
 DEFAULTS["model"]["seg_hidden_dims"] = list(DEFAULTS["model"]["seg_hidden_dims"])
@@ -185,6 +187,7 @@ def validate(s: dict) -> dict:
         (o["name"] in OPTIMIZERS, f"optim.name must be one of {OPTIMIZERS}, got {o['name']!r}"),
         (sc["name"] in SCHEDULES, f"schedule.name must be one of {SCHEDULES}, got {sc['name']!r}"),
         (t["amp"] in AMP, f"train.amp must be one of {AMP}, got {t['amp']!r}"),
+        (t["backend"] in BACKENDS, f"train.backend must be one of {BACKENDS}, got {t['backend']!r}"),
         # YAML 1.1 reads a bare on/off as true/false
         (t["cuda_graphs"] in ("auto", "on", "off", True, False), f"train.cuda_graphs must be auto, on or off, got {t['cuda_graphs']!r}"),
         (isinstance(t["epochs"], int) and t["epochs"] >= 1, f"train.epochs must be a positive integer, got {t['epochs']!r}"),

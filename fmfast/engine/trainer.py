@@ -65,7 +65,7 @@ class Trainer:
         frame_hw = tuple(self.train_ds.frames.shape[-2:])
         self.cfg = model_config(settings, frame_hw)
         torch.manual_seed(t["seed"])
-        self.model = reference_init(build_model(self.model_name, self.cfg)).to(self.device)
+        self.model = reference_init(build_model(self.model_name, self.cfg, backend=t["backend"])).to(self.device)
         self.module = self.model
         if self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
@@ -250,7 +250,7 @@ class Trainer:
             f"[bold]fmfast[/] training {self.model_name} ({self.cfg.task}, {n_params:,} parameters) on {d['root']}\n"
             f"  train {len(self.train_ds):,} / test {len(self.test_ds):,} samples · clip {self.cfg.num_frames}×{self.cfg.frame_hw[0]}×{self.cfg.frame_hw[1]}"
             f" stride {d['stride']} · current {self.cfg.current_len}×3 · batch {self.s['train']['batch_size']}"
-            f" · {self.device} · amp {self.amp or 'off'} · {self.world} process(es)\n"
+            f" · {self.device} · amp {self.amp or 'off'} · backend {self.s['train']['backend']} · {self.world} process(es)\n"
             f"  cuda graphs {self.graph_note}{' · data on the GPU' if self.on_device else ''} · run folder {self.out}"
         )
 

@@ -59,7 +59,8 @@ def test_cli_trains_then_evaluates(tiny_root, tmp_path):
     assert {"accuracy", "f1", "fdr", "mdr", "auroc", "ap"} <= set(rows[-1]["test"])
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["model"]["depth"] == 1 and cfg["data"]["num_frames"] == 4
-    p = run_cli("fmfast.evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(tiny_root), "--out", str(tmp_path / "m.json"))
+    p = run_cli("fmfast.evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(tiny_root), "--out", str(tmp_path / "m.json"),
+                "--compile", "off")
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["model"] == "fmformer" and m["samples"] > 0 and 0 <= m["f1"] <= 1 and m["samples_per_s"] > 0
     assert "accuracy" in p.stdout

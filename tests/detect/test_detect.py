@@ -45,7 +45,13 @@ def rec(tmp_path_factory):
 
 
 def detect(*argv):
-    return run_main(main, [str(a) for a in argv])
+    """``fmfast detect`` in-process, exact and quick by default (fp32, eager: these tests check the
+    windows, alarms and files, not the compiled bf16 path, which tests/engine/test_predictor.py does)."""
+    argv = [str(a) for a in argv]
+    for flag, value in (("--precision", "fp32"), ("--compile", "off")):
+        if flag not in argv:
+            argv += [flag, value]
+    return run_main(main, argv)
 
 
 def read_csv(path):
@@ -205,7 +211,8 @@ def test_follow_segment_folder_alarm_while_growing(rec, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "fmfast.detect", "--checkpoint", str(cls), str(seg_dir), str(cur),
                              "--start", stamp(0), "--out", str(out), "--hop", str(HOP), "--follow", "--poll", "0.05",
                              "--settle", "0.3", "--follow-timeout", "2", "--on", "0", "--off", "0",
-                             "--min-duration", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--min-duration", "0", "--precision", "fp32", "--compile", "off"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()  # blocks until the first alarm (or the process ends)
         assert line.startswith("ALARM") and stamp(0.6, frac=True) in line, (line, proc.stderr.read())

@@ -1,0 +1,230 @@
+"""FmFormer on a CPU at the paper shape: fmfast's CPU path against the peers a plant would use.
+
+Shape: clip 3x10x64x64 uint8, current 240x3 float32, D=96, 6 layers, 3 heads x 32 (401 + 241
+tokens); the same weights everywhere. Inference peers (B=1 and B=32, 1 and 2 threads):
+  ours  ``fmfast.Predictor``: the fused backend (SDPA), bf16 autocast where the CPU has native
+        bf16 (fp32 elsewhere), ``torch.compile`` with inductor freezing (compiled before timing);
+  (a)   ``backend="reference"`` eager fp32: the published model's math and precision;
+  (b)   (a) under ``torch.compile`` (inductor, freezing), fp32;
+  (c)   ONNX Runtime, fp32, from an ONNX export of the same weights;
+  (d)   OpenVINO from the same ONNX file, fp32 and bf16 (its inference precision hint).
+Training step (B=32): ours = the fused backend eager (bf16 autocast where native) vs (a) and (b)
+in training mode (forward, cross-entropy, backward, Adam).
+
+Parity first: fp32 peers within 1e-4 of (a); bf16 ones within 2x plain PyTorch bf16 autocast's
+error plus a floor (flash-attention style). Then the peers are timed interleaved, round by round,
+and each ratio is a median over rounds. ONNX Runtime and OpenVINO come from the ``bench`` extra;
+without them their rows are skipped with the reason.
+
+This suite compiles the paper model several times (minutes on 2 cores), so it runs only when
+asked: ``FMFAST_BENCH_CPU=1 python -m pytest -q -s bench/test_bench_cpu.py``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _common import check
+
+from fmfast import FmFormer, ModelConfig, Predictor
+from fmfast.engine.device import native_bf16
+
+RUN = os.environ.get("FMFAST_BENCH_CPU") == "1"
+pytestmark = pytest.mark.skipif(not RUN, reason="CPU paper-shape bench: compiles the model several times (minutes); "
+                                                "run with FMFAST_BENCH_CPU=1")
+PAPER = ModelConfig()
+ROUNDS = 7
+
+
+def weights_and_inputs(batch: int, seed: int = 0):
+    torch.manual_seed(seed)
+    ref = FmFormer(PAPER, backend="reference").eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    video = torch.randint(0, 256, (batch, 3, 10, 64, 64), generator=g, dtype=torch.uint8)
+    current = 8000 + 2000 * torch.randn(batch, 240, 3, generator=g)
+    return ref, video, current
+
+
+def interleaved(fns: dict, rounds: int = ROUNDS) -> dict:
+    """Median seconds per call of each fn, timed round by round in turn (one warm call first)."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def onnx_file(ref, tmp_path):
+    from fmfast.engine.export import Exported, export_onnx
+
+    path = tmp_path / "fmformer.onnx"
+    with torch.no_grad():
+        export_onnx(Exported(ref, "fmformer").eval(), path)
+    return path
+
+
+def table(title: str, batch: int, secs: dict, ours: str = "ours") -> dict:
+    print(f"\n{title}")
+    for k, s in secs.items():
+        print(f"  {k:44s} {s * 1e3:9.1f} ms  {batch / s:8.1f} clips/s  ours x{s / secs[ours]:5.2f}")
+    return {k: s / secs[ours] for k, s in secs.items()}
+
+
+@pytest.mark.parametrize("threads", [2, 1])
+@pytest.mark.parametrize("batch", [32, 1])
+def test_bench_cpu_inference(batch, threads, tmp_path):
+    torch.set_num_threads(threads)
+    ref, video, current = weights_and_inputs(batch)
+    with torch.no_grad():
+        want = ref(video, current)
+        with torch.autocast("cpu", torch.bfloat16):
+            plain_bf16 = ref(video, current).float()
+    bf16_err = (plain_bf16 - want).abs().max().item()
+    tol_bf16 = 2 * bf16_err + 1e-2 * max(1.0, want.abs().max().item())
+
+    t0 = time.perf_counter()
+    ours = Predictor(ref, precision="auto", batch_size=batch, compile="auto")
+    compile_s = time.perf_counter() - t0
+    fns = {"ours": lambda: ours(video, current)}
+    err = (ours(video, current) - want).abs().max().item()
+    assert err <= (tol_bf16 if ours.dtype is not None else 1e-4), (err, tol_bf16)
+
+    def ref_eager():
+        with torch.no_grad():
+            return ref(video, current)
+    fns["(a) reference eager fp32"] = ref_eager
+    peer = FmFormer(PAPER, backend="reference").eval()
+    peer.load_state_dict(ref.state_dict())
+    compiled = torch.compile(peer, options={"freezing": True}, dynamic=False)
+
+    def ref_compiled():
+        with torch.no_grad():
+            return compiled(video, current)
+    assert (ref_compiled() - want).abs().max().item() <= 1e-4
+    fns["(b) reference torch.compile fp32"] = ref_compiled
+    skipped = []
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(onnx_file(ref, tmp_path)), so, providers=["CPUExecutionProvider"])
+        feed = {"video": video.numpy(), "current": current.numpy()}
+        got = torch.from_numpy(sess.run(None, feed)[0])
+        assert (got - want).abs().max().item() <= 1e-4
+        fns["(c) ONNX Runtime fp32"] = lambda: sess.run(None, feed)
+    else:
+        skipped.append("(c) ONNX Runtime: not installed (pip install -e '.[bench]')")
+    if importlib.util.find_spec("openvino"):
+        import openvino as ov
+
+        core = ov.Core()
+        path = onnx_file(ref, tmp_path) if not (tmp_path / "fmformer.onnx").exists() else tmp_path / "fmformer.onnx"
+        for prec, tol in (("f32", 1e-4), ("bf16", tol_bf16)):
+            cm = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": prec,
+                                                       "INFERENCE_NUM_THREADS": threads})
+            req = cm.create_infer_request()
+            feed = {"video": video.numpy(), "current": current.numpy()}
+            got = torch.from_numpy(req.infer(feed)[cm.output(0)].copy())
+            assert (got - want).abs().max().item() <= tol, (prec, (got - want).abs().max().item(), tol)
+            fns[f"(d) OpenVINO {prec}"] = (lambda r=req, f=feed: r.infer(f))
+    else:
+        skipped.append("(d) OpenVINO: not installed (pip install -e '.[bench]')")
+
+    secs = interleaved(fns)
+    r = table(f"CPU inference, paper shape, B={batch}, {threads} thread(s), {torch.get_num_threads()} torch threads; "
+              f"ours = {ours.path} (compiled in {compile_s:.0f} s, before timing); native bf16: {native_bf16()}",
+              batch, secs)
+    for s in skipped:
+        print(f"  skipped {s}")
+    checks = [check(f"B={batch} {threads}t: ours vs reference eager fp32", r["(a) reference eager fp32"], 6.0)]
+    if "(d) OpenVINO bf16" in r:
+        checks.append(check(f"B={batch} {threads}t: ours vs OpenVINO bf16", r["(d) OpenVINO bf16"], 1.2))
+    for c in checks:
+        print(f"  target {c['target']}: {c['value']:.2f} (goal {c['goal']}) -> {'met' if c['met'] else 'NOT met'}")
+
+
+def test_bench_cpu_training_step():
+    torch.set_num_threads(2)
+    B = 32
+    ref, video, current = weights_and_inputs(B)
+    labels = torch.randint(0, 2, (B,), generator=torch.Generator().manual_seed(3))
+    amp = torch.bfloat16 if native_bf16() else None
+    models = {"ours": FmFormer(PAPER, backend="auto"), "(a) reference eager fp32": FmFormer(PAPER, backend="reference"),
+              "(b) reference torch.compile fp32": FmFormer(PAPER, backend="reference")}
+    for m in models.values():
+        m.load_state_dict(ref.state_dict())
+        m.train()
+    models["(b) reference torch.compile fp32"] = torch.compile(models["(b) reference torch.compile fp32"])
+    opts = {k: torch.optim.Adam(m.parameters(), 1e-4) for k, m in models.items()}
+
+    def step(k):
+        opts[k].zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=k == "ours" and amp is not None):
+            loss = F.cross_entropy(models[k](video, current).float(), labels)
+        loss.backward()
+        opts[k].step()
+        return loss.detach()
+    # parity: the first step's losses (same weights, same batch) agree
+    losses = {k: step(k).item() for k in models}
+    tol = 2e-2 if amp is not None else 1e-4
+    assert all(abs(v - losses["(a) reference eager fp32"]) <= tol for v in losses.values()), losses
+    secs = interleaved({k: (lambda k=k: step(k)) for k in models}, rounds=5)
+    r = table(f"CPU training step (forward, cross-entropy, backward, Adam), paper shape, B={B}, 2 threads; ours = "
+              f"fused backend, {'bf16 autocast' if amp else 'fp32'}", B, secs)
+    c = check("training step: ours vs reference eager fp32", r["(a) reference eager fp32"], 3.0)
+    print(f"  target {c['target']}: {c['value']:.2f} (goal {c['goal']}) -> {'met' if c['met'] else 'NOT met'}")
+
+
+def test_bench_cpu_detect_throughput(tmp_path):
+    """``fmfast detect`` on a 60 s recording (25 fps, 320x240 h264, decoding included), paper
+    FmFormer: windows/s and real-time factor of the fast Scorer (Predictor: bf16 where native,
+    compiled) against the eager fp32 one, the same windows, 2 threads. Target: >= 100 windows/s."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' recording writers
+    from helpers.recordings import frames, stamp, v2_current, write_video
+
+    from fmfast.detect import AlarmTracker, Scorer, WindowEngine, feed_file
+
+    torch.set_num_threads(2)
+    seconds, fps, hop = 60, 25, 5
+    video = write_video(tmp_path / "cam.mp4", frames(seconds * fps, h=240, w=320), fps=fps)
+    cur, _ = v2_current(tmp_path / "cur.csv", first=-130, seconds=seconds + 140)
+    ref, _, _ = weights_and_inputs(1)
+    meta = {"model_name": "fmformer", "task": "classification", "data": {}}
+    scorers = {"exact (fp32, eager)": Scorer(ref, meta, batch=32)}
+    t0 = time.perf_counter()
+    scorers["ours"] = Scorer(ref, meta, batch=32, precision="auto", compile="auto")
+    compile_s = time.perf_counter() - t0
+
+    def run(scorer):
+        eng = WindowEngine(scorer, hop=hop, batch=32, tracker=AlarmTracker(0.6, 0.4, 0.0))
+        t = time.perf_counter()
+        feed_file(eng, str(video), str(cur), start=stamp(0))
+        res = eng.finish()
+        return res, time.perf_counter() - t
+
+    results = {k: run(s) for k, s in scorers.items()}
+    (a, _), (b, _) = results["exact (fp32, eager)"], results["ours"]
+    assert a.frames == b.frames and len(a.probs) > 200
+    tol = 2e-2 if scorers["ours"].predictor.dtype is not None else 1e-4
+    assert np.abs(np.array(a.probs) - np.array(b.probs)).max() <= tol
+    print(f"\ndetect, {seconds} s recording at {fps} fps 320x240 (decoding included), hop {hop}, paper FmFormer, "
+          f"2 threads; ours = {scorers['ours'].path} (built in {compile_s:.0f} s, before timing)")
+    for k, (res, wall) in results.items():
+        print(f"  {k:24s} {len(res.probs) / wall:8.1f} windows/s  {seconds / wall:6.1f}x real time")
+    c = check("detect windows/s (ours)", len(b.probs) / results["ours"][1], 100.0)
+    print(f"  target {c['target']}: {c['value']:.1f} (goal {c['goal']}) -> {'met' if c['met'] else 'NOT met'}")

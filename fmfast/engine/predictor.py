@@ -1,0 +1,181 @@
+"""``fmfast.Predictor``: the one way to run a trained model, on the fastest path for the device.
+
+    pred = Predictor("runs/.../best.pt")                     # or Predictor(model)
+    logits = pred(video, current)                            # [B, classes] or [B, classes, W, H], fp32
+    probs = pred.probabilities(video, current)               # softmax over the classes
+    pred(store, current, frame_index=table)                  # frames read from a store by a [B, T] table
+
+Inputs are those of the model (video ``[B,3,T,W,H]`` uint8 or float 0..255, current
+``[B,2S,3]`` float amperes; a video-only or current-only model ignores the other). A call may
+pass any batch size: it runs in chunks of ``batch_size`` rows, the last one padded, so the
+compiled or captured program always sees one shape.
+
+What runs (``pred.path`` says it in words, ``pred.note`` why, e.g. a fallback):
+
+- CPU: the fused backend (PyTorch's SDPA flash attention), bf16 autocast where the CPU has
+  native bf16 matrix units (AMX-BF16 or AVX512-BF16; fp32 elsewhere, never slower), and
+  ``torch.compile`` (inductor with weight freezing), compiled and warmed up once, at
+  construction, outside any timed loop. Where compilation is unavailable or fails, the same
+  model eagerly, with the reason.
+- CUDA: the Triton kernels in bf16 and the forward captured as one CUDA graph (replayed per
+  chunk); eager, with the reason, where capture fails.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from fmfast.data.gather import gather_clip
+from fmfast.engine.device import autocast, native_bf16, resolve_device
+from fmfast.errors import SettingsError
+from fmfast.models import INPUTS, MODELS, call
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+Tensor = torch.Tensor
+
+
+def model_name(model) -> str:
+    for name, cls in MODELS.items():
+        if isinstance(model, cls):
+            return name
+    raise SettingsError(f"Predictor: {type(model).__name__} is not one of fmfast's models ({', '.join(MODELS)})")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """``None`` is fp32. auto: bf16 on CUDA and on CPUs with native bf16, else fp32."""
+    if precision not in PRECISIONS:
+        raise SettingsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" or native_bf16() else None
+    if precision == "fp16" and device.type != "cuda":
+        raise SettingsError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class Predictor:
+    """``Predictor(checkpoint_or_model, device="auto", precision="auto", batch_size=32,
+    compile="auto")``: see the module docstring. ``compile``: "auto" (compile on a CPU, capture on
+    CUDA), "off" (eager), "on" (a failure to compile is an error)."""
+
+    def __init__(self, model, device: str = "auto", precision: str = "auto", batch_size: int = 32,
+                 compile: str = "auto", meta: dict | None = None):
+        if isinstance(model, (str, os.PathLike)):
+            from fmfast.engine.checkpoints import load_model
+
+            model, meta = load_model(Path(model))
+        if compile not in ("auto", "on", "off"):
+            raise SettingsError(f"compile must be auto, on or off, got {compile!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise SettingsError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.meta = dict(meta or {})
+        self.name = self.meta.get("model_name") or model_name(model)
+        self.inputs = INPUTS[self.name]
+        self.device = resolve_device(device)
+        self.dtype = resolve_precision(precision, self.device)
+        self.batch_size = batch_size
+        self.model = model.to(self.device).eval()
+        self.config = self.model.config
+        self._run = self._eager
+        self.note = "eager (compile off)" if compile == "off" else ""
+        kind = "captured CUDA graph" if self.device.type == "cuda" else "torch.compile (inductor, freezing)"
+        if compile != "off":
+            try:
+                self._run = self._build(compile == "on")
+                self.note = kind
+            except Exception as e:  # noqa: BLE001 -- any compiler/capture failure: run eagerly, say why
+                if compile == "on":
+                    raise SettingsError(f"Predictor: {kind} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+                self._run = self._eager
+                self.note = f"eager ({kind} unavailable: {type(e).__name__}: {str(e).splitlines()[0][:160]})"
+
+    @property
+    def path(self) -> str:
+        prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+        backend = "triton kernels" if self.device.type == "cuda" else "fused SDPA"
+        return f"{self.name} on {self.device.type}, {backend}, {prec}, {self.note}"
+
+    # ---- the forward on one padded chunk -------------------------------------------------
+    def _forward(self, video: Tensor | None, current: Tensor | None) -> Tensor:
+        with autocast(self.device, self.dtype):
+            return call(self.model, self.name, video, current).float()
+
+    def _eager(self, video, current):
+        with torch.inference_mode():
+            return self._forward(video, current)
+
+    def _example(self) -> tuple[Tensor | None, Tensor | None]:
+        c, b = self.config, self.batch_size
+        video = torch.zeros(b, c.channels, c.num_frames, *c.frame_hw, dtype=torch.uint8, device=self.device)
+        current = torch.zeros(b, c.current_len, c.current_channels, device=self.device)
+        return (video if "video" in self.inputs else None), (current if "current" in self.inputs else None)
+
+    def _build(self, strict: bool):
+        return self._build_captured() if self.device.type == "cuda" else self._build_compiled()
+
+    def _build_captured(self, graph: bool = True):
+        """The forward on static buffers at ``batch_size``, replayed as a CUDA graph (``graph=False``:
+        its eager twin on the same buffers, which the CPU tests check)."""
+        from fmfast.engine.graphs import StaticForward
+
+        args = [x for x in self._example() if x is not None]
+        static = StaticForward(lambda *xs: self._forward(*self._split(xs)), args, graph=graph)
+        return lambda v, c: static(*[x for x in (v, c) if x is not None])
+
+    def _build_compiled(self):
+        video, current = self._example()
+        compiled = torch.compile(self._forward, options={"freezing": True}, dynamic=False)
+        with torch.no_grad():
+            for _ in range(2):  # compile, then one warm run: the first timed call is a steady one
+                compiled(video, current)
+        return lambda v, c: _no_grad(compiled, v, c)
+
+    def _split(self, xs):
+        it = iter(xs)
+        return (next(it) if "video" in self.inputs else None), (next(it) if "current" in self.inputs else None)
+
+    # ---- the public calls ------------------------------------------------------------------
+    def __call__(self, video: Tensor | None = None, current: Tensor | None = None,
+                 frame_index: Tensor | None = None) -> Tensor:
+        """Logits, float32, on the predictor's device. See the module docstring for shapes."""
+        if "video" in self.inputs:
+            if video is None:
+                raise ValueError(f"Predictor: the {self.name} model needs a video")
+            if frame_index is not None:  # one shape for the compiled program: the clips themselves
+                video = gather_clip(video, frame_index.to(video.device))
+            video = video.to(self.device, non_blocking=True)
+        else:
+            video = None
+        if "current" in self.inputs:
+            if current is None:
+                raise ValueError(f"Predictor: the {self.name} model needs a current window")
+            current = current.to(self.device, dtype=torch.float32, non_blocking=True)
+        else:
+            current = None
+        n = (video if video is not None else current).shape[0]
+        out = []
+        for s in range(0, n, self.batch_size):
+            v, c = (x[s:s + self.batch_size] if x is not None else None for x in (video, current))
+            rows = (v if v is not None else c).shape[0]
+            if rows < self.batch_size:  # pad with the first row: samples are independent
+                v, c = (_pad(x, self.batch_size) if x is not None else None for x in (v, c))
+            out.append(self._run(v, c)[:rows].clone())
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def probabilities(self, video: Tensor | None = None, current: Tensor | None = None,
+                      frame_index: Tensor | None = None) -> Tensor:
+        """Class probabilities ``[B, classes]`` (or ``[B, classes, W, H]``), float32."""
+        return self(video, current, frame_index).softmax(1)
+
+    def __repr__(self) -> str:
+        return f"Predictor({self.path}, batch_size={self.batch_size})"
+
+
+def _pad(x: Tensor, size: int) -> Tensor:
+    return torch.cat([x, x[:1].expand(size - x.shape[0], *x.shape[1:])])
+
+
+def _no_grad(fn, *args):
+    with torch.no_grad():  # (freezing needs no_grad; inference_mode tensors would reach it as constants)
+        return fn(*args)

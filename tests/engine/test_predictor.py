@@ -1,0 +1,128 @@
+"""``fmfast.Predictor``: the same logits as the model, whatever the batch size, from a module or
+a checkpoint, from clips or a frame store; its precision and compile decisions; its captured
+(static-buffer) path through the eager twin on the CPU; compilation and its fallback."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fmfast
+from fmfast import ModelConfig, Predictor, build_model
+from fmfast.data.gather import gather_clip
+from fmfast.engine import checkpoints as ckpt
+from fmfast.engine import predictor as P
+from fmfast.errors import SettingsError
+
+CASES = [("fmformer", "classification"), ("fmformer", "segmentation"), ("video", "segmentation"),
+         ("current", "classification")]
+
+
+def model(name="fmformer", task="classification", seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(task=task, image_size=16, num_frames=4, dim=32, depth=1, heads=2, dim_head=16, mlp_dim=48,
+                      current_len=16, seg_hidden_dims=(8, 8, 8))
+    return build_model(name, cfg).eval()
+
+
+def inputs(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, 3, 4, 16, 16), generator=g, dtype=torch.uint8),
+            3000 + 800 * torch.randn(n, 16, 3, generator=g))
+
+
+def eager(m, name, video, current):
+    with torch.no_grad():
+        return fmfast.models.call(m, name, video, current).float()
+
+
+@pytest.mark.parametrize("name, task", CASES)
+def test_same_logits_as_the_model_for_any_batch_size(name, task):
+    m = model(name, task)
+    pred = Predictor(m, precision="fp32", batch_size=4, compile="off")
+    assert pred.name == name and "fp32" in pred.path and "eager" in pred.path
+    for n in (1, 4, 9):  # a short chunk (padded), one full chunk, 4 + 4 + 1
+        video, current = inputs(n)
+        # (padded to the chunk size, a batch can take other matmul blocking: equal to rounding)
+        torch.testing.assert_close(pred(video, current), eager(m, name, video, current), rtol=1e-5, atol=1e-6)
+    p = pred.probabilities(*inputs(3))
+    torch.testing.assert_close(p.sum(1), torch.ones_like(p.sum(1)))
+
+
+@pytest.mark.parametrize("name, task", CASES)
+def test_static_buffer_path_equals_eager(name, task):
+    """The CUDA path's static buffers and chunking, run by their eager twin (no capture on a CPU)."""
+    m = model(name, task)
+    pred = Predictor(m, precision="fp32", batch_size=4, compile="off")
+    pred._run = pred._build_captured(graph=False)
+    for n in (3, 9):
+        video, current = inputs(n, seed=n)
+        torch.testing.assert_close(pred(video, current), eager(m, name, video, current), rtol=1e-6, atol=1e-6)
+
+
+def test_frame_table_reads_the_store():
+    m = model()
+    pred = Predictor(m, precision="fp32", batch_size=8, compile="off")
+    g = torch.Generator().manual_seed(3)
+    store = torch.randint(0, 256, (20, 3, 16, 16), generator=g, dtype=torch.uint8)
+    table = torch.randint(0, 20, (5, 4), generator=g)
+    table[0, 1] = -1 - table[0, 1]  # a mirrored entry
+    _, current = inputs(5)
+    torch.testing.assert_close(pred(store, current, frame_index=table),
+                               eager(m, "fmformer", gather_clip(store, table), current), rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_file(tmp_path):
+    m = model("video", "segmentation")
+    path = tmp_path / "m.pt"
+    ckpt.save(path, ckpt.model_payload("video", m))
+    pred = Predictor(path, precision="fp32", compile="off")
+    video, current = inputs(2)
+    assert pred.name == "video"
+    torch.testing.assert_close(pred(video, current), eager(m, "video", video, current), rtol=1e-5, atol=1e-6)
+
+
+def test_precision_decisions(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(P, "native_bf16", lambda: True)
+    assert P.resolve_precision("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(P, "native_bf16", lambda: False)  # emulated bf16 is slower than fp32: stay fp32
+    assert P.resolve_precision("auto", cpu) is None
+    assert P.resolve_precision("auto", torch.device("cuda")) is torch.bfloat16
+    with pytest.raises(SettingsError, match="fp16 needs a CUDA device"):
+        P.resolve_precision("fp16", cpu)
+    with pytest.raises(SettingsError, match="precision must be one of"):
+        P.resolve_precision("int4", cpu)
+
+
+def test_bad_arguments():
+    with pytest.raises(SettingsError, match="batch_size"):
+        Predictor(model(), batch_size=0)
+    with pytest.raises(SettingsError, match="compile must be"):
+        Predictor(model(), compile="maybe")
+    with pytest.raises(SettingsError, match="not one of fmfast's models"):
+        Predictor(torch.nn.Linear(2, 2))
+
+
+def test_compile_failure_falls_back_with_the_reason(monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    m = model()
+    pred = Predictor(m, precision="fp32", compile="auto")
+    assert "eager" in pred.path and "no C++ compiler here" in pred.note
+    video, current = inputs(2)
+    torch.testing.assert_close(pred(video, current), eager(m, "fmformer", video, current), rtol=1e-5, atol=1e-6)
+    with pytest.raises(SettingsError, match="no C\\+\\+ compiler here"):
+        Predictor(m, precision="fp32", compile="on")
+
+
+@pytest.mark.slow
+def test_compiled_cpu_path_agrees_with_eager():
+    """torch.compile (inductor, freezing) on the CPU: compiled once at construction, then the same
+    logits as eager fp32 within 1e-4."""
+    m = model()
+    pred = Predictor(m, precision="fp32", batch_size=4, compile="on")
+    assert "torch.compile" in pred.path
+    video, current = inputs(6)
+    torch.testing.assert_close(pred(video, current), eager(m, "fmformer", video, current), rtol=1e-4, atol=1e-4)
