@@ -39,7 +39,7 @@ def prepare_run_folder(out: Path, settings: dict, resume: str | None, write: boo
     if cfg_file.is_file():
         try:
             old = yaml.safe_load(cfg_file.read_text())
-        except yaml.YAMLError:
+        except (yaml.YAMLError, UnicodeDecodeError):
             raise SettingsError(f"{cfg_file}: unreadable run config; choose another run folder") from None
         diff = settings_diff(comparable(old or {}), comparable(settings))
         if diff:
@@ -58,7 +58,7 @@ def find_resumable(settings: dict, runs: Path = Path("runs")) -> Path | None:
     for last in sorted(runs.glob("*/last.pt"), key=lambda p: p.stat().st_mtime, reverse=True):
         try:
             old = yaml.safe_load((last.parent / "config.yaml").read_text())
-        except (OSError, yaml.YAMLError):
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
             continue
         if isinstance(old, dict) and comparable(old) == comparable(settings):
             return last.parent
