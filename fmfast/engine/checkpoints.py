@@ -3,13 +3,14 @@
 Reference-code ``state_dict`` files are read too."""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import torch
 
-from fmfast.errors import CheckpointError, CheckpointMismatch
-from fmfast.files import atomic_write
+from fmfast.errors import CheckpointError, CheckpointMismatch, OutputError
+from fmfast.files import atomic_write, output_error
 from fmfast.models import MODELS, ModelConfig, build_model
 from fmfast.models.registry import guess_official
 
@@ -18,9 +19,25 @@ __all__ = ["FORMAT", "CheckpointError", "load_model", "model_payload", "read", "
 
 
 def save(path: str | os.PathLike, payload: dict) -> None:
-    """Write ``payload`` atomically (temporary file, then rename)."""
+    """Write ``payload`` atomically (temporary file, then rename). A full or read-only disk is
+    one OutputError naming ``path`` (torch.save reports it as a zip-writer RuntimeError)."""
     with atomic_write(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as e:  # "PytorchStreamWriter failed writing file data/3: file write failed"
+            if "write" not in str(e):
+                raise
+            if _nearly_full(tmp):
+                raise output_error(path, OSError(errno.ENOSPC, "no space left")) from None
+            raise OutputError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0][:160]})") from None
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 << 20  # the miniz error names no errno; a near-full disk it is
 
 
 def read(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from fmfast.errors import SettingsError
-from fmfast.files import atomic_write
+from fmfast.files import FolderLock, atomic_write, check_output, sweep_temporaries
 
 
 class RunFolderTaken(SettingsError):
@@ -32,9 +32,29 @@ def settings_diff(a, b, where: str = "") -> list[str]:
     return [] if a == b else [where.rstrip(".")]
 
 
-def prepare_run_folder(out: Path, settings: dict, resume: str | None, write: bool = True) -> None:
-    """Refuse a folder that holds a different run (or this one, unless resuming); then, if
-    ``write``, create it and write the resolved ``config.yaml``."""
+def prepare_run_folder(out: Path, settings: dict, resume: str | None, write: bool = True) -> FolderLock | None:
+    """Refuse a folder that is not a writable folder, is being written by another live run, or
+    holds a different run (or this one, unless resuming); then, if ``write``, create it, lock
+    it, sweep the temporaries a killed run left and write the resolved ``config.yaml``.
+    -> the held lock (release it when the run ends), None unless ``write``."""
+    lock = None
+    if write:
+        check_output(out, "folder")
+        lock = FolderLock(out, "training run").acquire()
+    try:
+        _check_run_folder(out, settings, resume)
+        if write:
+            sweep_temporaries(out)
+            with atomic_write(out / "config.yaml") as tmp:
+                tmp.write_text(yaml.safe_dump(settings, sort_keys=False))
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+    return lock
+
+
+def _check_run_folder(out: Path, settings: dict, resume: str | None) -> None:
     cfg_file = out / "config.yaml"
     if cfg_file.is_file():
         try:
@@ -47,10 +67,6 @@ def prepare_run_folder(out: Path, settings: dict, resume: str | None, write: boo
                                  "choose another run folder")
         if not resume and (out / "last.pt").exists():
             raise RunFolderTaken(f"{out}: already holds this run; resume it, or choose another run folder")
-    if write:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_write(cfg_file) as tmp:
-            tmp.write_text(yaml.safe_dump(settings, sort_keys=False))
 
 
 def find_resumable(settings: dict, runs: Path = Path("runs")) -> Path | None:
