@@ -83,10 +83,11 @@ def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
     return gone
 
 
-def check_output(path: str | os.PathLike, kind: str = "folder") -> Path:
+def check_output(path: str | os.PathLike, kind: str = "folder", create: bool = False) -> Path:
     """Before any long work: ``path`` (a ``"folder"`` to create or fill, or a ``"file"`` to
     create or replace) must not be an existing thing of another kind -- a file, a symlink, a
-    FIFO, a device -- and its folder must be writable (a probe file is created and removed).
+    FIFO, a device -- and the folder it goes in (or, not created yet unless ``create``, its
+    nearest existing parent) must be writable: a probe file is created there and removed.
     -> the folder that will be written to."""
     path = Path(path)
     if path.is_symlink():
@@ -99,16 +100,25 @@ def check_output(path: str | os.PathLike, kind: str = "folder") -> Path:
             what = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, a device or a socket)"
             raise OutputError(f"{path}: exists and is {what}; refusing to replace it")
     folder = path if kind == "folder" else path.parent
+    probe_in = folder
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise output_error(folder, e) from None
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise OutputError(f"{probe_in}: is not a folder, so {path} cannot be created")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".probe.{os.getpid()}.", suffix=".tmp", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=f".probe.{os.getpid()}.", suffix=".tmp", dir=probe_in)
         try:
             os.write(fd, b"x")
         finally:
             os.close(fd)
             os.unlink(probe)
     except OSError as e:
-        raise output_error(folder, e) from None
+        raise output_error(probe_in if probe_in == folder else path, e) from None
     return folder
 
 

@@ -42,13 +42,15 @@ def main(argv=None) -> int:
     from fmfast.engine.device import resolve_amp, resolve_device
     from fmfast.engine.evaluation import evaluate
     from fmfast.engine.step import use_graphs
-    from fmfast.files import atomic_write
+    from fmfast.files import atomic_write, check_output
     from fmfast.progress import progress_bar
 
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
     device = resolve_device(args.device)
     amp = resolve_amp(args.amp, device)
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(f".{args.split}-metrics.json")
+    check_output(out, "file")  # before the evaluation, not after it
     model, meta = load_model(args.checkpoint, task=args.task, model_name=args.model)
     cfg, data = model.config, meta.get("data", {})
     root = args.data or data.get("root") or default_synthetic_root(console=console)
@@ -69,7 +71,6 @@ def main(argv=None) -> int:
                               cuda_graphs=graphs)
     metrics.update(checkpoint=str(args.checkpoint), data=str(root), split=args.split, model=meta["model_name"], task=cfg.task)
     Console().print(metrics_table(metrics, f"{meta['model_name']} · {cfg.task} · {args.split} split"))
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(f".{args.split}-metrics.json")
     with atomic_write(out) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2))
     console.print(f"wrote {out}")

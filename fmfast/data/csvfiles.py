@@ -255,12 +255,11 @@ class CurrentTail:
         if not rows:
             return False
         t, v = parse_current_rows(rows, str(self.path), first, spread=False, columns=self._columns)
-        if reopened and self._raw.size:  # the new file repeats what was read: continue after it
+        if reopened and self._raw.size:  # the new file may repeat what was read: continue after it
             keep = t > self._raw[-1]
-            if not keep.any():
+            t, v = t[keep], v[keep]
+            if not t.size:
                 return False
-            if t[0] > self._raw[-1] or keep[np.argmax(keep):].all():
-                t, v = t[keep], v[keep]
         if self._raw.size and t[0] < self._raw[-1]:
             raise DataError(f"{self.path}: line {first}: timestamps go backwards "
                             f"({format_seconds(t[0], frac=True)} after {format_seconds(self._raw[-1], frac=True)})")

@@ -39,7 +39,7 @@ def prepare_run_folder(out: Path, settings: dict, resume: str | None, write: boo
     -> the held lock (release it when the run ends), None unless ``write``."""
     lock = None
     if write:
-        check_output(out, "folder")
+        check_output(out, "folder", create=True)
         lock = FolderLock(out, "training run").acquire()
     try:
         _check_run_folder(out, settings, resume)
