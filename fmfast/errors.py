@@ -36,3 +36,12 @@ class CheckpointMismatch(CheckpointError):
 
 class ExportError(FmfastError):
     """An exported model that, loaded back by its own runtime, does not reproduce PyTorch's outputs."""
+
+
+class OutputError(FmfastError, OSError):
+    """An output that cannot be written: the location is not a folder (or not a regular file),
+    is read-only, full, or held by another run."""
+
+
+class TrainingError(FmfastError):
+    """A training run that cannot go on (a loss or the weights became non-finite)."""

@@ -22,6 +22,7 @@ Ctrl-C or after --follow-timeout seconds without new data.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from fmfast.cli.common import Parser
 from fmfast.data.csvfiles import format_seconds
 from fmfast.detect.alarms import AlarmTracker
 from fmfast.detect.follow import FollowFeed, follow
-from fmfast.detect.report import (ALARM_HEADER, WINDOW_HEADER, alarm_line, publish, recording_span, window_lines,
+from fmfast.detect.report import (ALARM_HEADER, WINDOW_HEADER, LiveLog, alarm_line, publish, recording_span, window_lines,
                                   write_overlays, write_timeline)
 from fmfast.detect.scorer import Scorer
 from fmfast.detect.sources import feed_file, feed_v2
@@ -40,6 +41,7 @@ from fmfast.engine.checkpoints import load_model
 from fmfast.engine.device import resolve_device
 from fmfast.engine.predictor import PRECISIONS
 from fmfast.errors import SettingsError
+from fmfast.files import FolderLock, check_output
 from fmfast.progress import stderr_console
 
 
@@ -86,6 +88,12 @@ def main(argv=None) -> int:
     for flag in ("hop", "batch", "chunk"):
         if getattr(a, flag) < 1:
             raise SettingsError(f"--{flag} must be >= 1, got {getattr(a, flag)}")
+    out = Path(a.out)
+    check_output(out, "folder")  # a file, symlink, FIFO or device is refused; writable, before any work
+    return _run(a, out)
+
+
+def _run(a, out: Path) -> int:
     model, meta = load_model(a.checkpoint)
     scorer = Scorer(model, meta, str(resolve_device(a.device)), batch=a.batch, precision=a.precision,
                     compile=a.compile)
@@ -93,9 +101,6 @@ def main(argv=None) -> int:
         tracker = AlarmTracker(a.on, a.off, a.min_duration)
     except SettingsError as e:
         raise SettingsError(f"--on/--off/--min-duration: {e}") from None
-    out = Path(a.out)
-    if out.exists() and not out.is_dir():
-        raise SettingsError(f"--out: {out} exists and is not a folder")
     t_begin = time.perf_counter()
 
     if a.follow:
@@ -107,16 +112,15 @@ def main(argv=None) -> int:
         feed = FollowFeed(a.video, a.current, scorer.size_wh, a.start, a.timestamps, a.max_gap, a.settle, a.chunk,
                           a.decode_timeout)
         out.mkdir(parents=True, exist_ok=True)
-        wlog = open(out / "windows.csv", "w")
-        alog = open(out / "alarms.csv", "w")
-        wlog.write(WINDOW_HEADER)
-        alog.write(ALARM_HEADER)
+        lock = FolderLock(out, "detection").acquire()  # a second live detection into it is refused
+        # created at their first line: a run that fails on its inputs leaves earlier results alone
+        wlog, alog = LiveLog(out / "windows.csv", WINDOW_HEADER), LiveLog(out / "alarms.csv", ALARM_HEADER)
         t0 = [None]
 
         def on_windows(first, f, times, probs):
             t0[0] = times[0] if t0[0] is None else t0[0]
             wlog.writelines(window_lines(first, f, times, probs, t0[0]))
-            wlog.flush()
+            alog.write("")  # both files belong to this run from its first window on
 
         def on_event(kind, al, eng):
             stamp = format_seconds(al.start_time, frac=True)
@@ -126,7 +130,6 @@ def main(argv=None) -> int:
                 print(f"alarm over  {stamp} .. {format_seconds(al.last_time, frac=True)}  "
                       f"({al.duration:.1f} s, peak p={al.peak_prob:.3f}{', still open' if al.open else ''})", flush=True)
                 alog.write(alarm_line(len(eng.out.alarms), al, eng.out.frames))
-                alog.flush()
                 write_overlays(out / "overlays", eng.out.overlays[-1:] if eng.out.overlays and
                                 eng.out.overlays[-1][0] == len(eng.out.alarms) else [])
 
@@ -137,7 +140,11 @@ def main(argv=None) -> int:
         finally:
             wlog.close()
             alog.close()
+            lock.release()
         wall = time.perf_counter() - t_begin
+        for note in feed.notes + ([f"{a.current}: truncated or replaced while followed ({feed.tail.rotated}x); "
+                                   f"reopened and continued after the last row already read"] if feed.tail.rotated else []):
+            print(f"warning: {note}", file=sys.stderr)
         write_timeline(out, engine, res, a.on, a.off, meta)
         print(f"followed {a.video}: {len(res.probs)} windows, {len(res.alarms)} alarms -> {out}")
         return 0
@@ -157,7 +164,9 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t_begin
     if not res.probs:
         raise SettingsError("no window could be scored (no frame has current rows)")
-    publish(out, engine, res, a.on, a.off, meta, title)
+    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, "detection"):
+        publish(out, engine, res, a.on, a.off, meta, title)
     span = recording_span(np.asarray(engine.times))
     n_alarm = len(res.alarms)
     print(f"{title}: {len(res.probs)} windows (hop {a.hop}), {n_alarm} alarm{'s' * (n_alarm != 1)}"

@@ -43,11 +43,13 @@ def main(argv=None) -> int:
     from fmfast.engine.checkpoints import load_model
     from fmfast.engine.evaluation import evaluate
     from fmfast.engine.predictor import Predictor
-    from fmfast.files import atomic_write
+    from fmfast.files import atomic_write, check_output
     from fmfast.progress import progress_bar
 
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(f".{args.split}-metrics.json")
+    check_output(out, "file")  # before the evaluation, not after it
     model, meta = load_model(args.checkpoint, task=args.task, model_name=args.model)
     cfg, data = model.config, meta.get("data", {})
     root = args.data or data.get("root") or default_synthetic_root(console=console)
@@ -59,7 +61,6 @@ def main(argv=None) -> int:
         stride=args.stride or data.get("stride", 1),
         current_seconds=args.current_seconds or data.get("current_seconds", cfg.current_len // 2),
     )
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(f".{args.split}-metrics.json")
     pred = Predictor(model, args.device, args.precision, batch_size=args.batch_size, compile=args.compile, meta=meta)
     console.print(f"evaluating {len(ds) if not args.max_samples else min(args.max_samples, len(ds)):,} samples: {pred.path}")
     with progress_bar(console) as progress:

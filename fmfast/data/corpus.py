@@ -36,10 +36,10 @@ def check_split_indices(path, name: str, indices, n: int) -> np.ndarray:
     """A split file's labelled frame list for one recording, as int64, checked against ``n`` frames."""
     if not isinstance(indices, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
         raise DataError(path, f"'{name}': expected a list of integer frame indices")
+    for i in indices:  # before the int64 conversion, which overflows on 10**30
+        if not 0 <= i < n:
+            raise DataError(path, f"'{name}': frame {i} out of range (recording has {n} frames)")
     a = np.asarray(indices, dtype=np.int64).reshape(-1)
-    bad = (a < 0) | (a >= n)
-    if bad.any():
-        raise DataError(path, f"'{name}': frame {int(a[bad][0])} out of range (recording has {n} frames)")
     return a
 
 
@@ -57,14 +57,14 @@ def read_stores(files: list, data_key: str, shapes: list[tuple[int, ...]], masks
     for r, path in enumerate(files):
         a, b = offsets[r], offsets[r + 1]
         with matfile.open_mat(path) as f:
-            matfile.read_into(f[data_key], frames[a:b].numpy())
+            matfile.read_into(matfile.dataset(f, path, data_key, 4), frames[a:b].numpy())
             if mask_store is not None:
                 m = mask_store[a:b].numpy()
-                matfile.read_into(f["label"], m)
+                matfile.read_into(matfile.dataset(f, path, "label", 3), m)
                 frame_labels[a:b] = (m.reshape(len(m), -1) > 0).any(axis=1)
                 np.minimum(m, 1, out=m)
             else:
-                frame_labels[a:b] = matfile.any_positive(f["label"])
+                frame_labels[a:b] = matfile.any_positive(matfile.dataset(f, path, "label", 3))
     return frames, offsets, mask_store, frame_labels
 
 

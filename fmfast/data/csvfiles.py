@@ -20,44 +20,9 @@ import numpy as np
 
 from fmfast.errors import DataError
 
+from .stamps import check_order, format_seconds, parse_time, parse_times  # noqa: F401 (re-exported)
+
 RATE = 2  # rows per second in the V2 layout
-
-
-def parse_times(values: list[str], where: str, first_line: int = 2) -> np.ndarray:
-    """ISO-like timestamp strings ("YYYY-MM-DD HH:MM:SS[.fff]", 'T' allowed) -> epoch seconds."""
-    try:
-        t = np.array([v.strip() for v in values], dtype="datetime64[us]")
-    except ValueError:
-        for i, v in enumerate(values):  # find the offending row for the message
-            try:
-                np.datetime64(v.strip(), "us")
-            except ValueError:
-                raise DataError(f"{where}: line {first_line + i}: unparseable timestamp {v.strip()!r} "
-                                f"(expected YYYY-MM-DD HH:MM:SS)") from None
-        raise
-    if np.isnat(t).any():
-        i = int(np.flatnonzero(np.isnat(t))[0])
-        raise DataError(f"{where}: line {first_line + i}: empty timestamp")
-    return t.astype(np.int64).astype(np.float64) * 1e-6
-
-
-def parse_time(value: str, where: str) -> float:
-    """One timestamp (e.g. the --start argument) -> epoch seconds."""
-    try:
-        t = np.datetime64(value.strip(), "us")
-    except ValueError:
-        raise DataError(f"{where}: unparseable timestamp {value!r} (expected YYYY-MM-DD HH:MM:SS)") from None
-    return float(t.astype(np.int64)) * 1e-6
-
-
-def format_seconds(t: np.ndarray | float, frac: bool = False) -> np.ndarray:
-    """Epoch seconds -> "YYYY-MM-DD HH:MM:SS" strings (truncated to the second unless ``frac``)."""
-    t = np.asarray(t, dtype=np.float64)
-    if frac:
-        d = np.round(t * 1e3).astype(np.int64).astype("datetime64[ms]")
-        return np.char.replace(np.datetime_as_string(d, unit="ms"), "T", " ")
-    d = np.floor(t).astype(np.int64).astype("datetime64[s]")
-    return np.char.replace(np.datetime_as_string(d, unit="s"), "T", " ")
 
 
 def _spread_duplicates(t: np.ndarray) -> np.ndarray:
@@ -78,23 +43,28 @@ def _spread_duplicates(t: np.ndarray) -> np.ndarray:
 
 
 def parse_current_rows(rows: list[list[str]], where: str, first_line: int = 2,
-                       spread: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """CSV rows (header removed) -> (times [N] float64 epoch seconds, values [N,3] float64)."""
+                       spread: bool = True, columns: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """CSV rows (header removed) -> (times [N] float64 epoch seconds, values [N,3] float64).
+    Every row has the header's ``columns`` fields: a row with more is most likely a decimal
+    comma (``10142,81``) that split one value across two columns, and is refused."""
     for i, r in enumerate(rows):
-        if len(r) < 4:
-            raise DataError(f"{where}: line {first_line + i}: expected 4 columns (timestamp, phase A, B, C), "
-                            f"found {len(r)}")
+        if len(r) != columns:
+            hint = "; a decimal comma? write 10142.81, not 10142,81" if len(r) > columns else ""
+            raise DataError(f"{where}: line {first_line + i}: {len(r)} fields but the header names {columns} "
+                            f"(timestamp, phase A, B, C{', ...' if columns > 4 else ''}){hint}")
     times = parse_times([r[0] for r in rows], where, first_line)
     vals = _values(rows, where, first_line)
-    back = np.flatnonzero(np.diff(times) < 0)
-    if back.size:
-        raise DataError(f"{where}: line {first_line + back[0] + 1}: timestamps go backwards")
+    check_order(times, where, "timestamps", first_line)
     return (_spread_duplicates(times) if spread else times), vals.reshape(-1, 3)
+
+
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _values(rows: list[list[str]], where: str, first_line: int = 2) -> np.ndarray:
     """Columns 1-3 (phases A, B, C) of CSV rows -> float64 ``[N, 3]``; a non-numeric or
-    non-finite value is an error naming its line."""
+    non-finite value, or one float32 (the model's precision) cannot hold, is an error naming
+    its line."""
     try:
         vals = np.array([r[1:4] for r in rows], dtype=np.float64)
     except ValueError:
@@ -103,12 +73,28 @@ def _values(rows: list[list[str]], where: str, first_line: int = 2) -> np.ndarra
                 try:
                     float(x)
                 except ValueError:
-                    raise DataError(f"{where}: line {first_line + i}: non-numeric current {x!r}") from None
+                    hint = " (a decimal comma? write 10142.81)" if "," in x else ""
+                    raise DataError(f"{where}: line {first_line + i}: non-numeric current {x!r}{hint}") from None
         raise
     if rows and not np.isfinite(vals).all():
         i = int(np.flatnonzero(~np.isfinite(vals).all(1))[0])
         raise DataError(f"{where}: line {first_line + i}: current is NaN or infinite ({', '.join(rows[i][1:4])})")
+    big = np.abs(vals) > F32_MAX
+    if big.any():
+        i = int(np.flatnonzero(big.any(1))[0])
+        raise DataError(f"{where}: line {first_line + i}: current out of range ({', '.join(rows[i][1:4])}; "
+                        f"float32 holds at most {F32_MAX:.3g})")
     return vals.reshape(-1, 3)
+
+
+def _decode(data: bytes, path, what: str) -> str:
+    """File bytes -> text: UTF-8 (a leading BOM is dropped), else an error naming the byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(path, f"line {line}: the {what} file is not UTF-8 text (byte 0x{data[e.start]:02x} "
+                              f"at offset {e.start}); save it as UTF-8") from None
 
 
 def _read_csv(path: str | os.PathLike, what: str, skip_blank: bool = True) -> list[list[str]]:
@@ -117,10 +103,13 @@ def _read_csv(path: str | os.PathLike, what: str, skip_blank: bool = True) -> li
     if not path.is_file():
         raise DataError(path, f"{what} file not found")
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(path, f"cannot read the {what} file ({e})") from None
-    rows = list(csv.reader(io.StringIO(text)))
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(path, f"cannot read the {what} file ({e.strerror or e})") from None
+    try:
+        rows = list(csv.reader(io.StringIO(_decode(data, path, what), newline="")))
+    except csv.Error as e:
+        raise DataError(path, f"malformed CSV ({e})") from None
     return [r for r in rows if r and any(c.strip() for c in r)] if skip_blank else rows
 
 
@@ -135,7 +124,7 @@ def read_current_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
                               f"found {header}")
     if not rows:
         raise DataError(path, "current log has a header but no rows")
-    return parse_current_rows(rows, str(path))
+    return parse_current_rows(rows, str(path), columns=len(header))
 
 
 def resample(times: np.ndarray, values: np.ndarray, first_second: int, last_second: int,
@@ -193,9 +182,7 @@ def read_frame_times(path: str | os.PathLike) -> np.ndarray:
     if len(rows) < 2:
         raise DataError(path, "timestamps file has no rows after its header")
     t = parse_times([r[0] for r in rows[1:]], str(path))
-    back = np.flatnonzero(np.diff(t) < 0)
-    if back.size:
-        raise DataError(path, f"line {back[0] + 3}: frame timestamps go backwards")
+    check_order(t, str(path), "frame timestamps")
     return t
 
 
@@ -208,43 +195,74 @@ def write_frame_times(path: str | os.PathLike, times: np.ndarray) -> None:
 
 class CurrentTail:
     """Follow a growing current log: each ``poll()`` parses only the complete lines added since
-    the last one; ``times``/``values`` hold every sample so far."""
+    the last one; ``times``/``values`` hold every sample so far.
+
+    A log that shrinks or is replaced (another inode: rotation, a rewrite) is read again from
+    its start; rows up to the last time already seen are skipped, so the samples continue at
+    the right time, and a log that restarts earlier than that is refused (``rotated`` counts
+    the reopenings)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._offset = 0
         self._line = 1
-        self._header = False
+        self._columns = 0  # fields of the header, 0 until it was read
+        self._ino = None
+        self.rotated = 0
         self._raw = np.zeros(0)  # stamps as written; spread again over the whole log each poll,
         self.times = np.zeros(0)  # because the two rows of one second may arrive in two polls
         self.values = np.zeros((0, 3))
+
+    def _reopened(self, st: os.stat_result) -> bool:
+        """True when the file is not the one (or no longer as long as) what was read so far."""
+        replaced = self._ino is not None and st.st_ino != self._ino
+        self._ino = st.st_ino
+        if replaced or st.st_size < self._offset:
+            self._offset, self._line, self._columns = 0, 1, 0
+            self.rotated += 1
+            return True
+        return False
 
     def poll(self) -> bool:
         """Read new complete lines; True when samples were added."""
         try:
             with open(self.path, "rb") as f:
+                reopened = self._reopened(os.fstat(f.fileno()))
                 f.seek(self._offset)
                 chunk = f.read()
         except FileNotFoundError:
-            return False
+            return False  # between a rotation's rename and the new file's creation
+        except OSError as e:
+            raise DataError(self.path, f"cannot read the current log ({e.strerror or e})") from None
         end = chunk.rfind(b"\n")
         if end < 0:
             return False
+        text = _decode(chunk[:end + 1], self.path, "current log")
         self._offset += end + 1
-        lines = chunk[:end + 1].decode(errors="replace").splitlines()
+        lines = text.splitlines()
         first = self._line
         self._line += len(lines)
-        if not self._header:
-            if len(next(csv.reader([lines[0]]), [])) < 4:
+        if not self._columns:
+            self._columns = len(next(csv.reader([lines[0]]), []))
+            if self._columns < 4:
                 raise DataError(f"{self.path}: missing columns: expected a header with 4 columns "
                                 f"(timestamp, phase A, B, C)")
-            self._header, lines, first = True, lines[1:], first + 1
-        rows = [r for r in csv.reader(lines) if r and any(c.strip() for c in r)]
+            lines, first = lines[1:], first + 1
+        try:
+            rows = [r for r in csv.reader(lines) if r and any(c.strip() for c in r)]
+        except csv.Error as e:
+            raise DataError(self.path, f"malformed CSV ({e})") from None
         if not rows:
             return False
-        t, v = parse_current_rows(rows, str(self.path), first, spread=False)
+        t, v = parse_current_rows(rows, str(self.path), first, spread=False, columns=self._columns)
+        if reopened and self._raw.size:  # the new file may repeat what was read: continue after it
+            keep = t > self._raw[-1]
+            t, v = t[keep], v[keep]
+            if not t.size:
+                return False
         if self._raw.size and t[0] < self._raw[-1]:
-            raise DataError(f"{self.path}: line {first}: timestamps go backwards")
+            raise DataError(f"{self.path}: line {first}: timestamps go backwards "
+                            f"({format_seconds(t[0], frac=True)} after {format_seconds(self._raw[-1], frac=True)})")
         self._raw = np.concatenate([self._raw, t])
         self.values = np.concatenate([self.values, v])
         self.times = _spread_duplicates(self._raw)
@@ -252,20 +270,22 @@ class CurrentTail:
 
 
 # ---- the V2 layout's files ---------------------------------------------------------------
-def _v2_rows(path: Path) -> list[list[str]]:
+def _v2_rows(path: Path, header: bool = False):
     rows = _read_csv(path, "V2", skip_blank=False)
     if len(rows) < 2:
         raise DataError(path, "no data rows (expected a header row, then one row per sample)")
-    return rows[1:]
+    return (rows[0], rows[1:]) if header else rows[1:]
 
 
 def read_timestamps(path: Path) -> list[str]:
-    """Column 0 of every row after the header: one timestamp per video frame."""
+    """Column 0 of every row after the header: one timestamp per video frame (checked to be
+    timestamps that never go backwards; kept as text, the key into the current file)."""
     out = []
     for i, r in enumerate(_v2_rows(path)):
         if not r or not r[0].strip():
             raise DataError(path, f"line {i + 2}: empty timestamp")
         out.append(r[0].strip())
+    check_order(parse_times(out, str(path)), str(path), "frame timestamps")
     return out
 
 
@@ -275,12 +295,16 @@ def read_currents(path: Path) -> tuple[list[str], np.ndarray]:
     Rows come two per second; like the reference, rows are paired by position (0-1, 2-3, ...)
     and a pair is keyed by its first row's timestamp.
     """
-    rows = _v2_rows(path)
+    header, rows = _v2_rows(path, header=True)
     if len(rows) % 2:
         raise DataError(path, f"{len(rows)} data rows; expected 2 rows per second (an even count)")
     for i, r in enumerate(rows):
         if len(r) < 4:
             raise DataError(path, f"line {i + 2}: {len(r)} columns, expected timestamp + phases A, B, C")
+        if len(r) > max(4, len(header)):
+            raise DataError(path, f"line {i + 2}: {len(r)} fields but the header names {len(header)}; "
+                                  f"a decimal comma? write 10142.81, not 10142,81")
     values = _values(rows, str(path))
+    check_order(parse_times([r[0] for r in rows], str(path)), str(path), "timestamps")
     seconds = [rows[i][0].strip() for i in range(0, len(rows), 2)]
     return seconds, values.astype(np.float32)

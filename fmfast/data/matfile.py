@@ -62,6 +62,16 @@ def write_mat(path: str | Path, arrays: dict[str, np.ndarray], created: str | No
     return path
 
 
+# What h5py raises on a damaged file (a broken heap, B-tree or chunk; a checksum): these are
+# problems with the file, not bugs, and become one DataError line naming it.
+H5_ERRORS = (OSError, RuntimeError, ValueError, KeyError, OverflowError, TypeError)
+
+
+def _h5_problem(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+
+
 def open_mat(path: Path) -> h5py.File:
     """Open a v7.3 .mat for reading, or raise DataError saying why not."""
     if not path.is_file():
@@ -70,24 +80,85 @@ def open_mat(path: Path) -> h5py.File:
         return h5py.File(path, "r")
     except OSError as e:
         raise DataError(path, f"not a MATLAB v7.3 (HDF5) file ({e}); re-save it with save(..., '-v7.3')") from None
+    except H5_ERRORS as e:
+        raise DataError(path, f"damaged HDF5 file ({_h5_problem(e)})") from None
 
 
 def dataset(f: h5py.File, path: Path, key: str, ndim: int) -> h5py.Dataset:
     """The numeric array ``key`` of an open .mat, checked for presence and rank."""
-    d = f.get(key)
+    try:
+        d = f.get(key)
+        if isinstance(d, h5py.Dataset):
+            shape, kind = d.shape, d.dtype.kind
+        keys = sorted(f.keys())
+    except H5_ERRORS as e:
+        raise DataError(path, f"damaged HDF5 file: cannot read '{key}' ({_h5_problem(e)})") from None
     if not isinstance(d, h5py.Dataset):
-        raise DataError(path, f"no '{key}' array (found: {sorted(f.keys())})")
-    if d.ndim != ndim:
-        raise DataError(path, f"'{key}' has shape {d.shape}, expected {ndim} dimensions")
-    if d.dtype.kind not in "uifb":
+        raise DataError(path, f"no '{key}' array (found: {keys})")
+    if len(shape) != ndim:
+        raise DataError(path, f"'{key}' has shape {shape}, expected {ndim} dimensions")
+    if kind not in "uifb":
         raise DataError(path, f"'{key}' has non-numeric dtype {d.dtype}")
     return d
 
 
-def read_into(d: h5py.Dataset, out: np.ndarray) -> None:
-    """Read a whole dataset into a preallocated C-contiguous array (HDF5 converts the dtype)."""
-    if d.size:
-        d.read_direct(out)
+def _where(d: h5py.Dataset) -> str:
+    return f"{d.file.filename}"
+
+
+def _check_uint8_range(d: h5py.Dataset, a: np.ndarray, first: int) -> None:
+    """Values of a non-uint8 array read as uint8 must be whole numbers in 0..255: HDF5's
+    conversion clips and truncates without notice (NaN -> 0, 300 -> 255)."""
+    flat = a.reshape(len(a), -1)
+    bad = ~np.isfinite(flat) | (flat < 0) | (flat > 255) if a.dtype.kind == "f" else (flat < 0) | (flat > 255)
+    if bad.any():
+        i = int(np.flatnonzero(bad.any(1))[0])
+        v = flat[i][bad[i]][0]
+        raise DataError(_where(d), f"'{d.name.lstrip('/')}' frame {first + i}: value {v} is not a pixel value "
+                                   f"(expected 0..255 for a {d.dtype} array)")
+    if a.dtype.kind == "f" and (flat != np.round(flat)).any():
+        i = int(np.flatnonzero((flat != np.round(flat)).any(1))[0])
+        raise DataError(_where(d), f"'{d.name.lstrip('/')}' frame {first + i}: value {flat[i][flat[i] != np.round(flat[i])][0]} "
+                                   f"is not a whole number (expected uint8 pixel values 0..255)")
+
+
+def read_into(d: h5py.Dataset, out: np.ndarray, chunk: int = 256) -> None:
+    """Read a whole dataset into a preallocated C-contiguous uint8 array. A uint8 array is
+    one straight read; any other dtype is read in chunks and checked to hold pixel values."""
+    try:
+        if not d.size:
+            return
+        if d.dtype == out.dtype:
+            d.read_direct(out)
+            return
+        for i in range(0, d.shape[0], chunk):
+            a = d[i:i + chunk]
+            _check_uint8_range(d, a, i)
+            out[i:i + len(a)] = a
+    except DataError:
+        raise
+    except H5_ERRORS as e:
+        raise DataError(_where(d), f"damaged HDF5 file: cannot read '{d.name.lstrip('/')}' ({_h5_problem(e)})") from None
+
+
+def read_all(d: h5py.Dataset, dtype=None) -> np.ndarray:
+    """A whole (small) dataset as numpy, a damaged one raising DataError."""
+    try:
+        return np.asarray(d[()], dtype=dtype)
+    except H5_ERRORS as e:
+        raise DataError(_where(d), f"damaged HDF5 file: cannot read '{d.name.lstrip('/')}' ({_h5_problem(e)})") from None
+
+
+def read_slice(d: h5py.Dataset, lo: int, hi: int) -> np.ndarray:
+    """Frames ``lo:hi`` of a dataset as uint8, checked like ``read_into``."""
+    try:
+        a = d[lo:hi]
+    except H5_ERRORS as e:
+        raise DataError(_where(d), f"damaged HDF5 file: cannot read '{d.name.lstrip('/')}' frames {lo}..{hi - 1} "
+                                   f"({_h5_problem(e)})") from None
+    if a.dtype != np.uint8:
+        _check_uint8_range(d, a, lo)
+    return a.astype(np.uint8, copy=False)
 
 
 def any_positive(d: h5py.Dataset, chunk: int = 4096) -> np.ndarray:
@@ -95,8 +166,14 @@ def any_positive(d: h5py.Dataset, chunk: int = 4096) -> np.ndarray:
     casts masks before thresholding). Reads in chunks to bound memory."""
     n = d.shape[0]
     out = np.zeros(n, dtype=np.uint8)
-    view = d.astype(np.uint8) if d.dtype != np.uint8 else d
-    for i in range(0, n, chunk):
-        m = view[i:i + chunk]
-        out[i:i + len(m)] = (m.reshape(len(m), -1) > 0).any(axis=1)
+    try:
+        for i in range(0, n, chunk):
+            m = d[i:i + chunk]
+            if m.dtype != np.uint8:
+                _check_uint8_range(d, m, i)
+            out[i:i + len(m)] = (m.reshape(len(m), -1) > 0).any(axis=1)
+    except DataError:
+        raise
+    except H5_ERRORS as e:
+        raise DataError(_where(d), f"damaged HDF5 file: cannot read '{d.name.lstrip('/')}' ({_h5_problem(e)})") from None
     return out

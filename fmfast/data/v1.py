@@ -18,6 +18,7 @@ import torch
 
 from . import matfile
 from .corpus import Corpus, read_stores, samples
+from .csvfiles import F32_MAX
 from fmfast.errors import DataError
 
 SPLIT_CODE = {"train": 0, "test": 1}
@@ -52,11 +53,15 @@ def load_v1(root: Path, split: str, masks: bool) -> Corpus:
                 raise DataError(path, f"'train_test_index' has {index.size} entries, expected {n}")
             if shapes and video.shape[1:] != shapes[0][1:]:
                 raise DataError(path, f"frame shape {video.shape[1:]} differs from {files[0].name}'s {shapes[0][1:]}")
-            values = np.asarray(cur, dtype=np.float64)
+            values = matfile.read_all(cur, np.float64)
             bad = ~np.isfinite(values).all(axis=1)
             if bad.any():
                 raise DataError(path, f"'current' is NaN or infinite at frame {int(np.argmax(bad))}")
-            codes = np.asarray(index).reshape(-1)
+            big = (np.abs(values) > F32_MAX).any(axis=1)
+            if big.any():
+                raise DataError(path, f"'current' out of range at frame {int(np.argmax(big))} "
+                                      f"({values[int(np.argmax(big))].tolist()}; float32 holds at most {F32_MAX:.3g})")
+            codes = matfile.read_all(index).reshape(-1)
             if not np.isin(codes, (0, 1)).all():
                 raise DataError(path, "'train_test_index' must hold only 0 (train) and 1 (test)")
         shapes.append(video.shape)

@@ -25,13 +25,31 @@ def is_v2(root: Path) -> bool:
     return root.is_dir() and (root / "videos").is_dir()
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json object hook: a key given twice is an error (json keeps the last one silently)."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def _read_split(path: Path, names: list[str]) -> dict:
     if not path.is_file():
         raise DataError(path, "split file not found")
     try:
-        split = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(path, f"not valid JSON ({e})") from None
+        split = json.loads(path.read_bytes().decode("utf-8-sig"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise DataError(path, f"recording '{e.args[0]}' is listed twice (which list is meant is ambiguous)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise DataError(path, f"not valid JSON ({str(e)[:160]})") from None
+    except OSError as e:
+        raise DataError(path, f"cannot read the split file ({e.strerror or e})") from None
     if not isinstance(split, dict):
         raise DataError(path, 'expected an object {"<name>.mat": [frame indices]}')
     known = {n + ".mat" for n in names}

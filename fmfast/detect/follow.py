@@ -37,6 +37,10 @@ class FollowFeed:
         self.offset = 0.0  # seconds of video before the current segment
         self.segments_done: set[str] = set()
         self._seen = None  # (size, settled) of the growing file at its last decode
+        self._ino = None  # its inode: another one means it was replaced (rewritten, rotated)
+        self._ts = np.zeros(0)  # the last frame timestamps read whole
+        self._last_t = None  # the time of the last frame handed out
+        self.notes: list[str] = []  # what the follower had to work around, for the user
         self._pts0 = None  # its first frame's presentation time
         self.pending: list[tuple[torch.Tensor, np.ndarray | None]] = []
 
@@ -110,6 +114,13 @@ class FollowFeed:
                 got = True
         elif self.video.is_file():
             st = self.video.stat()
+            if self._ino is not None and (st.st_ino != self._ino or (self._seen and st.st_size < self._seen[0])):
+                # rewritten or rotated: the same recording written again -- keep counting frames
+                # from where we are (frames already scored are not scored twice)
+                self.notes.append(f"{self.video}: replaced while followed; continued at frame "
+                                  f"{self.frames_done + self._pending_frames()}")
+                self._seen = None
+            self._ino = st.st_ino
             settled = final or now - st.st_mtime > self.settle
             if (st.st_size, settled) != self._seen:  # re-open only when it grew or came to rest
                 self._seen = (st.st_size, settled)
@@ -128,13 +139,20 @@ class FollowFeed:
     def _pending_frames(self) -> int:
         return sum(len(f) for f, _ in self.pending)
 
-    def hand_out(self, engine: WindowEngine) -> bool:
+    def hand_out(self, engine: WindowEngine, final: bool = False) -> bool:
         got = False
         if self.timestamps is not None and self.pending:
             try:
-                ts = read_frame_times(self.timestamps)
+                self._ts = read_frame_times(self.timestamps)
             except DataError:
-                ts = np.zeros(0)
+                if final:
+                    raise
+                # (a line being written); the last complete read still holds
+            if len(self._ts) < self.frames_done or (self.frames_done and self._ts[self.frames_done - 1] != self._last_t):
+                raise DataError(f"{self.timestamps}: no longer starts with the times of the {self.frames_done} frames "
+                                f"already placed by it (truncated or rotated?); the frame times of the rest "
+                                f"are unknown, so scoring cannot continue")
+            ts = self._ts
         while self.pending:
             frames, times = self.pending[0]
             if times is None:
@@ -151,6 +169,7 @@ class FollowFeed:
                 self.pending.pop(0)
             engine.add_frames(frames, times)
             self.frames_done += len(frames)
+            self._last_t = float(times[-1]) if len(times) else self._last_t
             got = True
         return got
 
@@ -175,4 +194,8 @@ def follow(engine: WindowEngine, feed: FollowFeed, log, poll: float = 1.0, timeo
         pass
     feed.poll_current(engine, final=True)
     feed.poll_frames(final=True)
-    feed.hand_out(engine)
+    feed.hand_out(engine, final=True)
+    left = feed._pending_frames()
+    if left:  # frames that never got a time: say so, never end as if all were scored
+        raise DataError(f"{feed.timestamps}: {left} decoded frames never got a frame time (the timestamps file "
+                        f"ended after {feed.frames_done} frames)")

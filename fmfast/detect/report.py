@@ -11,7 +11,8 @@ import numpy as np
 
 from fmfast.data.csvfiles import format_seconds
 from fmfast.detect.alarms import Alarm
-from fmfast.files import atomic_write
+from fmfast.errors import OutputError
+from fmfast.files import atomic_write, output_error
 
 WINDOW_HEADER = "window,frame,timestamp,seconds,probability\n"
 ALARM_HEADER = "alarm,start,end,duration_s,peak_probability,start_frame,end_frame,peak_frame,open\n"
@@ -104,7 +105,45 @@ def write_timeline(out: Path, engine, res, on: float, off: float, meta: dict, ti
 
 
 def publish(out: Path, engine, res, on: float, off: float, meta: dict, title: str) -> None:
-    """Write every output into a staging folder, then move them into ``out``."""
+    """Write every output into a staging folder, then move them into ``out`` (earlier results
+    are replaced only once every new file is complete; a full disk is one line)."""
+    try:
+        _publish(out, engine, res, on, off, meta, title)
+    except OSError as e:
+        if isinstance(e, OutputError):
+            raise
+        raise output_error(out, e) from None
+
+
+class LiveLog:
+    """A live results file (``--follow``): created, replacing an earlier run's, only when the
+    first line is written -- so a run that fails on its inputs leaves earlier results alone."""
+
+    def __init__(self, path: Path, header: str):
+        self.path, self.header, self._f = Path(path), header, None
+
+    def write(self, text: str) -> None:
+        try:
+            if self._f is None:
+                self._f = open(self.path, "w")  # noqa: SIM115 (closed by close())
+                self._f.write(self.header)
+            self._f.write(text)
+            self._f.flush()
+        except OSError as e:
+            raise output_error(self.path, e) from None
+
+    def writelines(self, lines) -> None:
+        self.write("".join(lines))
+
+    def flush(self) -> None:
+        pass  # every write is flushed
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
+def _publish(out: Path, engine, res, on: float, off: float, meta: dict, title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".detect.", dir=out))
     try:

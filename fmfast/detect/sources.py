@@ -62,7 +62,7 @@ def feed_v2(engine: WindowEngine, root: str, name: str, chunk: int = 256):
         if data.shape[0] <= engine.need:
             raise DataError(f"{mat}: {data.shape[0]} frames; the model's clip needs {engine.need + 1}")
         for s in range(0, data.shape[0], chunk):
-            x = torch.from_numpy(np.asarray(data[s:s + chunk], dtype=np.uint8))
+            x = torch.from_numpy(matfile.read_slice(data, s, s + chunk))
             if tuple(x.shape[2:]) != engine.s.size_wh:  # stored [n,3,W,H] -> decoded order to resize
                 x = resize_frames(x.permute(0, 3, 2, 1), engine.s.size_wh)
             engine.add_frames(x, times[s:s + len(x)], row_end[s:s + len(x)])

@@ -3,13 +3,15 @@
 Reference-code ``state_dict`` files are read too."""
 from __future__ import annotations
 
+import errno
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from fmfast.errors import CheckpointError, CheckpointMismatch
-from fmfast.files import atomic_write
+from fmfast.errors import CheckpointError, CheckpointMismatch, OutputError
+from fmfast.files import atomic_write, output_error
 from fmfast.models import MODELS, ModelConfig, build_model
 from fmfast.models.registry import guess_official
 
@@ -18,9 +20,25 @@ __all__ = ["FORMAT", "CheckpointError", "load_model", "model_payload", "read", "
 
 
 def save(path: str | os.PathLike, payload: dict) -> None:
-    """Write ``payload`` atomically (temporary file, then rename)."""
+    """Write ``payload`` atomically (temporary file, then rename). A full or read-only disk is
+    one OutputError naming ``path`` (torch.save reports it as a zip-writer RuntimeError)."""
     with atomic_write(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as e:  # "PytorchStreamWriter failed writing file data/3: file write failed"
+            if "write" not in str(e):
+                raise
+            if _nearly_full(tmp):
+                raise output_error(path, OSError(errno.ENOSPC, "no space left")) from None
+            raise OutputError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0][:160]})") from None
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 << 20  # the miniz error names no errno; a near-full disk it is
 
 
 def read(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -49,6 +67,44 @@ def model_payload(model_name: str, model, data: dict | None = None) -> dict:
     }
 
 
+def _described_model(path, obj: dict):
+    """The model name and config an fmfast checkpoint stores, each checked -> (name, ModelConfig)."""
+    name = obj.get("model_name")
+    if name not in MODELS:
+        raise CheckpointError(f"{path}: unknown model name {name!r} (expected one of {', '.join(sorted(MODELS))})")
+    d = obj.get("model_config")
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: no model config (expected a dict under 'model_config')")
+    want = {f.name: f for f in fields(ModelConfig)}
+    unknown, missing = sorted(set(d) - set(want)), sorted(set(want) - set(d))
+    if unknown or missing:
+        raise CheckpointError(f"{path}: model config does not fit this fmfast version ("
+                              + "; ".join(x for x in (f"unknown keys: {', '.join(map(str, unknown))}" if unknown else "",
+                                                      f"missing keys: {', '.join(missing)}" if missing else "") if x)
+                              + ")")
+    try:
+        cfg = ModelConfig.from_dict(d)
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:  # __post_init__ checks
+        raise CheckpointError(f"{path}: unusable model config ({type(e).__name__}: {str(e)[:160]})") from None
+    return name, cfg
+
+
+def _load_weights(path, model, sd) -> None:
+    """Weights into ``model``; missing/unexpected keys and shape differences named on one line."""
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: no weights (expected a dict of tensors under 'model')")
+    want = model.state_dict()
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(set(sd) - set(want))
+    shapes = [f"{k} {list(sd[k].shape)} vs {list(want[k].shape)}" for k in sorted(set(sd) & set(want))
+              if sd[k].shape != want[k].shape]
+    parts = [f"{what} ({len(ks)}): {', '.join(ks[:6])}{', ...' if len(ks) > 6 else ''}"
+             for what, ks in (("missing keys", missing), ("unexpected keys", unexpected), ("shape differences", shapes)) if ks]
+    if parts:
+        raise CheckpointError(f"{path}: weights do not fit the stored config: {'; '.join(parts)}")
+    model.load_state_dict(sd)
+
+
 def load_model(path: str | os.PathLike, map_location="cpu", task: str | None = None, model_name: str | None = None):
     """Build the model stored in ``path`` -> ``(model, meta)``.
 
@@ -57,13 +113,13 @@ def load_model(path: str | os.PathLike, map_location="cpu", task: str | None = N
     """
     obj = read(path, map_location)
     if obj.get("format") == FORMAT:
-        name = obj["model_name"]
-        cfg = ModelConfig.from_dict(obj["model_config"])
-        model = build_model(name, cfg)
+        name, cfg = _described_model(path, obj)
         try:
-            model.load_state_dict(obj["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}: weights do not fit the stored config: {str(e).splitlines()[0]}") from None
+            model = build_model(name, cfg)
+        except (TypeError, ValueError, RuntimeError) as e:  # a config value of the wrong type or size
+            raise CheckpointError(f"{path}: cannot build the stored {name} model ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        _load_weights(path, model, obj.get("model"))
         meta = {"model_name": name, "task": cfg.task, "data": obj.get("data", {}), "source": "fmfast"}
     else:
         try:

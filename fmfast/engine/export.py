@@ -25,7 +25,7 @@ from torch import nn
 
 from fmfast.engine.checkpoints import load_model
 from fmfast.errors import ExportError, SettingsError
-from fmfast.files import atomic_write
+from fmfast.files import atomic_write, check_output
 from fmfast.models import INPUTS
 
 FORMATS = ("onnx", "torchscript", "official")
@@ -151,13 +151,12 @@ def export(checkpoint: str, fmt: str, out: str, opset: int = 17) -> str:
     """Write ``out`` in ``fmt`` after checking it; returns what the check found."""
     if fmt not in FORMATS:
         raise SettingsError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    check_output(out, "file")
     model, meta = load_model(checkpoint)
     w = Exported(model.eval(), meta["model_name"]).eval()
     write, check = {"onnx": (export_onnx, check_onnx), "torchscript": (export_torchscript, check_torchscript),
                     "official": (export_official, check_official)}[fmt]
     out = Path(out)
-    if out.is_dir():
-        raise SettingsError(f"{out}: is a folder; give a file name")
     with torch.inference_mode(False), torch.no_grad(), atomic_write(out) as tmp:
         write(w, *( (tmp, opset) if fmt == "onnx" else (tmp,) ))
         w.eval()  # exporters restore the mode they found; keep BatchNorm in eval for the check

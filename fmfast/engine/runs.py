@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from fmfast.errors import SettingsError
-from fmfast.files import atomic_write
+from fmfast.files import FolderLock, atomic_write, check_output, sweep_temporaries
 
 
 class RunFolderTaken(SettingsError):
@@ -31,14 +31,34 @@ def settings_diff(a, b, where: str = "") -> list[str]:
     return [] if a == b else [where.rstrip(".")]
 
 
-def prepare_run_folder(out: Path, settings: dict, resume: str | None, write: bool = True) -> None:
-    """Refuse a folder that holds a different run (or this one, unless resuming); then, if
-    ``write``, create it and write the resolved ``config.yaml``."""
+def prepare_run_folder(out: Path, settings: dict, resume: str | None, write: bool = True) -> FolderLock | None:
+    """Refuse a folder that is not a writable folder, is being written by another live run, or
+    holds a different run (or this one, unless resuming); then, if ``write``, create it, lock
+    it, sweep the temporaries a killed run left and write the resolved ``config.yaml``.
+    -> the held lock (release it when the run ends), None unless ``write``."""
+    lock = None
+    if write:
+        check_output(out, "folder", create=True)
+        lock = FolderLock(out, "training run").acquire()
+    try:
+        _check_run_folder(out, settings, resume)
+        if write:
+            sweep_temporaries(out)
+            with atomic_write(out / "config.yaml") as tmp:
+                tmp.write_text(yaml.safe_dump(settings, sort_keys=False))
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+    return lock
+
+
+def _check_run_folder(out: Path, settings: dict, resume: str | None) -> None:
     cfg_file = out / "config.yaml"
     if cfg_file.is_file():
         try:
             old = yaml.safe_load(cfg_file.read_text())
-        except yaml.YAMLError:
+        except (yaml.YAMLError, UnicodeDecodeError):
             raise SettingsError(f"{cfg_file}: unreadable run config; choose another run folder") from None
         diff = settings_diff(comparable(old or {}), comparable(settings))
         if diff:
@@ -46,10 +66,6 @@ def prepare_run_folder(out: Path, settings: dict, resume: str | None, write: boo
                                  "choose another run folder")
         if not resume and (out / "last.pt").exists():
             raise RunFolderTaken(f"{out}: already holds this run; resume it, or choose another run folder")
-    if write:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_write(cfg_file) as tmp:
-            tmp.write_text(yaml.safe_dump(settings, sort_keys=False))
 
 
 def find_resumable(settings: dict, runs: Path = Path("runs")) -> Path | None:
@@ -57,7 +73,7 @@ def find_resumable(settings: dict, runs: Path = Path("runs")) -> Path | None:
     for last in sorted(runs.glob("*/last.pt"), key=lambda p: p.stat().st_mtime, reverse=True):
         try:
             old = yaml.safe_load((last.parent / "config.yaml").read_text())
-        except (OSError, yaml.YAMLError):
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
             continue
         if isinstance(old, dict) and comparable(old) == comparable(settings):
             return last.parent

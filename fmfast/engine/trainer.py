@@ -23,6 +23,7 @@ from fmfast.data import FMFDataset
 from fmfast.data.gather import StableFlips, fits_on_device
 from fmfast.engine import checkpoints as ckpt
 from fmfast.engine import distributed as dist
+from fmfast.engine import finite
 from fmfast.engine.device import resolve_amp, resolve_device
 from fmfast.engine.evaluation import evaluate
 from fmfast.engine.graphs import make_capturable, portable_state_dict
@@ -58,7 +59,7 @@ class Trainer:
         self.console = console or Console(stderr=True, quiet=not self.main)
         self.amp = resolve_amp(t["amp"], self.device)
         self.out = Path(t["out"])
-        prepare_run_folder(self.out, self.s, resume, write=self.main)
+        self._lock = prepare_run_folder(self.out, self.s, resume, write=self.main)
 
         self.train_ds, self.test_ds = self._datasets()
         self.model_name = settings["model"]["name"]
@@ -76,6 +77,7 @@ class Trainer:
         self.sched = build_scheduler(self.opt, settings["schedule"], t["epochs"], self.steps_per_epoch, settings["optim"]["lr"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.epoch, self.step, self.global_step = 0, 0, 0
+        self._saved_step = None  # the global step last.pt holds
         self.history: list[dict] = []
         self.losses: list[float] = []
         self.best = -math.inf
@@ -142,7 +144,9 @@ class Trainer:
 
     def _save(self, name: str) -> None:
         if self.main:
+            finite.check_weights(self.module, self.global_step, finite.saved_note(self.out, self._saved_step))
             ckpt.save(self.out / name, self._state())
+            self._saved_step = self.global_step if name == "last.pt" else self._saved_step
 
     def _load(self, path) -> None:
         state = ckpt.read(path, map_location="cpu")
@@ -162,6 +166,7 @@ class Trainer:
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
+        self._saved_step = self.global_step
         self.history, self.losses, self.best = state["history"], state["losses"], state["best"]
         self.console.print(f"resumed from {path}: epoch {self.epoch + 1}, step {self.step}")
 
@@ -189,7 +194,9 @@ class Trainer:
                 batches = order.split(t["batch_size"])
                 bar = progress.add_task(f"epoch {self.epoch + 1}/{t['epochs']}", total=len(order), loss=float("nan"),
                                         completed=min(self.step * t["batch_size"], len(order)))
-                t0, seen, run_loss, pending = time.perf_counter(), 0, [], []
+                # a resumed epoch's mean loss covers the steps before the interruption too
+                run_loss = self.losses[len(self.losses) - self.step:] if self.step else []
+                t0, seen, pending = time.perf_counter(), 0, []
                 for i in range(self.step, len(batches)):
                     pending.append(self._train_step(batches[i]))
                     self.step, self.global_step = i + 1, self.global_step + 1
@@ -198,6 +205,7 @@ class Trainer:
                     if len(pending) >= self.loss_read_every or save or self.step == len(batches):
                         losses = torch.stack(pending).tolist()  # the one host sync in a while
                         pending.clear()
+                        finite.check_losses(losses, self.global_step, finite.saved_note(self.out, self._saved_step))
                         self.losses += losses
                         run_loss += losses
                         progress.update(bar, loss=sum(run_loss[-20:]) / len(run_loss[-20:]))
@@ -208,6 +216,8 @@ class Trainer:
                 progress.remove_task(bar)
                 self._end_epoch(progress, run_loss, seen, train_time)
         dist.cleanup(self.world)
+        if self._lock:
+            self._lock.release()
         return self.history[-1] if self.history else {}
 
     def _end_epoch(self, progress, run_loss, seen, train_time):

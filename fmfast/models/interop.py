@@ -126,6 +126,9 @@ def read_official(source, name: str | None = None) -> dict[str, torch.Tensor]:
                 f"{path}: cannot read as a PyTorch state_dict ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
             ) from None
     name = name or "state_dict"
+    if isinstance(source, Mapping) and source.get("format") == "fmfast":
+        raise CheckpointMismatch(f"{name}: an fmfast checkpoint, not a reference-code state_dict; load it with "
+                                 f"fmfast.engine.checkpoints.load_model (fmfast evaluate/detect/export read it as is)")
     if not isinstance(source, Mapping):
         raise CheckpointMismatch(f"{name}: expected a state_dict (a dict of tensors), found {type(source).__name__}")
     if not all(isinstance(v, torch.Tensor) for v in source.values()):
@@ -177,21 +180,21 @@ def check_fits(model, sd: Mapping[str, torch.Tensor], name: str = "state_dict", 
     if not (missing or unexpected or shapes):
         return
     lines = [f"{name} does not fit fmfast.{FMFAST_NAMES[kind]} "
-             f"(reference {OFFICIAL_NAMES[kind]}, task={model.config.task}):"]
+             f"(reference {OFFICIAL_NAMES[kind]}, task={model.config.task})"]
     other, task = guess_kind(sd), guess_task(sd)
     if other and other != kind:  # hints first: they name the fix
-        lines.append(f"  hint: this looks like a {OFFICIAL_NAMES[other]} checkpoint; "
+        lines.append(f"hint: this looks like a {OFFICIAL_NAMES[other]} checkpoint; "
                      f"load it with fmfast.{FMFAST_NAMES[other]}.from_official")
     if task and task != model.config.task:
-        lines.append(f"  hint: this is a {task} checkpoint; pass task={task!r}")
+        lines.append(f"hint: this is a {task} checkpoint; pass task={task!r}")
     if missing:
-        lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
+        lines.append(f"missing keys ({len(missing)}): {_listing(missing)}")
     if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+        lines.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
     if shapes:
-        lines.append(f"  shape differences ({len(shapes)}): " + "; ".join(shapes[:8])
+        lines.append(f"shape differences ({len(shapes)}): " + "; ".join(shapes[:8])
                      + (f"; ... and {len(shapes) - 8} more" if len(shapes) > 8 else ""))
-    raise CheckpointMismatch("\n".join(lines))
+    raise CheckpointMismatch(lines[0] + ": " + "; ".join(lines[1:]))  # one line, as every library error
 
 
 def load_official(cls, source, task: str | None = None, cfg: ModelConfig | None = None,
