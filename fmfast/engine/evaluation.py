@@ -12,13 +12,16 @@ from fmfast.engine.step import EvalRunner
 
 @torch.no_grad()
 def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None, max_samples: int = 0,
-             progress=None, keep: int = 0, cuda_graphs: bool = False, cache: dict | None = None) -> tuple[dict, dict]:
+             progress=None, keep: int = 0, cuda_graphs: bool = False, cache: dict | None = None,
+             threshold: float | None = None, collect: dict | None = None) -> tuple[dict, dict]:
     """Run ``model`` over ``ds`` in order -> ``(metrics, examples)``.
 
     ``examples`` holds ``keep`` inputs' clips, labels and predictions from across the split,
     mostly abnormal ones (for the mask overlay plots); ``metrics`` includes samples/s of the
     whole pass. ``cuda_graphs`` (CUDA): replay a forward captured at ``batch_size``; with ``ds``
-    on the GPU the batch is gathered inside the graph. ``cache`` (a dict the caller keeps) reuses the capture across calls."""
+    on the GPU the batch is gathered inside the graph. ``cache`` (a dict the caller keeps) reuses the capture across calls.
+    ``threshold``: also report the decision metrics at ``p >= threshold`` (``at_threshold``).
+    ``collect`` (a dict): receives the ``accumulator`` and the sample ``order``, for per-sample outputs."""
     was_training = model.training
     model.eval()
     runner = _runner(model, model_name, ds, batch_size, device, amp_dtype, cuda_graphs and device.type == "cuda", cache)
@@ -45,7 +48,9 @@ def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None
         progress.remove_task(task_id)
     examples = _examples(model, model_name, ds, device, amp_dtype, _picks(order, flags, batch_size), keep) if keep else {}
     model.train(was_training)
-    metrics = acc.compute()
+    metrics = acc.compute(threshold)
+    if collect is not None:
+        collect.update(accumulator=acc, order=order)
     metrics["samples"] = n
     metrics["samples_per_s"] = n / elapsed if elapsed > 0 else float("inf")
     return metrics, examples

@@ -22,6 +22,7 @@ def comparable(settings: dict) -> dict:
     s["train"].pop("out", None)
     s["train"].pop("epochs", None)
     s["train"].pop("cuda_graphs", None)
+    s["train"].pop("patience", None)  # when to stop, like epochs
     return s
 
 

@@ -22,7 +22,7 @@ TINY_DATA = ["--num-frames", "4", "--current-seconds", "8"]
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("syn") / "data", recordings=2, frames=240, seed=3, size=32)
+    return generate(tmp_path_factory.mktemp("syn") / "data", recordings=2, frames=600, seed=3, size=32)
 
 
 def train_args(root, out, *extra) -> list[str]:
