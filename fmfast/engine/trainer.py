@@ -5,6 +5,11 @@ DataLoader workers); the epoch order is a pure function of (seed, epoch), so a r
 any point resumes from ``last.pt`` with the same optimiser, scheduler, order and RNG state and
 ends with the same weights as an uninterrupted one.
 
+The protocol: validation samples are carved out of the train split (``fmfast.data.splits``)
+and evaluated each epoch (no flips); ``best.pt`` is the epoch the monitored validation metric
+chose (``selection``), with the threshold calibrated on validation; the test split is
+evaluated once, at the end, with best.pt (the final row of metrics.jsonl; ``logs``).
+
 On CUDA (``train.cuda_graphs`` auto/on) the whole step -- forward, backward, Adam -- is one
 captured CUDA graph (``fmfast.engine.step.TrainRunner``, which runs every step, eager or captured), evaluation replays a captured forward,
 and when the dataset fits in GPU memory it lives there: a step's only host-to-device traffic
@@ -234,11 +239,11 @@ class Trainer:
                 self._end_epoch(progress, run_loss, seen, train_time)
             if self.final is None and self.main:
                 self._test(progress)
+        dist.barrier(self.world)  # the other ranks wait for the test pass
         dist.cleanup(self.world)
         return self.summary()
 
     def _end_epoch(self, progress, run_loss, seen, train_time):
-        t = self.s["train"]
         metrics = {}
         if self.main:
             if self.val_ds is not None:
@@ -277,9 +282,11 @@ class Trainer:
     def _test(self, progress) -> None:
         """The test split, once: the selected checkpoint at 0.5 and at the calibrated threshold."""
         best = ckpt.read(self.out / "best.pt")
+        trained = {k: v.clone() for k, v in self.module.state_dict().items()}  # last.pt keeps the last weights
         self.module.load_state_dict(best["model"])
         threshold = best.get("threshold")
         metrics, examples = self._evaluate(self.test_ds, progress, threshold=0.5 if threshold is None else threshold)
+        self.module.load_state_dict(trained)
         metrics.pop("calibration", None)  # test's own best threshold would be chosen on test: not reported
         self.final = {"final": True, "checkpoint": "best.pt", "selected_by": best["selected_by"], "test": metrics}
         self._save("last.pt")  # the finished run remembers its test row (a resume trains on, or ends)
