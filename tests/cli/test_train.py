@@ -200,10 +200,11 @@ def trained(tiny_root, tmp_path_factory):
 def test_run_folder_with_a_different_run_is_refused_untouched(tiny_root, trained, capsys):
     from fmfast.cli.train import main
 
-    before = {p.name: p.read_bytes() for p in trained.iterdir()}
+    files = lambda: {str(p.relative_to(trained)): p.read_bytes() for p in trained.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
     cli_error(main, train_args(tiny_root, trained, "--epochs", "1", "--lr", "0.1"), capsys, str(trained), "optim.lr")
     cli_error(main, train_args(tiny_root, trained, "--epochs", "1"), capsys, "--resume")
-    assert {p.name: p.read_bytes() for p in trained.iterdir()} == before
+    assert files() == before
 
 
 def test_evaluate_bad_input(tiny_root, trained, tmp_path, capsys):
