@@ -309,10 +309,11 @@ class Trainer:
     # ---------------------------------------------------------------- reporting
     def _log_start(self):
         n_params = sum(p.numel() for p in self.module.parameters())
-        d = self.s["data"]
+        d, n = self.s["data"], self._split[2]
         self.console.print(
             f"[bold]fmfast[/] training {self.model_name} ({self.cfg.task}, {n_params:,} parameters) on {d['root']}\n"
-            f"  train {len(self.train_ds):,} / test {len(self.test_ds):,} samples · clip {self.cfg.num_frames}×{self.cfg.frame_hw[0]}×{self.cfg.frame_hw[1]}"
+            f"  train {len(self.train_ds):,} / val {n['val']:,} / test {len(self.test_ds):,} samples"
+            f" ({n['dropped']:,} in the guard gap of {max(n['guard_frames'])} frames) · clip {self.cfg.num_frames}×{self.cfg.frame_hw[0]}×{self.cfg.frame_hw[1]}"
             f" stride {d['stride']} · current {self.cfg.current_len}×3 · batch {self.s['train']['batch_size']}"
             f" · {self.device} · amp {self.amp or 'off'} · {self.world} process(es)\n"
             f"  cuda graphs {self.graph_note}{' · data on the GPU' if self.on_device else ''} · run folder {self.out}"
