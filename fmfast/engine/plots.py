@@ -38,7 +38,8 @@ def curves(path: Path, history: list[dict], losses: list[float], task: str) -> N
         ax2.plot(epochs, [h["val"].get(k, np.nan) for h in history], marker="o", label=k)
     ax2.set(xlabel="epoch", ylabel="validation metric", title="validation metrics", ylim=(-0.02, 1.02))
     ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax2.legend(frameon=False, fontsize=8)
+    if history:  # no validation split: no metric curves
+        ax2.legend(frameon=False, fontsize=8)
     _save(fig, path)
 
 
