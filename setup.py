@@ -26,7 +26,10 @@ setup(
         # the CPU bench's peers: ONNX Runtime and OpenVINO run an ONNX export of the same weights
         "bench": ["onnx", "onnxruntime", "openvino"],
         # av encodes the tests' videos and is the decoding peer in bench/; onnx + onnxruntime
-        # check ONNX exports against PyTorch
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "nvtx", "ruff", "av", "onnx", "onnxruntime"],
+        # check ONNX exports against PyTorch; scikit-learn (and its scipy) is the oracle the
+        # anomaly-detection metrics are tested against
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "nvtx", "ruff", "av", "onnx", "onnxruntime", "scikit-learn"],
+        # training runs also write TensorBoard event files (scalars, curves, confusion images)
+        "tensorboard": ["tensorboard"],
     },
 )

@@ -132,6 +132,21 @@ class FolderLock:
         self.what = what
         self._held = False
 
+    def holder(self) -> int | None:
+        """The live process other than this one that holds the lock, or None."""
+        try:
+            pid = int(self.path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return None
+        return pid if pid and pid != os.getpid() and _pid_alive(pid) else None
+
+    def check(self) -> None:
+        """Refuse now, without taking the lock, if a live run holds it."""
+        pid = self.holder()
+        if pid:
+            raise OutputError(f"{self.path.parent}: another {self.what} (process {pid}) is writing "
+                              f"to this folder; wait for it or choose another folder")
+
     def acquire(self) -> FolderLock:
         for _ in range(2):
             try:

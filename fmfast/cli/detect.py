@@ -7,7 +7,8 @@
 A window ends every --hop frames (the first one at the first frame with a full clip history);
 its clip and current window are exactly what the model was trained on (fmfast.data.window).
 Windows are scored in batches straight from a bounded frame buffer. Writes to DIR:
-windows.csv (per-window probability), alarms.csv (hysteresis --on/--off, --min-duration),
+windows.csv (per-window probability), alarms.csv (hysteresis --on/--off, --min-duration; by default
+on at the threshold calibrated on validation stored in the checkpoint, off at 2/3 of it),
 timeline.png, and for segmentation models overlays/alarm_NNN_frame_F.png (the predicted hot
 spot on each alarm's peak frame). A window's probability is p(abnormal) for classification and
 the largest per-pixel p(abnormal) for segmentation.
@@ -30,7 +31,7 @@ import numpy as np
 
 from fmfast.cli.common import Parser
 from fmfast.data.csvfiles import format_seconds
-from fmfast.detect.alarms import AlarmTracker
+from fmfast.detect.alarms import AlarmTracker, default_levels
 from fmfast.detect.follow import FollowFeed, follow
 from fmfast.detect.report import (ALARM_HEADER, WINDOW_HEADER, LiveLog, alarm_line, publish, recording_span, window_lines,
                                   write_overlays, write_timeline)
@@ -57,8 +58,9 @@ def build_parser(prog: str = "fmfast detect") -> Parser:
     p.add_argument("--max-gap", type=float, default=5.0, help="longest tolerated gap in the current log, s")
     p.add_argument("--hop", type=int, default=10, help="frames between window ends")
     p.add_argument("--batch", type=int, default=64, help="windows per forward pass")
-    p.add_argument("--on", type=float, default=0.6, help="probability that starts an alarm")
-    p.add_argument("--off", type=float, default=0.4, help="probability below which it ends")
+    p.add_argument("--on", type=float, default=None, help="probability that starts an alarm (default: the threshold "
+                   "calibrated on validation stored in the checkpoint, else 0.6)")
+    p.add_argument("--off", type=float, default=None, help="probability below which it ends (default: 2/3 of --on)")
     p.add_argument("--min-duration", type=float, default=2.0, help="seconds an alarm must last to count")
     p.add_argument("--max-overlays", type=int, default=20, help="segmentation overlays written at most")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -97,6 +99,7 @@ def _run(a, out: Path) -> int:
     model, meta = load_model(a.checkpoint)
     scorer = Scorer(model, meta, str(resolve_device(a.device)), batch=a.batch, precision=a.precision,
                     compile=a.compile)
+    a.on, a.off, levels = default_levels(a.on, a.off, meta.get("threshold"))
     try:
         tracker = AlarmTracker(a.on, a.off, a.min_duration)
     except SettingsError as e:
@@ -147,6 +150,7 @@ def _run(a, out: Path) -> int:
             print(f"warning: {note}", file=sys.stderr)
         write_timeline(out, engine, res, a.on, a.off, meta)
         print(f"followed {a.video}: {len(res.probs)} windows, {len(res.alarms)} alarms -> {out}")
+        print(levels)
         return 0
 
     engine = WindowEngine(scorer, a.hop, a.batch, tracker, max_overlays=a.max_overlays)
@@ -171,6 +175,7 @@ def _run(a, out: Path) -> int:
     n_alarm = len(res.alarms)
     print(f"{title}: {len(res.probs)} windows (hop {a.hop}), {n_alarm} alarm{'s' * (n_alarm != 1)}"
           + (f", {res.skipped} windows without current skipped" if res.skipped else "") + f" -> {out}")
+    print(f"  {levels}")
     for k, al in enumerate(res.alarms[:20], 1):
         print(f"  alarm {k}: {format_seconds(al.start_time, frac=True)} .. {format_seconds(al.last_time, frac=True)} "
               f"({al.duration:.1f} s, peak p={al.peak_prob:.3f} at frame {res.frames[al.peak]})")

@@ -11,25 +11,9 @@ named, a profile sized for two CPU cores sits right above the defaults ("no --da
 """
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 from fmfast.cli.common import Parser, metrics_table
-from fmfast.engine.settings import (AMP, DEFAULTS, MODEL_NAMES, OPTIMIZERS, QUICK, SCHEDULES, load_yaml, merge,
-                                    model_config, parse_override, validate)
-from fmfast.errors import SettingsError
-
-# flag -> (section, key); flags left unset do not override the config file
-FLAGS = {
-    "data": ("data", "root"), "num_frames": ("data", "num_frames"), "stride": ("data", "stride"),
-    "current_seconds": ("data", "current_seconds"), "task": ("model", "task"), "model": ("model", "name"),
-    "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("optim", "lr"),
-    "optimizer": ("optim", "name"), "weight_decay": ("optim", "weight_decay"), "momentum": ("optim", "momentum"),
-    "schedule": ("schedule", "name"), "amp": ("train", "amp"), "device": ("train", "device"),
-    "seed": ("train", "seed"), "out": ("train", "out"), "checkpoint_every": ("train", "checkpoint_every"),
-    "max_train_samples": ("train", "max_train_samples"), "max_eval_samples": ("train", "max_eval_samples"),
-    "cuda_graphs": ("train", "cuda_graphs"), "backend": ("train", "backend"),
-}
+from fmfast.engine import api
+from fmfast.engine.settings import AMP, DEFAULTS, FLAGS, MODEL_NAMES, OPTIMIZERS, QUICK, SCHEDULES
 
 
 def _default(flag: str) -> str:
@@ -40,7 +24,9 @@ def _default(flag: str) -> str:
     if base is None and flag == "data":
         return "(default: the built-in synthetic benchmark)"
     if base is None:
-        return {"out": "(default: runs/<model>-<task>-<time>)"}.get(flag, "")
+        return {"out": "(default: runs/<model>-<task>-<time>)", "val_split": "(default: none)"}.get(flag, "")
+    if flag == "monitor":
+        return ""
     shown = "the whole split" if key.startswith("max_") and base == 0 else base
     if quick != base:
         return f"(default: {shown}; with no --data: {quick})"
@@ -75,7 +61,14 @@ def build_parser(prog: str = "fmfast train") -> Parser:
     p.add_argument("--out", help="run folder")
     p.add_argument("--checkpoint-every", type=int, help="steps between last.pt writes (0: once per epoch)")
     p.add_argument("--max-train-samples", type=int, help="a seeded subset of the train split each epoch")
-    p.add_argument("--max-eval-samples", type=int)
+    p.add_argument("--max-eval-samples", type=int, help="evenly spread validation/test samples evaluated")
+    p.add_argument("--val-fraction", type=float, help="validation samples carved from the end of each recording's "
+                   "train samples, behind a guard gap of one clip span plus one current window")
+    p.add_argument("--val-split", help="JSON {\"<name>.mat\": [train frames]}: the validation samples instead")
+    p.add_argument("--monitor", help="validation metric best.pt is chosen on, e.g. val/auroc "
+                   "(default: val/f1; segmentation: val/miou)")
+    p.add_argument("--patience", type=int, help="stop after N epochs without improvement (0: never)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
     for action in p._actions:  # each flag's default, from the settings it overrides
         flag = action.dest
         if flag in FLAGS and "(default" not in (action.help or ""):
@@ -83,80 +76,33 @@ def build_parser(prog: str = "fmfast train") -> Parser:
     return p
 
 
-def resolve(args, quick: bool | None = None) -> dict:
-    """Settings from defaults, the config file, flags and overrides (in that order). With no
-    dataset named anywhere, the QUICK profile sits right above the defaults."""
-    s = DEFAULTS
-    if quick:
-        s = merge(s, QUICK)
-    if args.config:
-        s = merge(s, load_yaml(args.config))
-    for flag, (sec, key) in FLAGS.items():
-        v = getattr(args, flag)
-        if v is not None:
-            s = merge(s, {sec: {key: v}})
-    for o in args.overrides:
-        s = merge(s, parse_override(o))
-    if quick is None and s["data"]["root"] is None:
-        return resolve(args, quick=True)
-    return validate(s)
+def resolve(args) -> dict:
+    """Settings from defaults, the config file, flags and overrides (``fmfast.engine.api.resolve``)."""
+    flags = {flag: getattr(args, flag) for flag in FLAGS}
+    return api.resolve(config=args.config, flags=flags, overrides=args.overrides)
 
 
 def main(argv=None) -> int:
     from rich.console import Console
 
     from fmfast.engine import distributed as dist
-    from fmfast.engine.device import resolve_amp, resolve_device
-    from fmfast.engine.runs import RunFolderTaken, find_resumable
 
     args = build_parser().parse_intermixed_args(argv)  # overrides may sit between flags
     s = resolve(args)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(s, sort_keys=False), end="")
+        return 0
     console = Console(stderr=True, quiet=int(__import__("os").environ.get("RANK", "0")) != 0)
-    resolve_amp(s["train"]["amp"], resolve_device(s["train"]["device"]))  # fail before any slow work
-    d = s["data"]
-    if d["root"] is None:
-        from fmfast.data.cache import default_synthetic_root
-
-        syn = d["synthetic"]
-        model_config(s, (syn["size"], syn["size"]))  # a model that cannot fit fails before generating data
-        console.print(f"data: the built-in synthetic furnace benchmark, {syn['recordings']} recordings x {syn['frames']} frames at "
-                      f"{syn['size']}x{syn['size']} px, {d['num_frames']}-frame clips, {d['current_seconds']} s current windows "
-                      f"(sized for a CPU; --data PATH for real recordings; data.synthetic.size=64 --num-frames 10 "
-                      f"--current-seconds 120 for the paper's shapes)")
-        d["root"] = str(default_synthetic_root(syn["recordings"], syn["frames"], syn["seed"], syn["size"], console=console))
-    elif not Path(d["root"]).exists():
-        raise SettingsError(f"{d['root']}: data folder not found")
-    d["root"] = str(Path(d["root"]).resolve())
-
-    resume = None
-    if args.resume:
-        if args.resume == "auto":
-            if s["train"]["out"] is None:
-                found = find_resumable(s)
-                if found is not None:
-                    s["train"]["out"] = str(found)
-            if s["train"]["out"] is not None and (Path(s["train"]["out"]) / "last.pt").exists():
-                resume = str(Path(s["train"]["out"]) / "last.pt")
-        else:
-            resume = args.resume
-            if s["train"]["out"] is None:
-                s["train"]["out"] = str(Path(resume).parent)
-    if s["train"]["out"] is None:
-        import os
-
-        stamp = os.environ.get("FMFAST_RUN_STAMP") or time.strftime("%Y%m%d-%H%M%S")
-        s["train"]["out"] = str(Path("runs") / f"{s['model']['name']}-{s['model']['task']}-{stamp}")
-
-    from fmfast.engine.trainer import Trainer
-
-    try:
-        trainer = Trainer(s, resume=resume, console=console)
-    except RunFolderTaken as e:
-        raise SettingsError(f"{e} (--resume auto continues it; --out chooses another)") from None
-    final = trainer.fit()
-    if trainer.main and final:
-        m = {k: v for k, v in final["test"].items() if not isinstance(v, list)}
-        Console().print(metrics_table(m, f"{trainer.model_name} · {trainer.cfg.task} · test split, final"))
-        console.print(f"run folder: {trainer.out}  (best.pt, last.pt, metrics.jsonl, curves.png, confusion.png)")
+    trainer = api.start(s, resume=args.resume, console=console)
+    result = trainer.fit()
+    if trainer.main and result["test"]:
+        m = {k: v for k, v in result["test"].items() if not isinstance(v, (list, dict))}
+        for sub in ("at_threshold", "calibration"):
+            m.update({f"{sub}/{k}": v for k, v in result["test"].get(sub, {}).items() if not isinstance(v, list)})
+        Console().print(metrics_table(m, f"{trainer.model_name} · {trainer.cfg.task} · test split, once, "
+                                         f"best.pt (epoch {result['selected_by']['epoch']})"))
+        console.print(f"run folder: {trainer.out}  (best.pt, last.pt, metrics.jsonl, metrics.csv, curves.png, confusion.png)")
     dist.cleanup(trainer.world)
     return 0

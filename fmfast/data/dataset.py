@@ -18,6 +18,7 @@ the GPU. ``batch`` is the one gather; ``ds[i]`` is ``batch([i])``'s only sample.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Sequence
 
@@ -82,6 +83,7 @@ class FMFDataset:
         self._table = resample_table(2 * current_seconds)
         self.labels = torch.from_numpy(c.frame_labels[first + frame].astype(np.int64))
         self.flips = torch.zeros(len(rec), dtype=torch.bool)
+        self.frames_per_row = _frames_per_row(c.row_end, c.frame_offsets)  # [R], for guard gaps (splits.py)
         # host copies for sample_key and len: numpy scalars are far cheaper than tensor items
         self._h_rec, self._h_frame = rec, frame
         self.set_epoch(0)
@@ -104,6 +106,18 @@ class FMFDataset:
             if isinstance(v, torch.Tensor):
                 setattr(self, k, v.to(device))
         return self
+
+    def subset(self, indices: Indices, train: bool) -> "FMFDataset":
+        """The samples ``indices`` (in that order) as a dataset of their own, sharing the frame,
+        mask and current stores (no copy); ``train`` decides whether it flips."""
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        out = copy.copy(self)
+        for k in ("sample_recording", "sample_frame", "_first", "_gframe", "_cur_n", "_cur_start", "labels"):
+            setattr(out, k, getattr(self, k)[idx.to(self.device)])
+        out._h_rec, out._h_frame = self._h_rec[idx.numpy()], self._h_frame[idx.numpy()]
+        out.train, out.flips = bool(train), torch.zeros(len(idx), dtype=torch.bool, device=self.device)
+        out.set_epoch(self.epoch)
+        return out
 
     def __len__(self) -> int:
         return len(self._h_frame)
@@ -185,6 +199,20 @@ class FMFDataset:
                 f"samples={len(self)}, recordings={len(self.names)}, frames={self.num_store_frames}, "
                 f"frame_shape={tuple(self.frames.shape[1:])}, num_frames={self.num_frames}, stride={self.stride}, "
                 f"current_seconds={self.current_seconds}, train={self.train}, device={self.device})")
+
+
+def _frames_per_row(row_end: np.ndarray, frame_offsets: np.ndarray) -> np.ndarray:
+    """``[R]`` frames per current row of each recording, from the span of frames and of rows its
+    frames end their current windows at (V2: fps/2, rows come in pairs per second; V1: 1)."""
+    rates = np.ones(len(frame_offsets) - 1)
+    for r in range(len(rates)):
+        ends = row_end[frame_offsets[r]:frame_offsets[r + 1]]
+        have = np.flatnonzero(ends >= 0)
+        if len(have) > 1 and ends[have[-1]] > ends[have[0]]:
+            rates[r] = (have[-1] - have[0]) / (ends[have[-1]] - ends[have[0]])
+        elif len(have):
+            rates[r] = len(have)
+    return rates
 
 
 def _planes(store: torch.Tensor) -> torch.Tensor:

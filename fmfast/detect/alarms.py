@@ -15,6 +15,23 @@ import numpy as np
 from fmfast.errors import SettingsError
 
 
+
+OFF_RATIO = 2 / 3  # off = on * 2/3 where not given: the old fixed levels 0.6 / 0.4 keep their ratio
+
+
+def default_levels(on: float | None, off: float | None, threshold: float | None) -> tuple[float, float, str]:
+    """The alarm levels ``(on, off, note)``: given ones win; else ``on`` is the checkpoint's
+    threshold calibrated on validation (0.6 without one) and ``off`` two thirds of ``on``."""
+    if on is None:
+        on, why = (threshold, "the checkpoint's threshold calibrated on validation") if threshold is not None \
+            else (0.6, "no calibrated threshold in the checkpoint: the default 0.6")
+    else:
+        why = "--on"
+    if off is None:
+        off = on * OFF_RATIO
+        why += f"; off = on x {OFF_RATIO:.3g}"
+    return on, off, f"alarm levels: on at p >= {on:.3f}, off below {off:.3f} ({why})"
+
 @dataclass
 class Alarm:
     start: int  # first active window (index into the probability series)

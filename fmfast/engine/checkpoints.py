@@ -1,5 +1,6 @@
 """fmfast checkpoints: one self-describing file with the model's weights and config, plus
-(for training runs) the optimiser, scheduler, sampler and RNG state needed to resume.
+(for training runs) the optimiser, scheduler, sampler and RNG state needed to resume; a run's
+``best.pt`` also records what chose it (``selected_by``) and its calibrated ``threshold``.
 Reference-code ``state_dict`` files are read too."""
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fmfast.models import MODELS, ModelConfig, build_model
 from fmfast.models.registry import guess_official
 
 FORMAT = "fmfast"
-__all__ = ["FORMAT", "CheckpointError", "load_model", "model_payload", "read", "save"]
+__all__ = ["FORMAT", "CheckpointError", "calibrated_threshold", "load_model", "model_payload", "read", "save"]
 
 
 def save(path: str | os.PathLike, payload: dict) -> None:
@@ -105,6 +106,13 @@ def _load_weights(path, model, sd) -> None:
     model.load_state_dict(sd)
 
 
+def calibrated_threshold(state: dict) -> float | None:
+    """The p(abnormal) threshold that maximised F1 (segmentation: pixel F1) on the validation
+    split at the epoch a training run's ``best.pt`` was chosen; None where none was stored."""
+    t = state.get("threshold")
+    return float(t) if isinstance(t, (int, float)) and 0.0 <= t <= 1.0 else None
+
+
 def load_model(path: str | os.PathLike, map_location="cpu", task: str | None = None, model_name: str | None = None):
     """Build the model stored in ``path`` -> ``(model, meta)``.
 
@@ -120,13 +128,14 @@ def load_model(path: str | os.PathLike, map_location="cpu", task: str | None = N
             raise CheckpointError(f"{path}: cannot build the stored {name} model ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
         _load_weights(path, model, obj.get("model"))
-        meta = {"model_name": name, "task": cfg.task, "data": obj.get("data", {}), "source": "fmfast"}
+        meta = {"model_name": name, "task": cfg.task, "data": obj.get("data", {}), "source": "fmfast",
+                "threshold": calibrated_threshold(obj), "selected_by": obj.get("selected_by")}
     else:
         try:
             name, model = guess_official(obj, task=task)
         except CheckpointMismatch as e:
             raise CheckpointError(f"{path}: {e}") from None
-        meta = {"model_name": name, "task": model.config.task, "data": {}, "source": "official"}
+        meta = {"model_name": name, "task": model.config.task, "data": {}, "source": "official", "threshold": None}
     if task is not None and meta["task"] != task:
         raise CheckpointError(f"{path}: a {meta['task']} checkpoint, but {task} was asked for")
     if model_name is not None and meta["model_name"] != model_name:

@@ -13,7 +13,8 @@ from fmfast.engine.step import EvalRunner
 
 @torch.no_grad()
 def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None, max_samples: int = 0,
-             progress=None, keep: int = 0, cuda_graphs: bool = False, cache: dict | None = None) -> tuple[dict, dict]:
+             progress=None, keep: int = 0, cuda_graphs: bool = False, cache: dict | None = None,
+             threshold: float | None = None, collect: dict | None = None) -> tuple[dict, dict]:
     """Run ``model`` over ``ds`` in order -> ``(metrics, examples)``.
 
     ``examples`` holds ``keep`` inputs' clips, labels and predictions from across the split,
@@ -22,16 +23,20 @@ def evaluate(model, model_name: str, ds, batch_size: int, device, amp_dtype=None
     ``fmfast.Predictor`` (``fmfast evaluate``: its device, precision and compiled path; the
     arguments naming those are then ignored). ``cuda_graphs`` (CUDA, a module): replay a forward
     captured at ``batch_size``; with ``ds`` on the GPU the batch is gathered inside the graph.
-    ``cache`` (a dict the caller keeps) reuses the capture across calls."""
+    ``cache`` (a dict the caller keeps) reuses the capture across calls. ``threshold``: also
+    report the decision metrics at ``p >= threshold`` (``at_threshold``). ``collect`` (a dict):
+    receives the ``accumulator`` and the sample ``order``, for per-sample outputs."""
+    out = dict(threshold=threshold, collect=collect)
     if isinstance(model, Predictor):
-        return _evaluate(_predicting(model, ds), ds, batch_size, max_samples, progress, keep, model.device)
+        return _evaluate(_predicting(model, ds), ds, batch_size, max_samples, progress, keep, model.device, **out)
     was_training = model.training
     model.eval()
     try:
         runner = _runner(model, model_name, ds, batch_size, device, amp_dtype, cuda_graphs and device.type == "cuda",
                          cache)
         return _evaluate(runner, ds, batch_size, max_samples, progress, keep, device,
-                         lambda idx: EvalRunner(model, model_name, ds, len(idx), device, amp_dtype, graph=False)(idx))
+                         lambda idx: EvalRunner(model, model_name, ds, len(idx), device, amp_dtype, graph=False)(idx),
+                         **out)
     finally:
         model.train(was_training)
 
@@ -44,7 +49,8 @@ def _predicting(pred: Predictor, ds):
     return run
 
 
-def _evaluate(runner, ds, batch_size, max_samples, progress, keep, device, example_runner=None):
+def _evaluate(runner, ds, batch_size, max_samples, progress, keep, device, example_runner=None, threshold=None,
+              collect=None):
     example_runner = example_runner or runner
     acc = MetricAccumulator(ds.task)
     # a subset is spread evenly over the split: its first samples would all come from one
@@ -68,7 +74,9 @@ def _evaluate(runner, ds, batch_size, max_samples, progress, keep, device, examp
     if progress is not None:
         progress.remove_task(task_id)
     examples = _examples(example_runner, ds, _picks(order, flags, batch_size), keep) if keep else {}
-    metrics = acc.compute()
+    metrics = acc.compute(threshold)
+    if collect is not None:
+        collect.update(accumulator=acc, order=order)
     metrics["samples"] = n
     metrics["samples_per_s"] = n / elapsed if elapsed > 0 else float("inf")
     return metrics, examples

@@ -1,7 +1,9 @@
 """Metrics of the FMF benchmark. Classification: the published accuracy, precision, recall,
 F1, FDR = FP/(FP+TN) and MDR = FN/(TP+FN), plus AUROC and average precision. Segmentation:
 pixel accuracy, per-class pixel accuracy, mIoU and the frame accuracy derived from masks
-(a frame is abnormal when any pixel is)."""
+(a frame is abnormal when any pixel is), and the anomaly-detection field's pixel AUROC, AUPRO,
+image AUROC and pixel F1 (ad_metrics.py). Each split also reports its F1-maximising threshold
+(``calibration``); given a threshold, the decision metrics at it (``at_threshold``)."""
 from __future__ import annotations
 
 import torch
@@ -105,7 +107,10 @@ def segmentation_metrics(cm: torch.Tensor, frame_cm: torch.Tensor) -> dict:
 
 class MetricAccumulator:
     """Collects predictions batch by batch and reports the task's metrics. Counts and scores
-    stay on the logits' device until ``compute``, so on a GPU ``update`` never waits for it."""
+    stay on the logits' device until ``compute``, so on a GPU ``update`` never waits for it.
+
+    Segmentation keeps every pixel's p(abnormal) (float32) and mask (uint8) for the exact
+    threshold-free metrics: 5 bytes a pixel of the split."""
 
     def __init__(self, task: str, num_classes: int = 2):
         self.task, self.num_classes = task, num_classes
@@ -119,16 +124,60 @@ class MetricAccumulator:
         pred = logits.argmax(1)
         self.cm = self.cm.to(pred.device) + confusion(pred, target, self.num_classes)
         self.count += logits.shape[0]
+        self.scores.append(torch.softmax(logits.float(), 1)[:, 1])
         if self.task == "classification":
-            self.scores.append(torch.softmax(logits.float(), 1)[:, 1])
             self.targets.append(target)
         else:
+            self.targets.append(target.to(torch.uint8))
             self.frame_cm = self.frame_cm.to(pred.device) + confusion(abnormal(pred), abnormal(target), 2)
 
-    def compute(self) -> dict:
+    def _cat(self):
+        if not self.scores:
+            shape = (0,) if self.task == "classification" else (0, 1, 1)
+            return torch.zeros(shape), torch.zeros(shape, dtype=torch.long)
+        return torch.cat([s.cpu() for s in self.scores]), torch.cat([t.cpu() for t in self.targets])
+
+    def compute(self, threshold: float | None = None) -> dict:
+        """The metrics at p = 0.5 (argmax), ``calibration`` (this split's F1-maximising threshold)
+        and, with ``threshold``, ``at_threshold`` (the decision metrics at ``p >= threshold``)."""
+        from fmfast.engine.ad_metrics import aupro, best_f1_threshold
+
         cm, frame_cm = self.cm.cpu(), self.frame_cm.cpu()
+        scores, targets = self._cat()
         if self.task == "classification":
-            scores = torch.cat([s.cpu() for s in self.scores]) if self.scores else torch.zeros(0)
-            targets = torch.cat([t.cpu() for t in self.targets]) if self.targets else torch.zeros(0, dtype=torch.long)
-            return classification_metrics(cm, scores, targets)
-        return segmentation_metrics(cm, frame_cm)
+            out = classification_metrics(cm, scores, targets)
+            t, f1 = best_f1_threshold(scores, targets)
+            out["calibration"] = {"threshold": t, "f1": f1}
+            if threshold is not None:
+                at = classification_metrics(confusion((scores >= threshold).long(), targets))
+                out["at_threshold"] = {"threshold": float(threshold), **at}
+            return out
+        out = segmentation_metrics(cm, frame_cm)
+        flat_s, flat_t = scores.reshape(-1), targets.reshape(-1)
+        out["pixel_f1"] = classification_metrics(cm)["f1"]
+        out["pixel_auroc"] = binary_auroc(flat_s, flat_t)
+        out["aupro"] = aupro(scores, targets > 0)
+        out["image_auroc"] = binary_auroc(scores.flatten(1).amax(1), abnormal(targets))
+        t, f1 = best_f1_threshold(flat_s, flat_t)
+        out["calibration"] = {"threshold": t, "pixel_f1": f1}
+        if threshold is not None:
+            seg = segmentation_metrics(confusion((scores >= threshold).long(), targets), frame_cm)
+            pix = classification_metrics(confusion((flat_s >= threshold).long(), flat_t))
+            out["at_threshold"] = {"threshold": float(threshold), "pixel_f1": pix["f1"], "miou": seg["miou"],
+                                   "pixel_accuracy": seg["pixel_accuracy"]}
+        return out
+
+    def per_sample(self, threshold: float = 0.5) -> dict:
+        """numpy arrays per sample: ``score`` (p(abnormal); segmentation: the largest pixel's) and
+        ``label``; segmentation adds ``pixel_mean``, ``true_pixels``, ``predicted_pixels`` (p >=
+        threshold) and 100-bin histograms of pixel scores over normal / abnormal pixels."""
+        scores, targets = self._cat()
+        if self.task == "classification":
+            return {"score": scores.numpy(), "label": targets.numpy()}
+        flat = scores.flatten(1)
+        t = targets.flatten(1) > 0
+        bins = dict(bins=100, min=0.0, max=1.0)
+        return {"score": flat.amax(1).numpy(), "label": t.any(1).long().numpy(), "pixel_mean": flat.mean(1).numpy(),
+                "true_pixels": t.sum(1).numpy(), "predicted_pixels": (flat >= threshold).sum(1).numpy(),
+                "pixel_hist_normal": torch.histc(flat[~t], **bins).long().numpy(),
+                "pixel_hist_abnormal": torch.histc(flat[t], **bins).long().numpy()}

@@ -31,13 +31,15 @@ def curves(path: Path, history: list[dict], losses: list[float], task: str) -> N
     if losses and min(losses) > 0:
         ax1.set_yscale("log")  # the first steps' loss would otherwise flatten the rest
     ax1.legend(frameon=False)
+    history = [h for h in history if "val" in h]
     epochs = [h["epoch"] for h in history]
     keys = ["accuracy", "f1", "auroc", "fdr", "mdr"] if task == "classification" else ["pixel_accuracy", "miou", "frame_accuracy"]
     for k in keys:
-        ax2.plot(epochs, [h["test"].get(k, np.nan) for h in history], marker="o", label=k)
-    ax2.set(xlabel="epoch", ylabel="test metric", title="test metrics", ylim=(-0.02, 1.02))
+        ax2.plot(epochs, [h["val"].get(k, np.nan) for h in history], marker="o", label=k)
+    ax2.set(xlabel="epoch", ylabel="validation metric", title="validation metrics", ylim=(-0.02, 1.02))
     ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax2.legend(frameon=False, fontsize=8)
+    if history:  # no validation split: no metric curves
+        ax2.legend(frameon=False, fontsize=8)
     _save(fig, path)
 
 
@@ -86,7 +88,8 @@ def mask_overlays(path: Path, clips, true_masks, pred_masks, titles=None) -> Non
 def training_report(out: Path, history, losses, task: str, examples: dict | None) -> None:
     out = Path(out)
     curves(out / "curves.png", history, losses, task)
-    last = history[-1]["test"] if history else {}
+    # the final row's test metrics once the run is done, else the last epoch's validation ones
+    last = (history[-1].get("test") or history[-1].get("val") or {}) if history else {}
     if task == "classification" and "confusion" in last:
         confusion_matrix(out / "confusion.png", last["confusion"])
     elif task == "segmentation":

@@ -19,7 +19,7 @@ def comparable(settings: dict) -> dict:
     """The settings that make two runs the same run: all but where it is written, how long it
     goes and how steps are launched (not the model they train: the backend runs the same weights)."""
     s = json.loads(json.dumps(settings))
-    for key in ("out", "epochs", "cuda_graphs", "backend"):
+    for key in ("out", "epochs", "cuda_graphs", "backend", "patience"):  # patience: when to stop, like epochs
         s["train"].pop(key, None)
     return s
 
@@ -37,9 +37,11 @@ def prepare_run_folder(out: Path, settings: dict, resume: str | None, write: boo
     it, sweep the temporaries a killed run left and write the resolved ``config.yaml``.
     -> the held lock (release it when the run ends), None unless ``write``."""
     lock = None
+    check_output(out, "folder", create=write)  # (without write: a probe only, nothing left behind)
     if write:
-        check_output(out, "folder", create=True)
         lock = FolderLock(out, "training run").acquire()
+    else:  # a live run writing there is what to report, before its config.yaml is
+        FolderLock(out, "training run").check()
     try:
         _check_run_folder(out, settings, resume)
         if write:

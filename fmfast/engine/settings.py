@@ -3,6 +3,7 @@ code's ``CfgFor*.yaml``), command-line flags and dotted overrides, resolved in t
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import yaml
@@ -26,6 +27,8 @@ DEFAULTS = {
         "stride": 1,
         "current_seconds": 120,
         "synthetic": {"recordings": 8, "frames": 12000, "seed": 0, "size": 64},
+        "val_fraction": 0.1,  # the end of each recording's train samples, behind a guard gap (data/splits.py)
+        "val_split": None,  # or a JSON file {"<name>.mat": [train frames]} naming the validation samples
     },
     "model": {
         "name": "fmformer",
@@ -47,9 +50,26 @@ DEFAULTS = {
         "max_eval_samples": 0,
         "cuda_graphs": "auto",
         "backend": "auto",  # fmfast.nn.backend: auto | reference | fast (the same weights under each)
+        "monitor": "auto",  # the validation metric best.pt is chosen on (auto: val/f1, val/miou)
+        "patience": 0,  # stop after this many epochs without improvement (0: never)
     },
 }
 DEFAULTS["model"]["seg_hidden_dims"] = list(DEFAULTS["model"]["seg_hidden_dims"])
+
+
+# command-line flag (and fmfast.fit keyword) -> (section, key); flags left unset override nothing
+FLAGS = {
+    "data": ("data", "root"), "num_frames": ("data", "num_frames"), "stride": ("data", "stride"),
+    "current_seconds": ("data", "current_seconds"), "task": ("model", "task"), "model": ("model", "name"),
+    "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("optim", "lr"),
+    "optimizer": ("optim", "name"), "weight_decay": ("optim", "weight_decay"), "momentum": ("optim", "momentum"),
+    "schedule": ("schedule", "name"), "amp": ("train", "amp"), "device": ("train", "device"),
+    "seed": ("train", "seed"), "out": ("train", "out"), "checkpoint_every": ("train", "checkpoint_every"),
+    "max_train_samples": ("train", "max_train_samples"), "max_eval_samples": ("train", "max_eval_samples"),
+    "cuda_graphs": ("train", "cuda_graphs"), "backend": ("train", "backend"), "monitor": ("train", "monitor"),
+    "patience": ("train", "patience"),
+    "val_fraction": ("data", "val_fraction"), "val_split": ("data", "val_split"),
+}
 
 
 # What changes when no dataset is named: the built-in synthetic benchmark at a size that
@@ -181,7 +201,53 @@ def parse_override(text: str) -> dict:
     return out
 
 
+# Integer settings that may be 0 and number settings that may be 0 (all others must be >= 1 or
+# > 0); data.val_fraction lies in [0, 1). train.cuda_graphs is checked with the choices below.
+_MAY_BE_ZERO = {"data.synthetic.seed", "train.seed", "train.checkpoint_every", "train.max_train_samples",
+                "train.max_eval_samples", "train.patience", "schedule.warmup_epochs", "schedule.steps",
+                "optim.weight_decay", "optim.momentum", "schedule.end_lr", "data.val_fraction"}
+_UNCHECKED = {"train.cuda_graphs"}
+
+
+def _problem(name: str, v, default) -> str | None:
+    """What is wrong with ``v`` as the value of a setting whose default is ``default``, or None."""
+    if default is None:
+        return None if v is None or isinstance(v, str) else "expected a path"
+    if isinstance(default, bool):
+        return None if isinstance(v, bool) else "expected true or false"
+    if isinstance(default, str):
+        return None if isinstance(v, str) else "expected a string"
+    if isinstance(default, list):
+        if not isinstance(v, list):
+            return "expected a list, e.g. [1, 2]"
+        return next((p for x in v if (p := _problem(name, x, default[0] if default else 0))), None)
+    floor = 0 if name in _MAY_BE_ZERO else 1
+    if isinstance(default, int):
+        if not isinstance(v, int) or isinstance(v, bool):
+            return "expected an integer"
+        return None if v >= floor else f"must be >= {floor}"
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        return "expected a finite number"
+    if name == "data.val_fraction" and not v < 1:
+        return "must be below 1"
+    return None if (v >= 0 if floor == 0 else v > 0) else ("must be >= 0" if floor == 0 else "must be > 0")
+
+
+def check_types(s: dict, defaults: dict = DEFAULTS, where: str = "") -> None:
+    """Every setting against the type and range of its default: one SettingsError naming it."""
+    for k, d in defaults.items():
+        name = f"{where}{k}"
+        if isinstance(d, dict):
+            check_types(s[k], d, name + ".")
+        elif name not in _UNCHECKED and (p := _problem(name, s[k], d)):
+            raise SettingsError(f"{name}={s[k]!r}: {p}")
+
+
 def validate(s: dict) -> dict:
+    """Types and ranges (``check_types``), then the choices and combinations; -> ``s``."""
+    from fmfast.engine.selection import resolve_monitor
+
+    check_types(s)
     m, o, sc, t = s["model"], s["optim"], s["schedule"], s["train"]
     checks = [
         (m["name"] in MODEL_NAMES, f"model.name must be one of {MODEL_NAMES}, got {m['name']!r}"),
@@ -192,17 +258,12 @@ def validate(s: dict) -> dict:
         (t["backend"] in BACKENDS, f"train.backend must be one of {BACKENDS}, got {t['backend']!r}"),
         # YAML 1.1 reads a bare on/off as true/false
         (t["cuda_graphs"] in ("auto", "on", "off", True, False), f"train.cuda_graphs must be auto, on or off, got {t['cuda_graphs']!r}"),
-        (isinstance(t["epochs"], int) and t["epochs"] >= 1, f"train.epochs must be a positive integer, got {t['epochs']!r}"),
-        (isinstance(t["batch_size"], int) and t["batch_size"] >= 1, f"train.batch_size must be a positive integer, got {t['batch_size']!r}"),
-        (isinstance(o["lr"], (int, float)) and o["lr"] > 0, f"optim.lr must be a positive number, got {o['lr']!r}"),
-        (isinstance(s["data"]["num_frames"], int) and s["data"]["num_frames"] >= 1, "data.num_frames must be a positive integer"),
-        (isinstance(s["data"]["stride"], int) and s["data"]["stride"] >= 1, "data.stride must be a positive integer"),
-        (isinstance(s["data"]["current_seconds"], int) and s["data"]["current_seconds"] >= 1, "data.current_seconds must be a positive integer"),
         (not (m["name"] == "current" and m["task"] == "segmentation"), "the current-only model has no segmentation head; use model fmformer or video"),
     ]
     for ok, msg in checks:
         if not ok:
             raise SettingsError(msg)
+    resolve_monitor(s)
     return s
 
 

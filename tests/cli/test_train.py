@@ -7,47 +7,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from fmfast.data.synthetic import generate
-
-TINY_MODEL = ["model.depth=1", "model.dim=32", "model.heads=2", "model.dim_head=16", "model.mlp_dim=64",
-              "model.seg_hidden_dims=[16,8,8]"]
-TINY_DATA = ["--num-frames", "4", "--current-seconds", "8"]
-
-
-@pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("syn") / "data", recordings=2, frames=240, seed=3, size=32)
-
-
-def train_args(root, out, *extra) -> list[str]:
-    return ["--data", str(root), "--out", str(out), "--batch-size", "8", "--max-train-samples", "32",
-            "--max-eval-samples", "24", *TINY_DATA, *TINY_MODEL, *extra]
-
-
-def run_cli(module: str, *args, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
-    p = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=600, **kw)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{module} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
-    return p
-
-
-def in_process(root, out, *extra):
-    from fmfast.cli.train import main
-
-    torch.set_num_threads(1)
-    assert main(train_args(root, out, *extra)) == 0
-
-
-def weights(run: Path, name="last.pt") -> dict:
-    return torch.load(run / name, weights_only=True)["model"]
-
+from helpers.train_runs import TINY_MODEL, assert_one_line_error, cli_error, in_process, run_cli, train_args, weights
 
 def test_cli_trains_then_evaluates(tiny_root, tmp_path):
     out = tmp_path / "run"
@@ -55,8 +20,13 @@ def test_cli_trains_then_evaluates(tiny_root, tmp_path):
     for f in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "curves.png", "confusion.png"):
         assert (out / f).is_file(), f
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2]
-    assert {"accuracy", "f1", "fdr", "mdr", "auroc", "ap"} <= set(rows[-1]["test"])
+    assert [r["epoch"] for r in rows[:-1]] == [1, 2] and all("test" not in r for r in rows[:-1])
+    assert {"accuracy", "f1", "fdr", "mdr", "auroc", "ap", "calibration"} <= set(rows[0]["val"])
+    assert rows[-1]["final"] and {"accuracy", "f1", "fdr", "mdr", "auroc", "ap", "at_threshold"} <= set(rows[-1]["test"])
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["selected_by"]["metric"] == "val/f1" and best["selected_by"]["epoch"] in (1, 2)
+    assert rows[-1]["test"]["at_threshold"]["threshold"] == best["threshold"]
+    assert (out / "metrics.csv").read_text().splitlines()[0].startswith("epoch,")
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["model"]["depth"] == 1 and cfg["data"]["num_frames"] == 4
     p = run_cli("fmfast.evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(tiny_root), "--out", str(tmp_path / "m.json"),
@@ -70,7 +40,8 @@ def test_segmentation_video_model_writes_mask_overlays(tiny_root, tmp_path):
     out = tmp_path / "seg"
     in_process(tiny_root, out, "--task", "segmentation", "--model", "video", "--epochs", "1")
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert {"pixel_accuracy", "miou", "frame_accuracy", "class_pixel_accuracy"} <= set(row["test"])
+    assert {"pixel_accuracy", "miou", "frame_accuracy", "class_pixel_accuracy", "pixel_auroc", "aupro", "image_auroc",
+            "pixel_f1", "at_threshold"} <= set(row["test"])
     assert (out / "masks.png").stat().st_size > 1000
 
 
@@ -80,7 +51,7 @@ def test_same_seed_same_weights_and_metrics(tiny_root, tmp_path):
     in_process(tiny_root, b, "--epochs", "2", "--model", "current")
     wa, wb = weights(a), weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    strip = lambda r: {k: v for k, v in r["test"].items() if k != "samples_per_s"}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.get("val", r.get("test")).items() if k != "samples_per_s"}  # noqa: E731
     ra = [strip(json.loads(x)) for x in (a / "metrics.jsonl").read_text().splitlines()]
     rb = [strip(json.loads(x)) for x in (b / "metrics.jsonl").read_text().splitlines()]
     assert ra == rb
@@ -109,7 +80,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_root, tmp_path):
     in_process(tiny_root, run, *args, "--resume")
     w_ref, w_run = weights(ref), weights(run)
     assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3 + 1  # the epochs, then the test row
 
 
 def test_losses_read_in_groups_are_complete_at_every_checkpoint(tiny_root, tmp_path, monkeypatch):
@@ -182,7 +153,7 @@ def test_torchrun_ddp_two_gloo_processes(tiny_root, tmp_path):
     state = torch.load(out / "last.pt", weights_only=True)
     # 32 samples over 2 ranks at batch 8: 2 steps per rank
     assert state["global_step"] == 2 and state["epoch"] == 1
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1 + 1  # the epoch, then the test row
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2
@@ -191,24 +162,6 @@ def test_torchrun_ddp_two_gloo_processes(tiny_root, tmp_path):
 def _private_cache(tmp_path, monkeypatch):
     # a bad-input test must never generate the real default dataset into the user's cache
     monkeypatch.setenv("FMFAST_CACHE", str(tmp_path / "cache"))
-
-
-def cli_error(main, args, capsys, *needles):
-    """Run a CLI main in-process (as ``python -m`` would) and check its one-line exit-2 error."""
-    from fmfast.cli.common import run_main
-
-    with pytest.raises(SystemExit) as e:
-        run_main(main, args)
-    err = capsys.readouterr().err
-    assert_one_line_error(subprocess.CompletedProcess(args, e.value.code, "", err), *needles)
-
-
-def assert_one_line_error(p, *needles):
-    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-    lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -248,10 +201,11 @@ def trained(tiny_root, tmp_path_factory):
 def test_run_folder_with_a_different_run_is_refused_untouched(tiny_root, trained, capsys):
     from fmfast.cli.train import main
 
-    before = {p.name: p.read_bytes() for p in trained.iterdir()}
+    files = lambda: {str(p.relative_to(trained)): p.read_bytes() for p in trained.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
     cli_error(main, train_args(tiny_root, trained, "--epochs", "1", "--lr", "0.1"), capsys, str(trained), "optim.lr")
     cli_error(main, train_args(tiny_root, trained, "--epochs", "1"), capsys, "--resume")
-    assert {p.name: p.read_bytes() for p in trained.iterdir()} == before
+    assert files() == before
 
 
 def test_evaluate_bad_input(tiny_root, trained, tmp_path, capsys):

@@ -89,3 +89,54 @@ def test_bad_yaml_file(tmp_path):
         load_yaml(f)
     with pytest.raises(FmfastError, match="not found"):
         load_yaml(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("override, says", [
+    ("model.dim=abc", "expected an integer"),
+    ("model.heads=0", "must be >= 1"),
+    ("model.depth=-1", "must be >= 1"),
+    ("train.seed=nan", "expected an integer"),
+    ("train.seed=-3", "must be >= 0"),
+    ("train.eval_batch_size=0", "must be >= 1"),
+    ("optim.lr=inf", "finite number"),
+    ("optim.lr=0", "must be > 0"),
+    ("optim.weight_decay=-0.1", "must be >= 0"),
+    ("data.val_fraction=1", "below 1"),
+    ("data.val_fraction=-0.1", "must be >= 0"),
+    ("model.dilated_tokens=3", "true or false"),
+    ("model.seg_hidden_dims=[16,0,8]", "must be >= 1"),
+    ("model.pool=3", "expected a string"),
+    ("train.patience=1.5", "expected an integer"),
+    ("train.monitor=val/loss", "val/f1"),
+    ("train.monitor=f1", "val/"),
+])
+def test_every_setting_is_checked_against_its_default(override, says):
+    with pytest.raises(FmfastError) as e:
+        validate(merge(DEFAULTS, parse_override(override)))
+    name = override.split("=")[0]
+    assert name in str(e.value) and says in str(e.value), str(e.value)
+
+
+def test_good_values_pass_and_monitor_resolves_per_task():
+    from fmfast.engine.selection import resolve_monitor
+
+    s = validate(merge(DEFAULTS, {"optim": {"lr": 1}, "train": {"seed": 0, "patience": 2}, "data": {"val_fraction": 0.0}}))
+    assert resolve_monitor(s) == "val/f1"
+    seg = validate(merge(DEFAULTS, {"model": {"task": "segmentation"}, "train": {"monitor": "val/aupro"}}))
+    assert resolve_monitor(seg) == "val/aupro"
+    assert resolve_monitor(merge(seg, {"train": {"monitor": "auto"}})) == "val/miou"
+
+
+def test_selection_follows_the_monitor_and_stops_after_patience():
+    from fmfast.engine.selection import Selection
+
+    sel = Selection("val/f1", patience=2, has_val=True)
+    seq = [0.5, 0.7, float("nan"), 0.6, 0.9]
+    improved = [sel.update(e, {"f1": v, "calibration": {"threshold": e / 10}}) for e, v in enumerate(seq[:4], 1)]
+    assert improved == [True, True, False, False] and sel.stopped
+    assert (sel.epoch, sel.value, sel.threshold) == (2, 0.7, 0.2)
+    low = Selection("val/fdr", patience=0, has_val=True)
+    assert [low.update(e, {"fdr": v}) for e, v in enumerate([0.3, 0.1, 0.2], 1)] == [True, True, False]
+    assert not low.stopped  # patience 0: never stops
+    none = Selection("val/f1", patience=0, has_val=False)
+    assert none.update(1, {}) and none.update(2, {}) and none.record()["epoch"] == 2
