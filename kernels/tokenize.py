@@ -339,10 +339,12 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _TL = {"float32": tl.float32, "float16": tl.float16, "bfloat16": tl.bfloat16}
 
 
-def _num_sms(device: torch.device) -> int:
+def _gpu_sms(device: torch.device) -> Optional[int]:
+    """SMs of the GPU the kernels compile for, None under the CPU interpreter: the one place host
+    code asks which it is (tools/kernel_report.py swaps it to plan sm_90 launches on a CPU)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    return None
 
 
 def _blocks(D: int, K: int, device: torch.device, backward: bool = False) -> tuple[int, int, int, int]:
@@ -352,7 +354,7 @@ def _blocks(D: int, K: int, device: torch.device, backward: bool = False) -> tup
     The CPU interpreter costs per op, not per element, so there the blocks are as large as
     sensible (the masks are the same code either way; the GPU blocks have their own test)."""
     BD = max(16, triton.next_power_of_2(D))
-    if device.type != "cuda":
+    if _gpu_sms(device) is None:
         return 64, max(16, min(128, triton.next_power_of_2(K))), BD, 4
     BK = max(16, min(64, triton.next_power_of_2(K), 8192 // BD))
     if backward:
@@ -434,9 +436,9 @@ def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_ou
     grad = grad.contiguous()
     nblk_s = [triton.cdiv(x, BM) for x in n]
     nblk = sum(nblk_s)
-    sms = _num_sms(dev)
+    sms = _gpu_sms(dev)
     # batch slices per token block: enough programs to fill the GPU; 2 on CPU to test the split
-    n_bs = min(B, triton.cdiv(4 * sms, nblk)) if dev.type == "cuda" else min(B, 2)
+    n_bs = min(B, triton.cdiv(4 * sms, nblk)) if sms else min(B, 2)
     b_chunk = triton.cdiv(B, n_bs)
     n_bs = triton.cdiv(B, b_chunk)
     w_c = w.to(_DTYPES[compute_dtype])
@@ -455,7 +457,7 @@ def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_ou
     # patch-dim chunks x row splits x scales for the [D, K] weight gradient
     n_k = triton.cdiv(K, BK)
     max_rows = B * max(n)
-    n_split = min(triton.cdiv(max_rows, BM), triton.cdiv(4 * sms, n_k * S) if dev.type == "cuda" else 2)
+    n_split = min(triton.cdiv(max_rows, BM), triton.cdiv(4 * sms, n_k * S) if sms else 2)
     part_w = torch.empty(S, n_split, D, K, device=dev, dtype=torch.float32)
     part_k = torch.empty(2, S, n_split, K, device=dev, dtype=torch.float32)
     _tokenize_bwd_w[(n_k, n_split, S)](
