@@ -87,8 +87,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 N, H, qk_scale, RT, RH, RW,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # one grid axis (2^31 programs): axis 1 stops at 65535, i.e. B*H >= 65536 would not launch
+    n_qb = tl.cdiv(N, BLOCK_M)
+    pid_m = tl.program_id(0) % n_qb
+    bh = tl.program_id(0) // n_qb
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     Q += b * sqb + h * sqh
@@ -131,8 +133,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
 @triton.jit
 def _bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sdob, sdoh, sdon, N, H,
                       BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # one grid axis (2^31 programs): axis 1 stops at 65535, i.e. B*H >= 65536 would not launch
+    n_qb = tl.cdiv(N, BLOCK_M)
+    pid_m = tl.program_id(0) % n_qb
+    bh = tl.program_id(0) // n_qb
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -213,8 +217,9 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr):
     """Programs [0, NUM_KB) compute dk, dv of one key block; the rest dq of one query block."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    n_prog = NUM_KB + tl.cdiv(N, BLOCK_M)  # per (batch, head): one grid axis, as in the forward
+    pid = tl.program_id(0) % n_prog
+    bh = tl.program_id(0) // n_prog
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     Q += b * sqb + h * sqh
@@ -306,7 +311,7 @@ def _fwd_impl(q, k, v, t, sm_scale, block_m, block_n, radius):
     lse = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
     rt, rh, rw = radius
     elem_bits, coords = t.elem_bits, t.coords
-    grid = (triton.cdiv(n, block_m), bsz * heads)
+    grid = (triton.cdiv(n, block_m) * bsz * heads,)
     _fwd_kernel[grid](
         q, k, v, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -325,14 +330,14 @@ def _bwd_impl(do, q, k, v, o, lse, t, sm_scale, block_m, block_n, radius):
     if do.stride(-1) != 1:
         do = do.contiguous()
     delta = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[(triton.cdiv(n, block_m), bsz * heads)](
+    _bwd_delta_kernel[(triton.cdiv(n, block_m) * bsz * heads,)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         n, heads, BLOCK_M=block_m, HEAD_DIM=d)
     dq, dk, dv = _like_bnhd(q), _like_bnhd(k), _like_bnhd(v)
     rt, rh, rw = radius
     elem_bits, coords = t.elem_bits, t.coords
     num_kb = triton.cdiv(n, block_n)
-    grid = (num_kb + triton.cdiv(n, block_m), bsz * heads)
+    grid = ((num_kb + triton.cdiv(n, block_m)) * bsz * heads,)
     _bwd_kernel[grid](
         q, k, v, do, dq, dk, dv, lse, delta,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -42,6 +42,7 @@ import triton.language as tl
 
 MAX_SCALES = 4
 MAX_DIM = 1024
+SMEM_BUDGET = 200 * 1024  # of sm_90's 227 KB a block may use, with room for the compiler's scratch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,12 +355,20 @@ def _blocks(D: int, K: int, device: torch.device, backward: bool = False) -> tup
     The CPU interpreter costs per op, not per element, so there the blocks are as large as
     sensible (the masks are the same code either way; the GPU blocks have their own test)."""
     BD = max(16, triton.next_power_of_2(D))
-    if _gpu_sms(device) is None:
+    if device.type != "cuda" and _gpu_sms(device) is None:
         return 64, max(16, min(128, triton.next_power_of_2(K))), BD, 4
     BK = max(16, min(64, triton.next_power_of_2(K), 8192 // BD))
     if backward:
         return (32 if BD <= 256 else 16), BK, BD, (8 if BD <= 256 else 16)
     return (64 if BD <= 128 else 32 if BD <= 256 else 16), BK, BD, 8
+
+
+def _bwd_w_stages(BM: int, BK: int, BD: int, elem: int) -> int:
+    """Software-pipelining depth of ``_tokenize_bwd_w`` that fits sm_90's 227 KB of shared memory:
+    each stage buffers the dz tile twice ([BM, BD] and its transpose), the W chunk once (ptxas
+    -v: fp32 at D = 1024 takes 131 KB a stage, so 3 stages asked for 395 KB and could not launch)."""
+    per_stage = 2 * BM * BD * elem
+    return max(1, min(3, (SMEM_BUDGET - BD * BK * elem) // per_stage))
 
 
 def _geometry(T: int, H: int, W: int, p: int, pf: int, dilations: Sequence[int]) -> list[int]:
@@ -462,7 +471,8 @@ def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_ou
     part_k = torch.empty(2, S, n_split, K, device=dev, dtype=torch.float32)
     _tokenize_bwd_w[(n_k, n_split, S)](
         video, idx, dz, mean, rstd, part_w, part_k, w_in, b_in, w_c,
-        B, H, W, T // pf, D, n_out, n_store, *_pad4(dilations), *strides, **meta)
+        B, H, W, T // pf, D, n_out, n_store, *_pad4(dilations), *strides, **meta,
+        num_stages=_bwd_w_stages(BM, BK, BD, dz.element_size()))
     # deterministic reductions of the partials
     d_sum = part_d.sum(1)  # [3, nblk, D]
     starts = [0]

@@ -1,6 +1,7 @@
 """Compiled-resource report and cost model of fmfast's Triton kernels for an H200, without a GPU.
 
-    python tools/kernel_report.py [--sweep] [--json FILE] [--components FILE] [--markdown FILE]
+    python tools/kernel_report.py [--sweep | --sweep-only] [--dtypes bfloat16,float32] [--json FILE]
+                                  [--components FILE] [--markdown FILE]
 
 Compiles every kernel variant the model launches at the paper shape (tools/kernel_variants.py),
 through the kernels' own host code, for sm_90 (tools/sm90.py), reads ptxas -v and the SASS, and
@@ -40,7 +41,7 @@ TARGETS = {  # name: (goal, compare)
 def measure(rows: list[dict]) -> list[dict]:
     """Resources, grid facts and the cost model's time of every captured launch."""
     with ThreadPoolExecutor(2) as pool:
-        res = list(pool.map(lambda r: sm90.resources(r["launch"].compiled), rows))
+        res = list(pool.map(lambda r: sm90.resources(r["launch"].compiled, r["launch"].meta.get("ptxas_log")), rows))
     out = []
     for r, x in zip(rows, res):
         g = sm90.grid_facts(r["grid"], x["blocks_per_sm"])
@@ -126,12 +127,12 @@ def markdown(rows: list[dict], comp: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(sweep: bool = False) -> tuple[list[dict], dict]:
+def report(sweep: bool = False, paper: bool = True, dtypes=("bfloat16", "float32")) -> tuple[list[dict], dict | None]:
     sm90.install_stub_driver()
     from tools import kernel_variants as kv
 
-    rows = measure(kv.paper())
-    comp = components(rows)
+    rows = measure(kv.paper(dtypes)) if paper else []
+    comp = components(rows) if paper and "bfloat16" in dtypes else None
     if sweep:
         rows += measure(kv.sweep())
     return rows, comp
@@ -140,18 +141,20 @@ def report(sweep: bool = False) -> tuple[list[dict], dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", action="store_true", help="also every promised width, for the smem limit")
+    ap.add_argument("--sweep-only", action="store_true", help="only the sweep (no paper shape, no components)")
+    ap.add_argument("--dtypes", default="bfloat16,float32", help="paper-shape dtypes, comma separated")
     ap.add_argument("--json", type=Path, help="write the per-launch rows as a JSON list")
     ap.add_argument("--components", type=Path, help="write the components, ratios and targets as JSON")
     ap.add_argument("--markdown", type=Path, help="write the tables to this file too")
     a = ap.parse_args(argv)
-    rows, comp = report(a.sweep)
+    rows, comp = report(a.sweep or a.sweep_only, not a.sweep_only, tuple(a.dtypes.split(",")))
     md = markdown(rows, comp)
     print(md, end="")
     if a.markdown:
         a.markdown.write_text(md)
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1, default=str))
-    if a.components:
+    if a.components and comp:
         a.components.write_text(json.dumps(comp | dict(targets=TARGETS), indent=1))
     return 0
 

@@ -12,6 +12,7 @@ Triton kernel, in a process without TRITON_INTERPRET=1 (the interpreter cannot c
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import subprocess
@@ -81,8 +82,15 @@ def capture(module, names):
 
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                k = self.fn.warmup(*args, grid=grid, **kw)
-                launches.append(Launch(self.name, tuple(grid), k, {a: v for a, v in kw.items()}))
+                # Triton runs ptxas -v itself and drops the log: keep it (no second ptxas run, and
+                # the numbers are those of Triton's own flags); a cache hit leaves it empty
+                from triton import knobs
+                out = io.StringIO()
+                with knobs.nvidia.scope(), contextlib.redirect_stdout(out):
+                    knobs.nvidia.dump_ptxas_log = True
+                    k = self.fn.warmup(*args, grid=grid, **kw)
+                meta = dict(kw, ptxas_log=out.getvalue() if "Used" in out.getvalue() else None)
+                launches.append(Launch(self.name, tuple(grid), k, meta))
             return launch
 
     try:
@@ -102,15 +110,17 @@ def _bin(tool: str) -> str:
 _MMA = ("HGMMA", "HMMA", "IMMA", "QGMMA", "DMMA")
 
 
-def resources(k) -> dict:
-    """ptxas -v and SASS facts of a compiled kernel, plus sm_90 occupancy."""
+def resources(k, ptxas_log: str | None = None) -> dict:
+    """ptxas -v and SASS facts of a compiled kernel, plus sm_90 occupancy. ``ptxas_log``: the log
+    of Triton's own ptxas run (``Launch.meta``); without it ptxas runs again with Triton's flags."""
     with tempfile.TemporaryDirectory() as d:
         ptx, cubin = Path(d) / "k.ptx", Path(d) / "k.cubin"
         ptx.write_text(k.asm["ptx"])
         cubin.write_bytes(k.asm["cubin"])
         arch = re.search(r"\.target\s+(sm_\w+)", k.asm["ptx"]).group(1)
-        v = subprocess.run([_bin("ptxas"), "-v", f"--gpu-name={arch}", str(ptx), "-o", str(Path(d) / "v.cubin")],
-                           capture_output=True, text=True, check=True).stderr
+        v = ptxas_log or subprocess.run(
+            [_bin("ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", str(ptx),
+             "-o", str(Path(d) / "v.cubin")], capture_output=True, text=True, check=True).stderr
         sass = subprocess.run([_bin("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
                               check=True).stdout
     regs = int(re.search(r"Used (\d+) registers", v).group(1))
