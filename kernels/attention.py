@@ -9,8 +9,9 @@ be multiples of the block size.
 
 Each block list starts with its *full* blocks (``kv_num_full``/``q_num_full``), which skip the
 element mask. Flash-attention style: online softmax with fp32 accumulation, the forward saves the
-logsumexp; the backward precomputes ``delta = rowsum(dO * O)`` and runs one launch whose first programs
-compute dk/dv per key block and whose last programs compute dq per query block (no atomics).
+logsumexp; the backward precomputes ``delta = rowsum(dO * O)``, then one launch computes dk/dv per
+key block and one dq per query block (no atomics: at head dim 32 fp32 dq atomics would move more
+bytes through L2 than the second exp per element costs the MUFU).
 
 Empty rows (a query that sees no key) are defined as ``out = 0`` with ``lse = -inf``; their
 gradients are exactly 0 and nothing is NaN. ``block_sparse_attention_ref`` does the same.
@@ -215,9 +216,12 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
                 QBITS, KSEG, COORDS, EBITS, ebits_stride,
                 N, H, NUM_KB, sm_scale, qk_scale, RT, RH, RW,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Programs [0, NUM_KB) compute dk, dv of one key block; the rest dq of one query block."""
-    n_prog = NUM_KB + tl.cdiv(N, BLOCK_M)  # per (batch, head): one grid axis, as in the forward
+                HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr,
+                DKDV: tl.constexpr):
+    """DKDV: each program computes dk, dv of one key block; else dq of one query block. The two
+    roles are two launches, so each is compiled with its own register budget (one kernel holding
+    both took the dk/dv role's 175 registers for every program: 2 blocks/SM)."""
+    n_prog = NUM_KB if DKDV else tl.cdiv(N, BLOCK_M)  # per (batch, head): one grid axis, as in the forward
     pid = tl.program_id(0) % n_prog
     bh = tl.program_id(0) // n_prog
     b = (bh // H).to(tl.int64)
@@ -230,7 +234,7 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
     DELTA += bh.to(tl.int64) * N
     offs_d = tl.arange(0, HEAD_DIM)
 
-    if pid < NUM_KB:
+    if DKDV:
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = offs_n < N
         k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :], mask=in_n[:, None], other=0.0)
@@ -256,7 +260,7 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
         tl.store(DK + offs_n[:, None] * sdkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=in_n[:, None])
         tl.store(DV + offs_n[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=in_n[:, None])
     else:
-        pid_m = pid - NUM_KB
+        pid_m = pid
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         in_m = offs_m < N
         q = tl.load(Q + offs_m[:, None] * sqn + offs_d[None, :], mask=in_m[:, None], other=0.0)
@@ -285,9 +289,10 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
 
 # ---- launch helpers ----------------------------------------------------------------------------
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 follows PyTorch's matmul setting (TF32 off by default), so fp32 parity stays tight
+    # fp32 follows PyTorch's matmul setting (TF32 off by default): 3xTF32 keeps fp32 parity tight
+    # on the tensor cores ("ieee" is scalar FFMA: the d=32 backward spilled 8.8 KB per thread)
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
+        return "tf32x3"
     return "tf32"
 
 
@@ -337,20 +342,20 @@ def _bwd_impl(do, q, k, v, o, lse, t, sm_scale, block_m, block_n, radius):
     rt, rh, rw = radius
     elem_bits, coords = t.elem_bits, t.coords
     num_kb = triton.cdiv(n, block_n)
-    grid = ((num_kb + triton.cdiv(n, block_m)) * bsz * heads,)
-    _bwd_kernel[grid](
-        q, k, v, do, dq, dk, dv, lse, delta,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        t.kv_num_blocks, t.kv_num_full, t.kv_indices, t.kv_indices.stride(0), t.q_num_blocks, t.q_num_full,
-        t.q_indices, t.q_indices.stride(0), t.q_bits, t.k_seg, _dummy(coords, t.k_seg), _dummy(elem_bits, t.k_seg),
-        0 if elem_bits is None else elem_bits.stride(0),
-        n, heads, num_kb, sm_scale, sm_scale * _LOG2E, rt, rh, rw,
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, HAS_WINDOW=coords is not None,
-        HAS_EBITS=elem_bits is not None, DOT_PREC=_dot_precision(q.dtype),
-        num_warps=_warps(d, block_m, block_n), num_stages=2)
+    for dkdv, grid in ((True, num_kb * bsz * heads), (False, triton.cdiv(n, block_m) * bsz * heads)):
+        _bwd_kernel[(grid,)](
+            q, k, v, do, dq, dk, dv, lse, delta,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            t.kv_num_blocks, t.kv_num_full, t.kv_indices, t.kv_indices.stride(0), t.q_num_blocks, t.q_num_full,
+            t.q_indices, t.q_indices.stride(0), t.q_bits, t.k_seg, _dummy(coords, t.k_seg), _dummy(elem_bits, t.k_seg),
+            0 if elem_bits is None else elem_bits.stride(0),
+            n, heads, num_kb, sm_scale, sm_scale * _LOG2E, rt, rh, rw,
+            BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, HAS_WINDOW=coords is not None,
+            HAS_EBITS=elem_bits is not None, DOT_PREC=_dot_precision(q.dtype), DKDV=dkdv,
+            num_warps=_warps(d, block_m, block_n), num_stages=2)
     return dq, dk, dv
 
 

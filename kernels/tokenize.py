@@ -23,8 +23,8 @@ Kernels (blocks never span scales; a block's scale and geometry come from its pr
                         norm_in gradients, each program a deterministic partial; torch sums them.
 The gradient with respect to the video is NOT computed (video is data, not a parameter).
 Precision: LayerNorm statistics and accumulation in fp32 always; the GEMMs in the autocast dtype
-when autocast is on, else in the parameters' dtype -- fp32 as IEEE FMA, except the backward's
-weight-gradient GEMMs, which use 3xTF32 (near-fp32 on tensor cores).
+when autocast is on, else in the parameters' dtype -- fp32 as 3xTF32 (near-fp32 on tensor cores;
+IEEE FMA dots ran on scalar FFMA at a twelfth of the rate).
 
 Internally the patch dimension is walked in the memory-friendly order (c, f, p1, p2) (p2 fastest,
 so a warp reads contiguous pixel rows); LayerNorm and the dot product do not care about the order,
@@ -159,8 +159,8 @@ def _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c
         xn = (x - mean[:, None]) * rstd[:, None] * g[None, :] + be[None, :]
         wt = tl.load(w_ptr + s * D * K + nn[None, :] * K + ko[:, None],
                      mask=km[:, None] & nm[None, :], other=0.0)  # W^T chunk [BK, BD]
-        if CDT == tl.float32:  # fp32 parity with the reference: no TF32
-            acc = tl.dot(xn, wt.to(tl.float32), acc, input_precision="ieee")
+        if CDT == tl.float32:  # near-fp32 on tensor cores (3xTF32); "ieee" was scalar FFMA
+            acc = tl.dot(xn, wt.to(tl.float32), acc, input_precision="tf32x3")
         else:
             acc = tl.dot(xn.to(CDT), wt.to(CDT), acc)
     bp = tl.load(bp_ptr + s * D + nn, mask=nm, other=0.0).to(tl.float32)

@@ -79,7 +79,11 @@ def attention(dtype: str, cross: bool, b: int = B, heads: int = HEADS, dh: int =
         o, lse = ka._fwd_impl(q, k, v, t, dh ** -0.5, lay.block_m, lay.block_n, (0, 0, 0))
         ka._bwd_impl(torch.zeros_like(o), q, k, v, o, lse, t, dh ** -0.5, lay.block_m, lay.block_n, (0, 0, 0))
     shape = f"B={b} H={heads} Dh={dh} {'cross' if cross else 'self'}"
-    return [dict(kernel="attn" + L.name.removesuffix("_kernel"), variant=f"{_NAMES[dtype]} {shape}",
+    def name(L):  # the backward's two roles are one kernel launched twice (DKDV constexpr)
+        role = {True: "_dkdv", False: "_dq"}.get(L.meta.get("DKDV"), "")
+        return "attn" + L.name.removesuffix("_kernel") + role
+
+    return [dict(kernel=name(L), variant=f"{_NAMES[dtype]} {shape}",
                  dtype=_NAMES[dtype], shape=dict(batch=b, heads=heads, head_dim=dh, seq=n, cross=cross,
                                                  computed_blocks=lay.num_computed_blocks,
                                                  block_m=lay.block_m, block_n=lay.block_n),
