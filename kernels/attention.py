@@ -9,8 +9,8 @@ be multiples of the block size.
 
 Each block list starts with its *full* blocks (``kv_num_full``/``q_num_full``), which skip the
 element mask. Flash-attention style: online softmax with fp32 accumulation, the forward saves the
-logsumexp; the backward precomputes ``delta = rowsum(dO * O)``, then one launch computes dk/dv per
-key block and one dq per query block (no atomics: at head dim 32 fp32 dq atomics would move more
+logsumexp; in the backward one launch computes dq per query block (and ``delta = rowsum(dO * O)``),
+then one dk/dv per key block (no atomics: at head dim 32 fp32 dq atomics would move more
 bytes through L2 than the second exp per element costs the MUFU).
 
 Empty rows (a query that sees no key) are defined as ``out = 0`` with ``lse = -inf``; their
@@ -132,24 +132,6 @@ def _fwd_kernel(Q, K, V, O, LSE,
 
 
 @triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sdob, sdoh, sdon, N, H,
-                      BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    # one grid axis (2^31 programs): axis 1 stops at 65535, i.e. B*H >= 65536 would not launch
-    n_qb = tl.cdiv(N, BLOCK_M)
-    pid_m = tl.program_id(0) % n_qb
-    bh = tl.program_id(0) // n_qb
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_m = offs_m < N
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], mask=in_m[:, None], other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :], mask=in_m[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=in_m)
-
-
-@triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, kseg, kc, offs_n, Q, DO, LSE, DELTA, sqn, sdon, Q_ROW, i0, i1,
                     QBITS, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
@@ -209,8 +191,8 @@ def _bwd_dq_inner(dq, q, do, m2, di, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, 
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
-                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
+def _bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
                 sdqb, sdqh, sdqn, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                 KV_NUM, KV_FULL, KV_IDX, kv_idx_stride, Q_NUM, Q_FULL, Q_IDX, q_idx_stride,
                 QBITS, KSEG, COORDS, EBITS, ebits_stride,
@@ -218,9 +200,10 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr,
                 DKDV: tl.constexpr):
-    """DKDV: each program computes dk, dv of one key block; else dq of one query block. The two
-    roles are two launches, so each is compiled with its own register budget (one kernel holding
-    both took the dk/dv role's 175 registers for every program: 2 blocks/SM)."""
+    """DKDV: each program computes dk, dv of one key block; else dq of one query block and, first,
+    its rows' ``delta = rowsum(dO * O)`` (stored for the dk/dv launch, which runs second: no
+    separate pass over O and dO). The two roles are two launches, so each is compiled with its own
+    register budget (one kernel holding both took the dk/dv role's 175 registers: 2 blocks/SM)."""
     n_prog = NUM_KB if DKDV else tl.cdiv(N, BLOCK_M)  # per (batch, head): one grid axis, as in the forward
     pid = tl.program_id(0) % n_prog
     bh = tl.program_id(0) // n_prog
@@ -271,7 +254,9 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
             qc = tl.load(COORDS + offs_m, mask=in_m, other=-1)
         lse = tl.load(LSE + offs_m, mask=in_m, other=float("inf"))
         m2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        di = tl.load(DELTA + offs_m, mask=in_m, other=0.0)
+        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], mask=in_m[:, None], other=0.0)
+        di = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + offs_m, di, mask=in_m)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         KV_ROW = KV_IDX + pid_m * kv_idx_stride
         n_full = tl.load(KV_FULL + pid_m)
@@ -335,18 +320,17 @@ def _bwd_impl(do, q, k, v, o, lse, t, sm_scale, block_m, block_n, radius):
     if do.stride(-1) != 1:
         do = do.contiguous()
     delta = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[(triton.cdiv(n, block_m) * bsz * heads,)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        n, heads, BLOCK_M=block_m, HEAD_DIM=d)
     dq, dk, dv = _like_bnhd(q), _like_bnhd(k), _like_bnhd(v)
     rt, rh, rw = radius
     elem_bits, coords = t.elem_bits, t.coords
     num_kb = triton.cdiv(n, block_n)
-    for dkdv, grid in ((True, num_kb * bsz * heads), (False, triton.cdiv(n, block_m) * bsz * heads)):
+    # dq first: its programs also write delta, which the dk/dv programs read
+    for dkdv, grid in ((False, triton.cdiv(n, block_m) * bsz * heads), (True, num_kb * bsz * heads)):
         _bwd_kernel[(grid,)](
-            q, k, v, do, dq, dk, dv, lse, delta,
+            q, k, v, o, do, dq, dk, dv, lse, delta,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
             t.kv_num_blocks, t.kv_num_full, t.kv_indices, t.kv_indices.stride(0), t.q_num_blocks, t.q_num_full,

@@ -27,8 +27,9 @@ when autocast is on, else in the parameters' dtype -- fp32 as 3xTF32 (near-fp32 
 IEEE FMA dots ran on scalar FFMA at a twelfth of the rate).
 
 Internally the patch dimension is walked in the memory-friendly order (c, f, p1, p2) (p2 fastest,
-so a warp reads contiguous pixel rows); LayerNorm and the dot product do not care about the order,
-and parameters are addressed through the map back to the reference order.
+so a warp reads contiguous pixel rows); LayerNorm and the dot product do not care about the order:
+the host hands the kernels W and the patch-LayerNorm parameters permuted into it (``_internal_order``,
+so weight tiles load as contiguous rows, not 2-byte gathers) and permutes their gradients back.
 
 Supported: 1-4 scales, D <= 1024, T % pf == 0, H and W divisible by d and H/d, W/d by p.
 """
@@ -91,8 +92,8 @@ def _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it,
 @triton.jit
 def _cols(kk, d, s_c, s_t, s_h, s_w, s_it,
           C: tl.constexpr, P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr):
-    """Per-column part of the offsets for internal patch columns ``kk`` (order c, f, p1, p2), and
-    each column's index in the reference order (p1, p2, f, c)."""
+    """Per-column part of the offsets for internal patch columns ``kk`` (order c, f, p1, p2): pixel
+    offset, frame-index offset, pixel column."""
     p2 = kk % P
     p1 = (kk // P) % P
     f = (kk // (P * P)) % PF
@@ -100,7 +101,7 @@ def _cols(kk, d, s_c, s_t, s_h, s_w, s_it,
     px = c * s_c + (p1 * d) * s_h + (p2 * d) * s_w  # dilation: a strided read, no resampled copy
     if not FRAME_STORE:
         px += f * s_t
-    return px, f * s_it, ((p1 * P + p2) * PF + f) * C + c, p2 * d
+    return px, f * s_it, p2 * d
 
 
 @triton.jit
@@ -133,7 +134,7 @@ def _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         km = kk < K
-        cpx, cix, _, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
+        cpx, cix, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
         x = _gather(src_ptr, idx_ptr, rpx, rix, rw, cpx, cix, cw, rm[:, None] & km[None, :], n_store, W, s_b, s_w,
                     FRAME_STORE)
         na = k0 * 1.0
@@ -151,13 +152,13 @@ def _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         km = kk < K
-        cpx, cix, ko, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
+        cpx, cix, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
         x = _gather(src_ptr, idx_ptr, rpx, rix, rw, cpx, cix, cw, rm[:, None] & km[None, :], n_store, W, s_b, s_w,
                     FRAME_STORE)
-        g = tl.load(win_ptr + s * K + ko, mask=km, other=0.0).to(tl.float32)
-        be = tl.load(bin_ptr + s * K + ko, mask=km, other=0.0).to(tl.float32)
+        g = tl.load(win_ptr + s * K + kk, mask=km, other=0.0).to(tl.float32)
+        be = tl.load(bin_ptr + s * K + kk, mask=km, other=0.0).to(tl.float32)
         xn = (x - mean[:, None]) * rstd[:, None] * g[None, :] + be[None, :]
-        wt = tl.load(w_ptr + s * D * K + nn[None, :] * K + ko[:, None],
+        wt = tl.load(w_ptr + s * D * K + nn[None, :] * K + kk[:, None],
                      mask=km[:, None] & nm[None, :], other=0.0)  # W^T chunk [BK, BD]
         if CDT == tl.float32:  # near-fp32 on tensor cores (3xTF32); "ieee" was scalar FFMA
             acc = tl.dot(xn, wt.to(tl.float32), acc, input_precision="tf32x3")
@@ -286,12 +287,12 @@ def _tokenize_bwd_w(src_ptr, idx_ptr, dz_ptr, mean_ptr, rstd_ptr, part_w_ptr, pa
     s, _, d, gh, gw, n_tok, row0 = _scale(tl.program_id(2), H, W, TG, d0, d1, d2, d3, P, BM, False)
     kk = pk * BK + tl.arange(0, BK)
     km = kk < K
-    cpx, cix, ko, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
+    cpx, cix, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
     nn = tl.arange(0, BD)
     nm = nn < D
-    g = tl.load(win_ptr + s * K + ko, mask=km, other=0.0).to(tl.float32)
-    be = tl.load(bin_ptr + s * K + ko, mask=km, other=0.0).to(tl.float32)
-    wc = tl.load(w_ptr + s * D * K + nn[:, None] * K + ko[None, :],
+    g = tl.load(win_ptr + s * K + kk, mask=km, other=0.0).to(tl.float32)
+    be = tl.load(bin_ptr + s * K + kk, mask=km, other=0.0).to(tl.float32)
+    wc = tl.load(w_ptr + s * D * K + nn[:, None] * K + kk[None, :],
                  mask=nm[:, None] & km[None, :], other=0.0).to(CDT)  # W chunk [BD, BK]
     acc_w = tl.zeros([BD, BK], dtype=tl.float32)
     acc_g = tl.zeros([BK], dtype=tl.float32)
@@ -326,9 +327,9 @@ def _tokenize_bwd_w(src_ptr, idx_ptr, dz_ptr, mean_ptr, rstd_ptr, part_w_ptr, pa
         acc_g += tl.sum(dxn * xh, axis=0)
         acc_b += tl.sum(dxn, axis=0)
     pw = part_w_ptr + (s * n_split + sp).to(tl.int64) * D * K
-    tl.store(pw + nn[:, None] * K + ko[None, :], acc_w, mask=nm[:, None] & km[None, :])
+    tl.store(pw + nn[:, None] * K + kk[None, :], acc_w, mask=nm[:, None] & km[None, :])
     # part_k: [2, S, n_split, K] -> norm_in weight, norm_in bias
-    pk_base = part_k_ptr + (s * n_split + sp) * K + ko
+    pk_base = part_k_ptr + (s * n_split + sp) * K + kk
     tl.store(pk_base, acc_g, mask=km)
     tl.store(pk_base + tl.num_programs(2) * n_split * K, acc_b, mask=km)
 
@@ -361,6 +362,19 @@ def _blocks(D: int, K: int, device: torch.device, backward: bool = False) -> tup
     if backward:
         return (32 if BD <= 256 else 16), BK, BD, (8 if BD <= 256 else 16)
     return (64 if BD <= 128 else 32 if BD <= 256 else 16), BK, BD, 8
+
+
+_ORDERS: dict = {}
+
+
+def _internal_order(C: int, P: int, PF: int, device: torch.device) -> torch.Tensor:
+    """[K] int64: the reference patch index (p1, p2, f, c) of each internal column (c, f, p1, p2);
+    ``param[..., order]`` puts a parameter in kernel order, ``grad_ref[..., order] = grad`` back."""
+    key = (C, P, PF, str(device))
+    if key not in _ORDERS:
+        c, f, p1, p2 = torch.meshgrid(torch.arange(C), torch.arange(PF), torch.arange(P), torch.arange(P), indexing="ij")
+        _ORDERS[key] = (((p1 * P + p2) * PF + f) * C + c).reshape(-1).to(device)
+    return _ORDERS[key]
 
 
 def _bwd_w_stages(BM: int, BK: int, BD: int, elem: int) -> int:
@@ -419,7 +433,9 @@ def _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
     D, K = w.shape[1], w.shape[2]
     BM, BK, BD, nw = _blocks(D, K, video.device)
     n_out = 1 + sum(n)
-    w = w.to(_DTYPES[compute_dtype])  # once here, not per program: halves W's L2 traffic in 16-bit
+    order = _internal_order(C, p, pf, video.device)
+    # once here, not per program: halves W's L2 traffic in 16-bit, and rows load contiguously
+    w, w_in, b_in = w[..., order].to(_DTYPES[compute_dtype]), w_in[:, order], b_in[:, order]
     out = torch.empty(B, n_out, D, device=video.device, dtype=_DTYPES[out_dtype])
     nblk = sum(triton.cdiv(x, BM) for x in n)
     idx = frame_index if frame_index is not None else video
@@ -450,7 +466,8 @@ def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_ou
     n_bs = min(B, triton.cdiv(4 * sms, nblk)) if sms else min(B, 2)
     b_chunk = triton.cdiv(B, n_bs)
     n_bs = triton.cdiv(B, b_chunk)
-    w_c = w.to(_DTYPES[compute_dtype])
+    order = _internal_order(C, p, pf, dev)
+    w_c, w_in_k, b_in_k = w[..., order].to(_DTYPES[compute_dtype]), w_in[:, order], b_in[:, order]
     dz_dtype = _DTYPES[compute_dtype]
     dz = torch.empty(B * (n_out - 1), D, device=dev, dtype=dz_dtype)
     mean = torch.empty(B * (n_out - 1), device=dev, dtype=torch.float32)
@@ -461,7 +478,7 @@ def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_ou
     meta = dict(C=C, P=p, PF=pf, FRAME_STORE=frame_index is not None, BM=BM, BK=BK, BD=BD,
                 CDT=_TL[compute_dtype], num_warps=nw)
     _tokenize_bwd_tok[(nblk, n_bs)](
-        video, idx, grad, dz, mean, rstd, part_d, part_pos, w_in, b_in, w_c, bp, w_out,
+        video, idx, grad, dz, mean, rstd, part_d, part_pos, w_in_k, b_in_k, w_c, bp, w_out,
         B, b_chunk, nblk, H, W, T // pf, D, n_out, n_store, *_pad4(dilations), eps, *strides, **meta)
     # patch-dim chunks x row splits x scales for the [D, K] weight gradient
     n_k = triton.cdiv(K, BK)
@@ -470,7 +487,7 @@ def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_ou
     part_w = torch.empty(S, n_split, D, K, device=dev, dtype=torch.float32)
     part_k = torch.empty(2, S, n_split, K, device=dev, dtype=torch.float32)
     _tokenize_bwd_w[(n_k, n_split, S)](
-        video, idx, dz, mean, rstd, part_w, part_k, w_in, b_in, w_c,
+        video, idx, dz, mean, rstd, part_w, part_k, w_in_k, b_in_k, w_c,
         B, H, W, T // pf, D, n_out, n_store, *_pad4(dilations), *strides, **meta,
         num_stages=_bwd_w_stages(BM, BK, BD, dz.element_size()))
     # deterministic reductions of the partials
@@ -480,10 +497,11 @@ def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_ou
         starts.append(starts[-1] + x)
     d_scale = torch.stack([d_sum[:, a:e].sum(1) for a, e in zip(starts[:-1], starts[1:])], 1)  # [3, S, D]
     g_pos = part_pos.sum(0)
-    g_k = part_k.sum(2)
+    g_k, g_w = torch.empty_like(part_k[:, :, 0]), torch.empty_like(part_w[:, 0])  # back to reference order
+    g_k[..., order], g_w[..., order] = part_k.sum(2), part_w.sum(1)
     # custom-op outputs may not alias each other: copy the row/slice views out
     return (g_pos[0].to(cls.dtype, copy=True), g_pos.to(pos.dtype), g_k[0].to(w_in.dtype, copy=True),
-            g_k[1].to(b_in.dtype, copy=True), part_w.sum(1).to(w.dtype), d_scale[2].to(bp.dtype, copy=True),
+            g_k[1].to(b_in.dtype, copy=True), g_w.to(w.dtype), d_scale[2].to(bp.dtype, copy=True),
             d_scale[0].to(w_out.dtype, copy=True), d_scale[1].to(b_out.dtype, copy=True))
 
 

@@ -58,8 +58,8 @@ def our_work(row: dict) -> Work:
             return Work(14.0 * dh * el, 7 * io + 2 * bh * n * 4, 2 * el, 8.0 * el, rate)
         if k == "attn_bwd_dkdv":
             return Work(8.0 * dh * el, 5 * io + 2 * bh * n * 4, el, 4.0 * el, rate)
-        if k == "attn_bwd_dq":
-            return Work(6.0 * dh * el, 4 * io + 2 * bh * n * 4, el, 4.0 * el, rate)
+        if k == "attn_bwd_dq":  # also reads O for delta = rowsum(dO * O) and writes delta
+            return Work(6.0 * dh * el, 5 * io + 3 * bh * n * 4, el, 4.0 * el, rate)
     raise KeyError(f"tools/kernel_costs.py: no cost model for kernel {k}")
 
 

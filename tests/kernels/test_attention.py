@@ -347,7 +347,7 @@ F32_PTRS = ("LSE", "DELTA")
 INT_PTRS = ("KV_NUM", "KV_FULL", "KV_IDX", "Q_NUM", "Q_FULL", "Q_IDX", "QBITS", "KSEG", "COORDS", "EBITS")
 # the paper's shape: 64 x 64 blocks, head_dim 32; bf16 and fp32 (3xTF32 dots); both backward roles
 for lo, prec in (("bf16", "tf32"), ("fp32", "tf32x3")):
-    for fn, role in ((ka._fwd_kernel, None), (ka._bwd_delta_kernel, None), (ka._bwd_kernel, True), (ka._bwd_kernel, False)):
+    for fn, role in ((ka._fwd_kernel, None), (ka._bwd_kernel, True), (ka._bwd_kernel, False)):
         meta = dict(BLOCK_M=64, BLOCK_N=64, HEAD_DIM=32, HAS_WINDOW=True, HAS_EBITS=True, DOT_PREC=prec, DKDV=role)
         sig, consts = {}, {}
         for a in fn.arg_names:
@@ -376,4 +376,4 @@ def test_kernels_lower_to_sm90_cubin(lower_in_subprocess):
     """Compile forward and backward for an H100/H200 (sm_90) down to cubin with Triton's bundled
     ptxas, in bf16 and fp32: the GPU compiler rejects things the interpreter accepts."""
     out = lower_in_subprocess(_LOWER_TO_SM90)
-    assert out.count(" ok ") == 8, out
+    assert out.count(" ok ") == 6, out
