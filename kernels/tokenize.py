@@ -177,12 +177,13 @@ def _ln_d(z, nm, D, eps):
 
 
 @triton.jit
-def _tokenize_fwd(src_ptr, idx_ptr, out_ptr, cls_ptr, pos_ptr,
+def _tokenize_fwd(src_ptr, idx_ptr, out_ptr, cls_ptr, pos_ptr, z_ptr, mean_ptr, rstd_ptr,
                   win_ptr, bin_ptr, w_ptr, bp_ptr, wout_ptr, bout_ptr,
                   H, W, TG, D, N_OUT, n_store, d0, d1, d2, d3, eps,
                   s_b, s_c, s_t, s_h, s_w, s_ib, s_it,
                   C: tl.constexpr, P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr,
-                  BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr):
+                  BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr,
+                  SAVE: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1)
     s, blk0, d, gh, gw, n_tok, row0 = _scale(pid, H, W, TG, d0, d1, d2, d3, P, BM, True)
@@ -190,16 +191,22 @@ def _tokenize_fwd(src_ptr, idx_ptr, out_ptr, cls_ptr, pos_ptr,
     rm = tok < n_tok
     bb = tl.zeros([BM], dtype=tl.int64) + b
     rpx, rix, rw = _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
-    z, _, _ = _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c, s_t, s_h, s_w, s_it,
-                               win_ptr, bin_ptr, w_ptr, bp_ptr, s, eps, D,
-                               C, P, PF, FRAME_STORE, BM, BK, BD, CDT)
+    z, mu, rs = _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c, s_t, s_h, s_w, s_it,
+                                 win_ptr, bin_ptr, w_ptr, bp_ptr, s, eps, D,
+                                 C, P, PF, FRAME_STORE, BM, BK, BD, CDT)
     nn = tl.arange(0, BD)
     nm = nn < D
+    rows = row0 + tok
+    m = rm[:, None] & nm[None, :]
+    z = z.to(CDT).to(tl.float32)  # the GEMM's output dtype, as the reference's Linear under autocast
+    if SAVE:  # for the backward, which so needs no recompute: z and the patch LN stats
+        r = bb * (N_OUT - 1) + (rows - 1)  # row among all non-cls tokens
+        tl.store(z_ptr + r[:, None] * D + nn[None, :], z.to(z_ptr.dtype.element_ty), mask=m)
+        tl.store(mean_ptr + r, mu, mask=rm)
+        tl.store(rstd_ptr + r, rs, mask=rm)
     zh, _ = _ln_d(z, nm, D, eps)
     go = tl.load(wout_ptr + s * D + nn, mask=nm, other=0.0).to(tl.float32)
     bo = tl.load(bout_ptr + s * D + nn, mask=nm, other=0.0).to(tl.float32)
-    rows = row0 + tok
-    m = rm[:, None] & nm[None, :]
     pos = tl.load(pos_ptr + rows[:, None] * D + nn[None, :], mask=m, other=0.0).to(tl.float32)
     y = zh * go[None, :] + bo[None, :] + pos
     out_base = out_ptr + b.to(tl.int64) * N_OUT * D
@@ -211,13 +218,9 @@ def _tokenize_fwd(src_ptr, idx_ptr, out_ptr, cls_ptr, pos_ptr,
 
 
 @triton.jit
-def _tokenize_bwd_tok(src_ptr, idx_ptr, gout_ptr, dz_ptr, mean_ptr, rstd_ptr,
-                      part_d_ptr, part_pos_ptr,
-                      win_ptr, bin_ptr, w_ptr, bp_ptr, wout_ptr,
-                      B, B_CHUNK, NBLK, H, W, TG, D, N_OUT, n_store, d0, d1, d2, d3, eps,
-                      s_b, s_c, s_t, s_h, s_w, s_ib, s_it,
-                      C: tl.constexpr, P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr,
-                      BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr):
+def _tokenize_bwd_tok(z_ptr, gout_ptr, dz_ptr, part_d_ptr, part_pos_ptr, wout_ptr,
+                      B, B_CHUNK, NBLK, H, W, TG, D, N_OUT, d0, d1, d2, d3, eps,
+                      P: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
     pid = tl.program_id(0)
     pb = tl.program_id(1)
     s, blk0, d, gh, gw, n_tok, row0 = _scale(pid, H, W, TG, d0, d1, d2, d3, P, BM, True)
@@ -239,11 +242,8 @@ def _tokenize_bwd_tok(src_ptr, idx_ptr, gout_ptr, dz_ptr, mean_ptr, rstd_ptr,
     for b in range(b_lo, b_hi):
         # the batch index as an int64 vector (the loop variable is a plain int in the interpreter)
         bb = tl.zeros([BM], dtype=tl.int64) + b
-        rpx, rix, rw = _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
-        z, mu, rs = _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c, s_t, s_h, s_w,
-                                     s_it,
-                                     win_ptr, bin_ptr, w_ptr, bp_ptr, s, eps, D,
-                                     C, P, PF, FRAME_STORE, BM, BK, BD, CDT)
+        r = bb * (N_OUT - 1) + (rows - 1)  # row among all non-cls tokens
+        z = tl.load(z_ptr + r[:, None] * D + nn[None, :], mask=m, other=0.0).to(tl.float32)
         zh, zr = _ln_d(z, nm, D, eps)
         g = tl.load(gout_ptr + (bb * N_OUT + rows)[:, None] * D + nn[None, :], mask=m, other=0.0).to(tl.float32)
         acc_pos += g
@@ -254,10 +254,7 @@ def _tokenize_bwd_tok(src_ptr, idx_ptr, gout_ptr, dz_ptr, mean_ptr, rstd_ptr,
         c2 = tl.sum(dzh * zh, axis=1) / D
         dz = tl.where(nm[None, :], zr[:, None] * (dzh - c1[:, None] - zh * c2[:, None]), 0.0)
         acc_bp += tl.sum(dz, axis=0)
-        r = bb * (N_OUT - 1) + (rows - 1)  # row among all non-cls tokens
         tl.store(dz_ptr + r[:, None] * D + nn[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
-        tl.store(mean_ptr + r, mu, mask=rm)
-        tl.store(rstd_ptr + r, rs, mask=rm)
         if pid == 0:
             acc_cls += tl.load(gout_ptr + (tl.zeros([BD], dtype=tl.int64) + b) * N_OUT * D + nn,
                                mask=nm, other=0.0).to(tl.float32)
@@ -350,18 +347,22 @@ def _gpu_sms(device: torch.device) -> Optional[int]:
 
 
 def _blocks(D: int, K: int, device: torch.device, backward: bool = False) -> tuple[int, int, int, int]:
-    """(BM, BK, BD, num_warps): every tl.dot dim >= 16; tiles sized so the fp32 accumulators fit
-    (checked with ptxas -v for sm_90 at D=96: no spills forward, a few hundred bytes backward).
-    Forward takes 64 tokens per program where it fits: each program streams all of W from L2.
+    """(BM, BK, BD, num_warps): every tl.dot dim >= 16; tiles sized so the fp32 accumulators fit.
+    D <= 128 (the model's 96), read off tools/kernel_report.py for sm_90: forward 64 tokens x 16
+    patch columns on 4 warps (222 registers, no spills, 2 blocks/SM, wgmma: 64 rows is one
+    warpgroup's wgmma; 8 warps took 233 registers, 1 block/SM); backward 16-token blocks x 32
+    columns on 4 warps (bwd_w 122 registers, 4 blocks/SM). Wider D keeps the earlier tiles.
     The CPU interpreter costs per op, not per element, so there the blocks are as large as
     sensible (the masks are the same code either way; the GPU blocks have their own test)."""
     BD = max(16, triton.next_power_of_2(D))
     if device.type != "cuda" and _gpu_sms(device) is None:
         return 64, max(16, min(128, triton.next_power_of_2(K))), BD, 4
+    if BD <= 128:
+        return (16, max(16, min(32, triton.next_power_of_2(K))), BD, 4) if backward else (64, 16, BD, 4)
     BK = max(16, min(64, triton.next_power_of_2(K), 8192 // BD))
     if backward:
         return (32 if BD <= 256 else 16), BK, BD, (8 if BD <= 256 else 16)
-    return (64 if BD <= 128 else 32 if BD <= 256 else 16), BK, BD, 8
+    return (32 if BD <= 256 else 16), BK, BD, 8
 
 
 _ORDERS: dict = {}
@@ -425,7 +426,9 @@ def _check_device(t: torch.Tensor) -> None:
 
 
 def _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
-              patch_size, frame_patch_size, dilations, eps, compute_dtype, out_dtype):
+              patch_size, frame_patch_size, dilations, eps, compute_dtype, out_dtype, save=False):
+    """-> (out [B, n_out, D], z [B * (n_out - 1), D], patch LN mean, rstd [B * (n_out - 1)]); the
+    last three are empty unless ``save`` (the backward's inputs)."""
     _check_device(video)
     p, pf = patch_size, frame_patch_size
     B, C, T, H, W, n_store, strides = _src_args(video, frame_index)
@@ -437,17 +440,21 @@ def _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
     # once here, not per program: halves W's L2 traffic in 16-bit, and rows load contiguously
     w, w_in, b_in = w[..., order].to(_DTYPES[compute_dtype]), w_in[:, order], b_in[:, order]
     out = torch.empty(B, n_out, D, device=video.device, dtype=_DTYPES[out_dtype])
+    rows = B * (n_out - 1) if save else 0
+    z = torch.empty(rows, D, device=video.device, dtype=_DTYPES[compute_dtype])
+    mean = torch.empty(rows, device=video.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
     nblk = sum(triton.cdiv(x, BM) for x in n)
     idx = frame_index if frame_index is not None else video
     _tokenize_fwd[(nblk, B)](
-        video, idx, out, cls, pos, w_in, b_in, w, bp, w_out, b_out,
+        video, idx, out, cls, pos, z, mean, rstd, w_in, b_in, w, bp, w_out, b_out,
         H, W, T // pf, D, n_out, n_store, *_pad4(dilations), eps, *strides,
         C=C, P=p, PF=pf, FRAME_STORE=frame_index is not None,
-        BM=BM, BK=BK, BD=BD, CDT=_TL[compute_dtype], num_warps=nw)
-    return out
+        BM=BM, BK=BK, BD=BD, CDT=_TL[compute_dtype], SAVE=save, num_warps=nw)
+    return out, z, mean, rstd
 
 
-def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
+def _bwd_impl(grad, video, frame_index, z, mean, rstd, cls, pos, w_in, b_in, w, bp, w_out, b_out,
               patch_size, frame_patch_size, dilations, eps, compute_dtype):
     _check_device(video)
     p, pf = patch_size, frame_patch_size
@@ -459,27 +466,28 @@ def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_ou
     n_out = 1 + sum(n)
     dev = video.device
     grad = grad.contiguous()
-    nblk_s = [triton.cdiv(x, BM) for x in n]
-    nblk = sum(nblk_s)
     sms = _gpu_sms(dev)
-    # batch slices per token block: enough programs to fill the GPU; 2 on CPU to test the split
-    n_bs = min(B, triton.cdiv(4 * sms, nblk)) if sms else min(B, 2)
+    # bwd_tok has no GEMM (it reads the saved z): its own token blocks, 32 rows on the GPU
+    BT = 32 if sms else BM
+    nblk_s = [triton.cdiv(x, BT) for x in n]
+    nblk = sum(nblk_s)
+    # batch slices per token block: at most one wave of 4 programs per SM (a second, partial wave
+    # would double the time); 2 on CPU to test the split
+    n_bs = min(B, max(1, 4 * sms // nblk)) if sms else min(B, 2)
     b_chunk = triton.cdiv(B, n_bs)
     n_bs = triton.cdiv(B, b_chunk)
     order = _internal_order(C, p, pf, dev)
     w_c, w_in_k, b_in_k = w[..., order].to(_DTYPES[compute_dtype]), w_in[:, order], b_in[:, order]
     dz_dtype = _DTYPES[compute_dtype]
     dz = torch.empty(B * (n_out - 1), D, device=dev, dtype=dz_dtype)
-    mean = torch.empty(B * (n_out - 1), device=dev, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
     part_d = torch.empty(3, n_bs, nblk, D, device=dev, dtype=torch.float32)
     part_pos = torch.empty(n_bs, n_out, D, device=dev, dtype=torch.float32)
     idx = frame_index if frame_index is not None else video
     meta = dict(C=C, P=p, PF=pf, FRAME_STORE=frame_index is not None, BM=BM, BK=BK, BD=BD,
                 CDT=_TL[compute_dtype], num_warps=nw)
     _tokenize_bwd_tok[(nblk, n_bs)](
-        video, idx, grad, dz, mean, rstd, part_d, part_pos, w_in_k, b_in_k, w_c, bp, w_out,
-        B, b_chunk, nblk, H, W, T // pf, D, n_out, n_store, *_pad4(dilations), eps, *strides, **meta)
+        z, grad, dz, part_d, part_pos, w_out, B, b_chunk, nblk, H, W, T // pf, D, n_out, *_pad4(dilations), eps,
+        P=p, BM=BT, BD=BD, num_warps=nw)
     # patch-dim chunks x row splits x scales for the [D, K] weight gradient
     n_k = triton.cdiv(K, BK)
     max_rows = B * max(n)
@@ -513,45 +521,55 @@ def _tokenize_op(video: torch.Tensor, frame_index: Optional[torch.Tensor], cls: 
                  pos: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w: torch.Tensor,
                  bp: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor, patch_size: int,
                  frame_patch_size: int, dilations: List[int], eps: float, compute_dtype: str,
-                 out_dtype: str) -> torch.Tensor:
+                 out_dtype: str, save: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
-                     patch_size, frame_patch_size, dilations, eps, compute_dtype, out_dtype)
+                     patch_size, frame_patch_size, dilations, eps, compute_dtype, out_dtype, save)
 
 
 @_tokenize_op.register_fake
 def _(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
-      patch_size, frame_patch_size, dilations, eps, compute_dtype, out_dtype):
+      patch_size, frame_patch_size, dilations, eps, compute_dtype, out_dtype, save):
     B = video.shape[0] if frame_index is None else frame_index.shape[0]
-    return video.new_empty(B, pos.shape[0], w.shape[1], dtype=_DTYPES[out_dtype])
+    n_out, D = pos.shape[0], w.shape[1]
+    rows = B * (n_out - 1) if save else 0
+    return (video.new_empty(B, n_out, D, dtype=_DTYPES[out_dtype]), video.new_empty(rows, D, dtype=_DTYPES[compute_dtype]),
+            video.new_empty(rows, dtype=torch.float32), video.new_empty(rows, dtype=torch.float32))
 
 
 @torch.library.custom_op("fmfast::multiscale_tokenize_backward", mutates_args=())
 def _tokenize_bwd_op(grad: torch.Tensor, video: torch.Tensor, frame_index: Optional[torch.Tensor],
+                     z: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                      cls: torch.Tensor, pos: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor,
                      w: torch.Tensor, bp: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor,
                      patch_size: int, frame_patch_size: int, dilations: List[int], eps: float,
                      compute_dtype: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                   torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
+    return _bwd_impl(grad, video, frame_index, z, mean, rstd, cls, pos, w_in, b_in, w, bp, w_out, b_out,
                      patch_size, frame_patch_size, dilations, eps, compute_dtype)
 
 
 @_tokenize_bwd_op.register_fake
-def _(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
+def _(grad, video, frame_index, z, mean, rstd, cls, pos, w_in, b_in, w, bp, w_out, b_out,
       patch_size, frame_patch_size, dilations, eps, compute_dtype):
     return tuple(torch.empty_like(t) for t in (cls, pos, w_in, b_in, w, bp, w_out, b_out))
 
 
 def _setup_context(ctx, inputs, output):
     (video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
-     patch_size, frame_patch_size, dilations, eps, compute_dtype, _) = inputs
-    ctx.save_for_backward(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out)
+     patch_size, frame_patch_size, dilations, eps, compute_dtype, _, save) = inputs
+    _, z, mean, rstd = output
+    ctx.mark_non_differentiable(z, mean, rstd)
+    ctx.save_for_backward(video, frame_index, z, mean, rstd, cls, pos, w_in, b_in, w, bp, w_out, b_out)
     ctx.args = (patch_size, frame_patch_size, dilations, eps, compute_dtype)
+    ctx.saved = save
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, *_):
+    if not ctx.saved:
+        raise RuntimeError("multiscale_tokenize: called without grad mode or parameters needing grad, "
+                           "so the forward saved nothing for a backward")
     grads = _tokenize_bwd_op(grad, *ctx.saved_tensors, *ctx.args)
-    return (None, None, *grads, None, None, None, None, None, None)
+    return (None, None, *grads, None, None, None, None, None, None, None)
 
 
 _tokenize_op.register_autograd(_backward, setup_context=_setup_context)
@@ -631,10 +649,12 @@ def multiscale_tokenize(video: torch.Tensor, cls_token: torch.Tensor, scales: Se
     inv = {v: k for k, v in _DTYPES.items()}
     w_in, b_in, w, bp, w_out, b_out, pos = zip(*scales)
     # one tensor per parameter kind, all scales stacked (pos: rows in output order)
-    return _tokenize_op(
-        video, frame_index, cls_token.reshape(D), torch.cat([x.reshape(-1, D) for x in pos]),
-        torch.stack(w_in), torch.stack(b_in), torch.stack(w), torch.stack(bp), torch.stack(w_out),
-        torch.stack(b_out), patch_size, frame_patch_size, dilations, eps, inv[cdt], inv[odt])
+    params = (cls_token.reshape(D), torch.cat([x.reshape(-1, D) for x in pos]), torch.stack(w_in), torch.stack(b_in),
+              torch.stack(w), torch.stack(bp), torch.stack(w_out), torch.stack(b_out))
+    # z and the LN stats are saved only when a backward can follow
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+    return _tokenize_op(video, frame_index, *params, patch_size, frame_patch_size, dilations, eps, inv[cdt], inv[odt],
+                        save)[0]
 
 
 def multiscale_tokenize_ref(video: torch.Tensor, cls_token: torch.Tensor, scales: Sequence[Sequence[torch.Tensor]], *,

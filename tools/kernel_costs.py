@@ -37,11 +37,14 @@ def our_work(row: dict) -> Work:
         px = b * C * T * H * W + (b * T * 8 if sh["source"] == "store" else 0)
         ops = OPS_PIXEL[sh["source"]]
         programs = grid[0] * (grid[1] if len(grid) > 1 else 1) * (grid[2] if len(grid) > 2 else 1)
-        if k == "tokenize_fwd":  # 2 gather passes (stats, then normalise + dot); W^T streamed per program
-            return Work(2.0 * m * K * d, px + b * N_OUT * d * 4, 0, 2 * m * K * ops + 2 * programs * K * d, rate)
-        if k == "tokenize_bwd_tok":  # recomputes the forward per (sample, token block): W^T again each
-            return Work(2.0 * m * K * d, px + b * N_OUT * d * 4 + m * (d * e + 8) + grid[1] * N_OUT * d * 4,
-                        0, 2 * m * K * ops + 2 * grid[0] * b * K * d, rate)
+        if k == "tokenize_fwd":  # 2 gather passes (stats, then normalise + dot); W^T streamed per program;
+            # with a backward to follow it also writes z and the patch LN stats (counted: training)
+            return Work(2.0 * m * K * d, px + b * N_OUT * d * 4 + m * (d * e + 8), 0,
+                        2 * m * K * ops + 2 * programs * K * d, rate)
+        if k == "tokenize_bwd_tok":  # reads the saved z and dL/dout, writes dz and per-slice partials;
+            # about 20 lane-ops per (token, channel): LN(D) again, its backward, four partial sums
+            return Work(0.0, m * d * e + b * N_OUT * d * 4 + m * d * e + grid[1] * N_OUT * d * 4, 0,
+                        20.0 * m * d, rate)
         if k == "tokenize_bwd_w":  # one gather pass per patch-column chunk; dz read as dz and dz^T
             return Work(4.0 * m * K * d, px + m * (d * e + 8) + programs * d * 32 * 4, 0,
                         m * K * (ops + 3) + 2 * m * d * grid[0], rate)

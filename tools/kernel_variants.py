@@ -46,8 +46,8 @@ def tokenizer(dtype: str, frame_store: bool, b: int = B, dim: int = DIM) -> list
     tk._gpu_sms, tk._check_device = (lambda device: sm90.SMS), (lambda t: None)
     try:
         with sm90.capture(tk, TOK_KERNELS) as launches:
-            out = tk._fwd_impl(video, index, *params, *geo, dtype, "float32")
-            tk._bwd_impl(torch.zeros_like(out), video, index, *params, *geo, dtype)
+            out, z, mean, rstd = tk._fwd_impl(video, index, *params, *geo, dtype, "float32", True)
+            tk._bwd_impl(torch.zeros_like(out), video, index, z, mean, rstd, *params, *geo, dtype)
     finally:
         tk._gpu_sms, tk._check_device = saved
     src = "store" if frame_store else "clip"

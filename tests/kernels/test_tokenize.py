@@ -290,7 +290,8 @@ def _tiny_op_args():
     params = [cls.reshape(D), torch.cat([x.reshape(-1, D) for x in pos])] + [
         torch.stack(x) for x in (w_in, b_in, w, bp, w_out, b_out)]
     params = [t.requires_grad_() for t in params]
-    return (make_video((2, C, T, H, W), torch.uint8), None, *params, p, pf, dil, 1e-5, "float32", "float32")
+    # save=True: the forward also returns z and the patch LN stats for the backward
+    return (make_video((2, C, T, H, W), torch.uint8), None, *params, p, pf, dil, 1e-5, "float32", "float32", True)
 
 
 def test_opcheck_custom_op():
@@ -408,7 +409,7 @@ for fn, store_mode, cdt in [(tk._tokenize_fwd, False, tl.float32), (tk._tokenize
                             (tk._tokenize_bwd_w, False, tl.float32)]:
     ints = dict(geo, **(store if store_mode else clip))
     BM, BK, BD, nw = tk._blocks(96, 384, torch.device("cuda"), backward=fn is not tk._tokenize_fwd)
-    meta = dict(C=3, P=8, PF=2, FRAME_STORE=store_mode, BM=BM, BK=BK, BD=BD, CDT=cdt)
+    meta = dict(C=3, P=8, PF=2, FRAME_STORE=store_mode, BM=BM, BK=BK, BD=BD, CDT=cdt, SAVE=True)
     sig, consts = {}, {}
     for a in fn.arg_names:
         if a in meta or ints.get(a) == 1:
@@ -416,7 +417,7 @@ for fn, store_mode, cdt in [(tk._tokenize_fwd, False, tl.float32), (tk._tokenize
         elif a.endswith("_ptr"):
             lo = "*bf16" if cdt == tl.bfloat16 else "*fp32"
             sig[a] = {"src_ptr": "*u8", "idx_ptr": "*i64" if store_mode else "*u8", "out_ptr": lo, "dz_ptr": lo,
-                      "w_ptr": lo}.get(a, "*fp32")
+                      "z_ptr": lo, "w_ptr": lo}.get(a, "*fp32")
         else:
             sig[a] = "fp32" if a == "eps" else "i32"
     k = compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
