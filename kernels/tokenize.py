@@ -105,18 +105,32 @@ def _cols(kk, d, s_c, s_t, s_h, s_w, s_it,
 
 
 @triton.jit
-def _gather(src_ptr, idx_ptr, rpx, rix, rw, cpx, cix, cw, m, n_store, W, s_b, s_w, FRAME_STORE: tl.constexpr):
-    """Pixels [BM, BK] as fp32. Frame-store entries: i reads frame i, ~i (= -1-i) frame i
-    mirrored along W (a training flip, so no flipped copy of the store is needed); the frame is
-    clamped into [0, n_store - 1]."""
-    off = rpx[:, None] + cpx[None, :]
+def _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, m, k0, n_store, W, s_b, s_w, s_it,
+            P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr, ROW_FRAME: tl.constexpr):
+    """Pixels [BM, BK] as fp32 of the chunk of patch columns starting at ``k0``. Frame-store
+    entries: i reads frame i, ~i (= -1-i) frame i mirrored along W (a training flip, so no flipped
+    copy of the store is needed); the frame is clamped into [0, n_store - 1]. ROW_FRAME: the chunk
+    lies within one (channel, frame) of the tubelet (BK divides p*p), so each row's frame index is
+    loaded, decoded and made a 64-bit offset once per row, not per pixel."""
     if FRAME_STORE:
-        fid = tl.load(idx_ptr + rix[:, None] + cix[None, :], mask=m, other=0).to(tl.int64)
-        flip = fid < 0
-        fid = tl.where(flip, -1 - fid, fid)
-        off += tl.minimum(fid, n_store - 1) * s_b
-        col = rw[:, None] + cw[None, :]
-        off += tl.where(flip, (W - 1 - 2 * col).to(tl.int64) * s_w, 0)  # column w -> W-1-w
+        if ROW_FRAME:
+            f = (k0 // (P * P)) % PF
+            fid = tl.load(idx_ptr + rix + f * s_it, mask=rm, other=0).to(tl.int64)  # [BM]
+            flip = fid < 0
+            fid = tl.where(flip, -1 - fid, fid)
+            roff = rpx + tl.minimum(fid, n_store - 1) * s_b
+            col = rw[:, None] + cw[None, :]
+            # within one frame the column part fits int32: column w -> W-1-w on mirrored rows
+            off = roff[:, None] + (cpx[None, :] + tl.where(flip[:, None], (W - 1 - 2 * col) * s_w, 0))
+        else:
+            fid = tl.load(idx_ptr + rix[:, None] + cix[None, :], mask=m, other=0).to(tl.int64)
+            flip = fid < 0
+            fid = tl.where(flip, -1 - fid, fid)
+            off = rpx[:, None] + cpx[None, :] + tl.minimum(fid, n_store - 1) * s_b
+            col = rw[:, None] + cw[None, :]
+            off += tl.where(flip, (W - 1 - 2 * col).to(tl.int64) * s_w, 0)  # column w -> W-1-w
+    else:
+        off = rpx[:, None] + cpx[None, :]
     return tl.load(src_ptr + off, mask=m, other=0).to(tl.float32)
 
 
@@ -135,8 +149,8 @@ def _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c
         kk = k0 + tl.arange(0, BK)
         km = kk < K
         cpx, cix, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
-        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, cpx, cix, cw, rm[:, None] & km[None, :], n_store, W, s_b, s_w,
-                    FRAME_STORE)
+        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, rm[:, None] & km[None, :], k0, n_store, W, s_b,
+                    s_w, s_it, P, PF, FRAME_STORE, (P * P) % BK == 0)
         na = k0 * 1.0
         nb = tl.minimum(K - k0, BK) * 1.0
         cm = tl.sum(x, axis=1) / nb
@@ -153,8 +167,8 @@ def _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c
         kk = k0 + tl.arange(0, BK)
         km = kk < K
         cpx, cix, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
-        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, cpx, cix, cw, rm[:, None] & km[None, :], n_store, W, s_b, s_w,
-                    FRAME_STORE)
+        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, rm[:, None] & km[None, :], k0, n_store, W, s_b,
+                    s_w, s_it, P, PF, FRAME_STORE, (P * P) % BK == 0)
         g = tl.load(win_ptr + s * K + kk, mask=km, other=0.0).to(tl.float32)
         be = tl.load(bin_ptr + s * K + kk, mask=km, other=0.0).to(tl.float32)
         xn = (x - mean[:, None]) * rstd[:, None] * g[None, :] + be[None, :]
@@ -305,8 +319,8 @@ def _tokenize_bwd_w(src_ptr, idx_ptr, dz_ptr, mean_ptr, rstd_ptr, part_w_ptr, pa
         bb = (r // n_tok).to(tl.int64)
         tok = r % n_tok
         rpx, rix, rw = _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
-        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, cpx, cix, cw, rm[:, None] & km[None, :], n_store, W, s_b, s_w,
-                    FRAME_STORE)
+        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, rm[:, None] & km[None, :], pk * BK, n_store, W,
+                    s_b, s_w, s_it, P, PF, FRAME_STORE, (P * P) % BK == 0)
         rr = bb * (N_OUT - 1) + (row0 - 1 + tok)
         mu = tl.load(mean_ptr + rr, mask=rm, other=0.0)
         rs = tl.load(rstd_ptr + rr, mask=rm, other=0.0)

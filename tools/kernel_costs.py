@@ -4,7 +4,8 @@ and of the peers at the paper shape: the tokenizer, one encoder layer, the whole
 Issue-slot counts per gathered pixel are this model's estimates from the kernels' code (int64
 offset adds, mask, load, convert, LayerNorm arithmetic: about 8 lane-instructions per pixel per
 pass from a clip; a frame-store gather adds the per-pixel index load, its flip/clamp and the
-mirrored column, about 8 more). Every formula names what it counts.
+mirrored column, about 8 more, or about 4 where the chunk lies in one frame and the index is
+decoded per row). Every formula names what it counts.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ C, T, H, W, P, PF = 3, 10, 64, 64, 8, 2
 K = C * P * P * PF  # patch dim 384
 N_TOK = (320, 80)  # tokens per scale (dilations 1, 2)
 N_OUT = 1 + sum(N_TOK)
-OPS_PIXEL = {"clip": 8.0, "store": 16.0}
+OPS_PIXEL = {"clip": 8.0, "store": 16.0, "store_row": 12.0}  # store_row: frame index decoded per row
 DEPTH, MLP, CUR_LEN, CUR_CH = 6, 384, 240, 3
 
 
@@ -36,6 +37,8 @@ def our_work(row: dict) -> Work:
         m = b * sum(N_TOK)
         px = b * C * T * H * W + (b * T * 8 if sh["source"] == "store" else 0)
         ops = OPS_PIXEL[sh["source"]]
+        if sh["source"] == "store" and (P * P) % row["launch"].meta.get("BK", K) == 0:
+            ops = OPS_PIXEL["store_row"]  # ROW_FRAME: a 32-bit column mirror per pixel, the rest per row
         programs = grid[0] * (grid[1] if len(grid) > 1 else 1) * (grid[2] if len(grid) > 2 else 1)
         if k == "tokenize_fwd":  # 2 gather passes (stats, then normalise + dot); W^T streamed per program;
             # with a backward to follow it also writes z and the patch LN stats (counted: training)
@@ -66,11 +69,16 @@ def our_work(row: dict) -> Work:
     raise KeyError(f"tools/kernel_costs.py: no cost model for kernel {k}")
 
 
-def tokenizer_glue(b: int = 256, d: int = 96) -> list[Work]:
-    """The torch ops around our tokenizer's custom op: W cast, then after the backward the sums
-    of the per-program partials (pos, D-sized, K-sized, weight) and the dtype casts."""
-    return [cm.ew(2 * K * d, 4, 2), cm.ew(40 * N_OUT * d, 4, 0, kernels=4), cm.ew(2 * 44 * d * K, 4, 0, kernels=2),
-            cm.ew(2 * d * K, 4, 4, kernels=8)]
+def tokenizer_glue(b: int = 256, d: int = 96, S: int = 2) -> list[Work]:
+    """The torch ops around our tokenizer's kernels, launch by launch as kernels/tokenize.py makes
+    them: forward and backward each permute W (+ cast) and the patch-LN parameters into kernel
+    order (4 + 4); after the backward the sums of the per-program partials (D-sized, per-scale
+    and stack, pos, K-sized, W), the scatters back to reference order (2) and the output copies (6)."""
+    n_bs, n_split = 37, 22  # slices at the paper shape (the report's grids)
+    return [cm.ew(S * K * d, 4, 2, kernels=4), cm.ew(S * K * d, 4, 2, kernels=4),
+            cm.ew(3 * n_bs * 13 * d, 4, 4, kernels=2 + S), cm.ew(n_bs * N_OUT * d, 4, 4),
+            cm.ew(2 * S * n_split * K, 4, 4), cm.ew(S * n_split * d * K, 4, 4), cm.ew(S * d * K, 4, 4, kernels=2),
+            cm.ew(S * d * K, 4, 4, kernels=6)]
 
 
 def tokenizer_reference(b: int = 256, d: int = 96, dtype: str = "bf16") -> list[Work]:

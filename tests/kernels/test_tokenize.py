@@ -248,14 +248,27 @@ def test_paper_shape_forward_backward():
     assert got.shape == (1, 401, 96)
 
 
-def test_gpu_block_sizes_under_the_interpreter(monkeypatch):
-    """The GPU's tiles (BM 64 forward, 32 backward, BK=64: ragged token blocks and two patch
-    chunks) in the interpreter, since the CPU path picks larger ones."""
+@pytest.mark.parametrize("source", ["clip", "store"])
+def test_gpu_block_sizes_under_the_interpreter(monkeypatch, source):
+    """The GPU's tiles (forward 64 tokens x 16 columns, backward 16 x 32: ragged token blocks,
+    several patch chunks) in the interpreter, since the CPU path picks larger ones. From a frame
+    store the forward's 16-column chunks lie within one (channel, frame) of the 4 x 4 x 2
+    tubelet, so it decodes each row's frame index once (ROW_FRAME); bwd_w's 32-column chunks
+    straddle two frames and decode per pixel: both paths, with repeated, clamped and mirrored
+    entries."""
     gpu_blocks = tk._blocks
     cuda_dev = torch.device("cuda")
     monkeypatch.setattr(tk, "_blocks", lambda D, K, device, backward=False: gpu_blocks(D, K, cuda_dev, backward))
-    video = make_video((2, 3, 4, 16, 24), torch.uint8)
-    assert_matches_ref(video, 3, 4, 16, 24, 4, 2, 40, (1, 2))  # K = 96, 48 + 12 tokens
+    assert gpu_blocks(40, 96, cuda_dev)[1] == 16 and gpu_blocks(40, 96, cuda_dev, True)[1] == 32
+    if source == "clip":
+        video = make_video((2, 3, 4, 16, 24), torch.uint8)
+        assert_matches_ref(video, 3, 4, 16, 24, 4, 2, 40, (1, 2))  # K = 96, 48 + 12 tokens
+    else:
+        store = make_video((6, 3, 16, 24), torch.uint8, seed=4)
+        index = torch.tensor([[~0, ~0, 5, 9], [3, ~4, ~4, 1]])  # mirrored pairs, repeats, past N
+        got, _ = assert_matches_ref(store, 3, 4, 16, 24, 4, 2, 40, (1, 2), frame_index=index, B=2)
+        want, _ = assert_matches_ref(clips_by_hand(store, index), 3, 4, 16, 24, 4, 2, 40, (1, 2))
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_half_output_dtype():
