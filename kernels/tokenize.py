@@ -364,15 +364,16 @@ def _blocks(D: int, K: int, device: torch.device, backward: bool = False) -> tup
     """(BM, BK, BD, num_warps): every tl.dot dim >= 16; tiles sized so the fp32 accumulators fit.
     D <= 128 (the model's 96), read off tools/kernel_report.py for sm_90: forward 64 tokens x 16
     patch columns on 4 warps (222 registers, no spills, 2 blocks/SM, wgmma: 64 rows is one
-    warpgroup's wgmma; 8 warps took 233 registers, 1 block/SM); backward 16-token blocks x 32
-    columns on 4 warps (bwd_w 122 registers, 4 blocks/SM). Wider D keeps the earlier tiles.
+    warpgroup's wgmma; 8 warps took 233 registers, 1 block/SM); bwd_w 64 rows x 32 columns on 4
+    warps (211 registers, 2 blocks/SM, both GEMMs wgmma; 16 rows ran dz @ W on mma.sync).
+    Wider D keeps the earlier tiles.
     The CPU interpreter costs per op, not per element, so there the blocks are as large as
     sensible (the masks are the same code either way; the GPU blocks have their own test)."""
     BD = max(16, triton.next_power_of_2(D))
     if device.type != "cuda" and _gpu_sms(device) is None:
         return 64, max(16, min(128, triton.next_power_of_2(K))), BD, 4
     if BD <= 128:
-        return (16, max(16, min(32, triton.next_power_of_2(K))), BD, 4) if backward else (64, 16, BD, 4)
+        return (64, max(16, min(32, triton.next_power_of_2(K))), BD, 4) if backward else (64, 16, BD, 4)
     BK = max(16, min(64, triton.next_power_of_2(K), 8192 // BD))
     if backward:
         return (32 if BD <= 256 else 16), BK, BD, (8 if BD <= 256 else 16)
@@ -505,7 +506,9 @@ def _bwd_impl(grad, video, frame_index, z, mean, rstd, cls, pos, w_in, b_in, w, 
     # patch-dim chunks x row splits x scales for the [D, K] weight gradient
     n_k = triton.cdiv(K, BK)
     max_rows = B * max(n)
-    n_split = min(triton.cdiv(max_rows, BM), triton.cdiv(4 * sms, n_k * S) if sms else 2)
+    # one full wave: these tiles hold 2 blocks/SM (tools/kernel_report.py); a partial second wave
+    # costs as much as the first
+    n_split = min(triton.cdiv(max_rows, BM), max(1, 2 * sms // (n_k * S)) if sms else 2)
     part_w = torch.empty(S, n_split, D, K, device=dev, dtype=torch.float32)
     part_k = torch.empty(2, S, n_split, K, device=dev, dtype=torch.float32)
     _tokenize_bwd_w[(n_k, n_split, S)](

@@ -68,7 +68,10 @@ class Work:
 
 def sass_rate(mma: list, work: Work) -> float:
     """The MMA rate a compiled kernel can reach, from the MMA kinds its SASS holds: HGMMA keeps the
-    work's rate (bf16, or tf32/tf32x3 for fp32), HMMA only is mma.sync, none is scalar FFMA."""
+    work's rate (bf16, or tf32/tf32x3 for fp32), HMMA only is mma.sync, both a blend, none is
+    scalar FFMA."""
+    if "HGMMA" in mma and "HMMA" in mma:  # some GEMMs on each: count half the FLOPs at each rate
+        return 2.0 / (1.0 / work.mma_rate + 1.0 / min(work.mma_rate, MMA_HMMA))
     if "HGMMA" in mma:
         return work.mma_rate
     if "HMMA" in mma:
