@@ -127,14 +127,15 @@ def markdown(rows: list[dict], comp: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(sweep: bool = False, paper: bool = True, dtypes=("bfloat16", "float32")) -> tuple[list[dict], dict | None]:
+def report(sweep: bool = False, paper: bool = True, dtypes=("bfloat16", "float32"),
+           full_sweep: bool = False) -> tuple[list[dict], dict | None]:
     sm90.install_stub_driver()
     from tools import kernel_variants as kv
 
     rows = measure(kv.paper(dtypes)) if paper else []
     comp = components(rows) if paper and "bfloat16" in dtypes else None
     if sweep:
-        rows += measure(kv.sweep())
+        rows += measure(kv.sweep(full_sweep))
     return rows, comp
 
 
@@ -142,12 +143,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", action="store_true", help="also every promised width, for the smem limit")
     ap.add_argument("--sweep-only", action="store_true", help="only the sweep (no paper shape, no components)")
+    ap.add_argument("--full-sweep", action="store_true", help="the sweep over every width and dtype (slow)")
     ap.add_argument("--dtypes", default="bfloat16,float32", help="paper-shape dtypes, comma separated")
     ap.add_argument("--json", type=Path, help="write the per-launch rows as a JSON list")
     ap.add_argument("--components", type=Path, help="write the components, ratios and targets as JSON")
     ap.add_argument("--markdown", type=Path, help="write the tables to this file too")
     a = ap.parse_args(argv)
-    rows, comp = report(a.sweep or a.sweep_only, not a.sweep_only, tuple(a.dtypes.split(",")))
+    rows, comp = report(a.sweep or a.sweep_only or a.full_sweep, not a.sweep_only, tuple(a.dtypes.split(",")),
+                        a.full_sweep)
     md = markdown(rows, comp)
     print(md, end="")
     if a.markdown:

@@ -101,18 +101,26 @@ def paper(dtypes=("bfloat16", "float32")) -> list[dict]:
     return rows
 
 
-def sweep() -> list[dict]:
-    """Every width the docstrings promise, at each block-size bucket, fp32 and bf16 (fp16 tiles
-    are bf16's size): tokenizer D <= 1024 (MAX_DIM), attention head dims HEAD_DIMS."""
+def sweep(full: bool = False) -> list[dict]:
+    """The widths the docstrings promise (tokenizer D <= MAX_DIM = 1024, attention HEAD_DIMS) at
+    the widest width of each tile bucket (shared memory grows with the width inside a bucket:
+    tokenizer D 128 / 256 / 1024, attention head dim 64 (2 stages) / 128 (fp32: 1 stage)), in
+    fp32; bf16 at the widest (its tiles are fp32's at half the bytes; fp16 is bf16's size).
+    ``full``: every width and both dtypes (slow: about 10 minutes on 2 cores)."""
     from fmfast.kernels.attention import HEAD_DIMS
     from fmfast.kernels.tokenize import MAX_DIM
 
+    if full:
+        tok = [(dt, dim) for dt in ("bfloat16", "float32") for dim in (16, 128, 256, 512, MAX_DIM)]
+        att = [(dt, dh) for dt in ("bfloat16", "float32") for dh in HEAD_DIMS]
+    else:
+        tok = [("float32", 128), ("float32", 256), ("float32", MAX_DIM), ("bfloat16", MAX_DIM)]
+        att = [("float32", 64), ("float32", max(HEAD_DIMS)), ("bfloat16", max(HEAD_DIMS))]
     rows = []
-    for dtype in ("bfloat16", "float32"):
-        for dim in (16, 128, 256, 512, MAX_DIM):
-            rows += tokenizer(dtype, True, b=2, dim=dim)
-        for dh in HEAD_DIMS:
-            rows += attention(dtype, False, b=2, heads=1, dh=dh, segments=(70, 50))
+    for dtype, dim in tok:
+        rows += tokenizer(dtype, True, b=2, dim=dim)
+    for dtype, dh in att:
+        rows += attention(dtype, False, b=2, heads=1, dh=dh, segments=(70, 50))
     # a batch whose batch x heads passes 65535 (grid axis 1's limit): the grid must still launch
     rows += attention("bfloat16", True, b=21846, heads=3, dh=16, segments=(40, 24))
     return rows

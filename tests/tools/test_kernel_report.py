@@ -54,7 +54,7 @@ def test_report_covers_every_launch_with_the_promised_fields(paper_bf16):
 
 
 def _gemm_kernel(name: str) -> bool:
-    return name != "attn_bwd_delta"  # the only launch without a tl.dot
+    return name != "tokenize_bwd_tok"  # the only launch without a tl.dot (it reads the saved z)
 
 
 @pytest.mark.slow
@@ -70,8 +70,8 @@ def test_bf16_paper_variants_have_no_spills_two_blocks_per_sm_and_wgmma(paper_bf
             why.append(f"{r['spill_bytes']} B spilled")
         if r["blocks_per_sm"] < 2:
             why.append(f"{r['blocks_per_sm']} block/SM ({r['regs']} regs, {r['smem_bytes']} B smem)")
-        if _gemm_kernel(r["kernel"]) and "HGMMA" not in r["mma"]:
-            why.append(f"MMA {r['mma'] or 'none'}")
+        if _gemm_kernel(r["kernel"]) and ("HGMMA" not in r["mma"] or "HMMA" in r["mma"]):
+            why.append(f"MMA {r['mma'] or 'none'} (every GEMM on HGMMA)")
         if why:
             short.append(f"{r['kernel']} [{r['variant']}]: " + ", ".join(why))
     assert not short, "bf16 paper-shape launches short of the target:\n" + "\n".join(short)
@@ -79,8 +79,10 @@ def test_bf16_paper_variants_have_no_spills_two_blocks_per_sm_and_wgmma(paper_bf
 
 @pytest.mark.slow
 def test_every_promised_size_fits_shared_memory_and_launches(tmp_path):
-    """Every dtype and width the docstrings promise (tokenizer D <= 1024, attention head dims
-    16..128) fits sm_90's 227 KB per block, and the attention grid launches a batch whose
+    """The dtypes and widths the docstrings promise (tokenizer D <= 1024, attention head dims
+    16..128) fit sm_90's 227 KB per block -- checked at the widest width of each tile bucket in
+    fp32 and at the widest in bf16 (tools/kernel_variants.sweep says why that bounds the rest;
+    ``--full-sweep`` compiles them all) -- and the attention grid launches a batch whose
     batch x heads is past grid axis 1's 65535."""
     rows, _, _ = _run_report(tmp_path, "--sweep-only")
     over = [f"{r['kernel']} [{r['variant']}]: {r['smem_bytes']} B" for r in rows if r["smem_bytes"] > SMEM_LIMIT]
