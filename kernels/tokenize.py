@@ -15,10 +15,12 @@ tubelets' pixels straight from that memory.
 Kernels (blocks never span scales; a block's scale and geometry come from its program id):
   ``_tokenize_fwd``     grid = token blocks of all scales (64 tokens on GPU) x batch: gather,
                         LN(patch) in fp32, tl.dot with the projection, LN(D), + pos, store in the
-                        final row; the first block also writes the cls row.
-  ``_tokenize_bwd_tok`` grid = token blocks (32) x batch slices: recomputes the forward, writes dL/dz
-                        (z = pre-LN(D) activations) and the patch LN stats, and per-program partials
-                        of the D-sized gradients (norm_out, proj bias, pos, cls) over its slice.
+                        final row; the first block also writes the cls row. When a backward can
+                        follow (SAVE) it also stores z (= pre-LN(D) activations, in the GEMM's
+                        dtype) and the patch LN stats, so the backward recomputes nothing.
+  ``_tokenize_bwd_tok`` grid = token blocks (32) x batch slices: from the saved z, writes dL/dz and
+                        per-program partials of the D-sized gradients (norm_out, proj bias, pos,
+                        cls) over its slice (no gather, no GEMM).
   ``_tokenize_bwd_w``   grid = patch-dim chunks x row splits x scales: dW = dz^T @ LN(patch) and the
                         norm_in gradients, each program a deterministic partial; torch sums them.
 The gradient with respect to the video is NOT computed (video is data, not a parameter).
