@@ -480,6 +480,8 @@ def _bwd_impl(grad, video, frame_index, z, mean, rstd, cls, pos, w_in, b_in, w, 
     S = len(dilations)
     D, K = w.shape[1], w.shape[2]
     BM, BK, BD, nw = _blocks(D, K, video.device, backward=True)
+    if compute_dtype == "float32" and BD <= 128 and _gpu_sms(video.device):
+        BM = 16  # 3xTF32 stages each operand split in two: 64 rows spilled 2 KB (report), 16 none
     n_out = 1 + sum(n)
     dev = video.device
     grad = grad.contiguous()
