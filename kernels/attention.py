@@ -9,8 +9,9 @@ be multiples of the block size.
 
 Each block list starts with its *full* blocks (``kv_num_full``/``q_num_full``), which skip the
 element mask. Flash-attention style: online softmax with fp32 accumulation, the forward saves the
-logsumexp; the backward precomputes ``delta = rowsum(dO * O)`` and runs one launch whose first programs
-compute dk/dv per key block and whose last programs compute dq per query block (no atomics).
+logsumexp; in the backward one launch computes dq per query block (and ``delta = rowsum(dO * O)``),
+then one dk/dv per key block (no atomics: at head dim 32 fp32 dq atomics would move more
+bytes through L2 than the second exp per element costs the MUFU).
 
 Empty rows (a query that sees no key) are defined as ``out = 0`` with ``lse = -inf``; their
 gradients are exactly 0 and nothing is NaN. ``block_sparse_attention_ref`` does the same.
@@ -87,8 +88,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 N, H, qk_scale, RT, RH, RW,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # one grid axis (2^31 programs): axis 1 stops at 65535, i.e. B*H >= 65536 would not launch
+    n_qb = tl.cdiv(N, BLOCK_M)
+    pid_m = tl.program_id(0) % n_qb
+    bh = tl.program_id(0) // n_qb
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     Q += b * sqb + h * sqh
@@ -126,22 +129,6 @@ def _fwd_kernel(Q, K, V, O, LSE,
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     tl.store(O + offs_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty), mask=in_m[:, None])
     tl.store(LSE + offs_m, lse, mask=in_m)
-
-
-@triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sdob, sdoh, sdon, N, H,
-                      BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_m = offs_m < N
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], mask=in_m[:, None], other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :], mask=in_m[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=in_m)
 
 
 @triton.jit
@@ -204,17 +191,22 @@ def _bwd_dq_inner(dq, q, do, m2, di, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, 
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
-                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
+def _bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
                 sdqb, sdqh, sdqn, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                 KV_NUM, KV_FULL, KV_IDX, kv_idx_stride, Q_NUM, Q_FULL, Q_IDX, q_idx_stride,
                 QBITS, KSEG, COORDS, EBITS, ebits_stride,
                 N, H, NUM_KB, sm_scale, qk_scale, RT, RH, RW,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Programs [0, NUM_KB) compute dk, dv of one key block; the rest dq of one query block."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+                HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr,
+                DKDV: tl.constexpr):
+    """DKDV: each program computes dk, dv of one key block; else dq of one query block and, first,
+    its rows' ``delta = rowsum(dO * O)`` (stored for the dk/dv launch, which runs second: no
+    separate pass over O and dO). The two roles are two launches, so each is compiled with its own
+    register budget (one kernel holding both took the dk/dv role's 175 registers: 2 blocks/SM)."""
+    n_prog = NUM_KB if DKDV else tl.cdiv(N, BLOCK_M)  # per (batch, head): one grid axis, as in the forward
+    pid = tl.program_id(0) % n_prog
+    bh = tl.program_id(0) // n_prog
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     Q += b * sqb + h * sqh
@@ -225,7 +217,7 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
     DELTA += bh.to(tl.int64) * N
     offs_d = tl.arange(0, HEAD_DIM)
 
-    if pid < NUM_KB:
+    if DKDV:
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = offs_n < N
         k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :], mask=in_n[:, None], other=0.0)
@@ -251,7 +243,7 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
         tl.store(DK + offs_n[:, None] * sdkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=in_n[:, None])
         tl.store(DV + offs_n[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=in_n[:, None])
     else:
-        pid_m = pid - NUM_KB
+        pid_m = pid
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         in_m = offs_m < N
         q = tl.load(Q + offs_m[:, None] * sqn + offs_d[None, :], mask=in_m[:, None], other=0.0)
@@ -262,7 +254,9 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
             qc = tl.load(COORDS + offs_m, mask=in_m, other=-1)
         lse = tl.load(LSE + offs_m, mask=in_m, other=float("inf"))
         m2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        di = tl.load(DELTA + offs_m, mask=in_m, other=0.0)
+        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], mask=in_m[:, None], other=0.0)
+        di = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + offs_m, di, mask=in_m)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         KV_ROW = KV_IDX + pid_m * kv_idx_stride
         n_full = tl.load(KV_FULL + pid_m)
@@ -280,14 +274,21 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA,
 
 # ---- launch helpers ----------------------------------------------------------------------------
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 follows PyTorch's matmul setting (TF32 off by default), so fp32 parity stays tight
+    # fp32 follows PyTorch's matmul setting (TF32 off by default): 3xTF32 keeps fp32 parity tight
+    # on the tensor cores ("ieee" is scalar FFMA: the d=32 backward spilled 8.8 KB per thread)
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
+        return "tf32x3"
     return "tf32"
 
 
 def _warps(head_dim: int, block_m: int, block_n: int) -> int:
     return 8 if head_dim * max(block_m, block_n) >= 128 * 64 else 4
+
+
+def _stages(dtype: torch.dtype, head_dim: int) -> int:
+    """Pipelining depth that fits sm_90's 227 KB of shared memory: fp32's 3xTF32 dots stage each
+    operand split in two, and at head dim 128 two stages took 262 KB (tools/kernel_report.py --sweep)."""
+    return 1 if dtype == torch.float32 and head_dim >= 128 else 2
 
 
 def _like_bnhd(q: Tensor) -> Tensor:
@@ -306,7 +307,7 @@ def _fwd_impl(q, k, v, t, sm_scale, block_m, block_n, radius):
     lse = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
     rt, rh, rw = radius
     elem_bits, coords = t.elem_bits, t.coords
-    grid = (triton.cdiv(n, block_m), bsz * heads)
+    grid = (triton.cdiv(n, block_m) * bsz * heads,)
     _fwd_kernel[grid](
         q, k, v, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -316,7 +317,7 @@ def _fwd_impl(q, k, v, t, sm_scale, block_m, block_n, radius):
         n, heads, sm_scale * _LOG2E, rt, rh, rw,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, HAS_WINDOW=coords is not None,
         HAS_EBITS=elem_bits is not None, DOT_PREC=_dot_precision(q.dtype),
-        num_warps=_warps(d, block_m, block_n), num_stages=2)
+        num_warps=_warps(d, block_m, block_n), num_stages=_stages(q.dtype, d))
     return o, lse
 
 
@@ -325,27 +326,26 @@ def _bwd_impl(do, q, k, v, o, lse, t, sm_scale, block_m, block_n, radius):
     if do.stride(-1) != 1:
         do = do.contiguous()
     delta = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[(triton.cdiv(n, block_m), bsz * heads)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        n, heads, BLOCK_M=block_m, HEAD_DIM=d)
     dq, dk, dv = _like_bnhd(q), _like_bnhd(k), _like_bnhd(v)
     rt, rh, rw = radius
     elem_bits, coords = t.elem_bits, t.coords
     num_kb = triton.cdiv(n, block_n)
-    grid = (num_kb + triton.cdiv(n, block_m), bsz * heads)
-    _bwd_kernel[grid](
-        q, k, v, do, dq, dk, dv, lse, delta,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        t.kv_num_blocks, t.kv_num_full, t.kv_indices, t.kv_indices.stride(0), t.q_num_blocks, t.q_num_full,
-        t.q_indices, t.q_indices.stride(0), t.q_bits, t.k_seg, _dummy(coords, t.k_seg), _dummy(elem_bits, t.k_seg),
-        0 if elem_bits is None else elem_bits.stride(0),
-        n, heads, num_kb, sm_scale, sm_scale * _LOG2E, rt, rh, rw,
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, HAS_WINDOW=coords is not None,
-        HAS_EBITS=elem_bits is not None, DOT_PREC=_dot_precision(q.dtype),
-        num_warps=_warps(d, block_m, block_n), num_stages=2)
+    # dq first: its programs also write delta, which the dk/dv programs read
+    for dkdv, grid in ((False, triton.cdiv(n, block_m) * bsz * heads), (True, num_kb * bsz * heads)):
+        _bwd_kernel[(grid,)](
+            q, k, v, o, do, dq, dk, dv, lse, delta,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            t.kv_num_blocks, t.kv_num_full, t.kv_indices, t.kv_indices.stride(0), t.q_num_blocks, t.q_num_full,
+            t.q_indices, t.q_indices.stride(0), t.q_bits, t.k_seg, _dummy(coords, t.k_seg), _dummy(elem_bits, t.k_seg),
+            0 if elem_bits is None else elem_bits.stride(0),
+            n, heads, num_kb, sm_scale, sm_scale * _LOG2E, rt, rh, rw,
+            BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, HAS_WINDOW=coords is not None,
+            HAS_EBITS=elem_bits is not None, DOT_PREC=_dot_precision(q.dtype), DKDV=dkdv,
+            num_warps=_warps(d, block_m, block_n), num_stages=_stages(q.dtype, d))
     return dq, dk, dv
 
 

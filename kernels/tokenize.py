@@ -15,20 +15,23 @@ tubelets' pixels straight from that memory.
 Kernels (blocks never span scales; a block's scale and geometry come from its program id):
   ``_tokenize_fwd``     grid = token blocks of all scales (64 tokens on GPU) x batch: gather,
                         LN(patch) in fp32, tl.dot with the projection, LN(D), + pos, store in the
-                        final row; the first block also writes the cls row.
-  ``_tokenize_bwd_tok`` grid = token blocks (32) x batch slices: recomputes the forward, writes dL/dz
-                        (z = pre-LN(D) activations) and the patch LN stats, and per-program partials
-                        of the D-sized gradients (norm_out, proj bias, pos, cls) over its slice.
+                        final row; the first block also writes the cls row. When a backward can
+                        follow (SAVE) it also stores z (= pre-LN(D) activations, in the GEMM's
+                        dtype) and the patch LN stats, so the backward recomputes nothing.
+  ``_tokenize_bwd_tok`` grid = token blocks (32) x batch slices: from the saved z, writes dL/dz and
+                        per-program partials of the D-sized gradients (norm_out, proj bias, pos,
+                        cls) over its slice (no gather, no GEMM).
   ``_tokenize_bwd_w``   grid = patch-dim chunks x row splits x scales: dW = dz^T @ LN(patch) and the
                         norm_in gradients, each program a deterministic partial; torch sums them.
 The gradient with respect to the video is NOT computed (video is data, not a parameter).
 Precision: LayerNorm statistics and accumulation in fp32 always; the GEMMs in the autocast dtype
-when autocast is on, else in the parameters' dtype -- fp32 as IEEE FMA, except the backward's
-weight-gradient GEMMs, which use 3xTF32 (near-fp32 on tensor cores).
+when autocast is on, else in the parameters' dtype -- fp32 as 3xTF32 (near-fp32 on tensor cores;
+IEEE FMA dots ran on scalar FFMA at a twelfth of the rate).
 
 Internally the patch dimension is walked in the memory-friendly order (c, f, p1, p2) (p2 fastest,
-so a warp reads contiguous pixel rows); LayerNorm and the dot product do not care about the order,
-and parameters are addressed through the map back to the reference order.
+so a warp reads contiguous pixel rows); LayerNorm and the dot product do not care about the order:
+the host hands the kernels W and the patch-LayerNorm parameters permuted into it (``_internal_order``,
+so weight tiles load as contiguous rows, not 2-byte gathers) and permutes their gradients back.
 
 Supported: 1-4 scales, D <= 1024, T % pf == 0, H and W divisible by d and H/d, W/d by p.
 """
@@ -42,6 +45,7 @@ import triton.language as tl
 
 MAX_SCALES = 4
 MAX_DIM = 1024
+SMEM_BUDGET = 200 * 1024  # of sm_90's 227 KB a block may use, with room for the compiler's scratch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,8 +94,8 @@ def _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it,
 @triton.jit
 def _cols(kk, d, s_c, s_t, s_h, s_w, s_it,
           C: tl.constexpr, P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr):
-    """Per-column part of the offsets for internal patch columns ``kk`` (order c, f, p1, p2), and
-    each column's index in the reference order (p1, p2, f, c)."""
+    """Per-column part of the offsets for internal patch columns ``kk`` (order c, f, p1, p2): pixel
+    offset, frame-index offset, pixel column."""
     p2 = kk % P
     p1 = (kk // P) % P
     f = (kk // (P * P)) % PF
@@ -99,22 +103,36 @@ def _cols(kk, d, s_c, s_t, s_h, s_w, s_it,
     px = c * s_c + (p1 * d) * s_h + (p2 * d) * s_w  # dilation: a strided read, no resampled copy
     if not FRAME_STORE:
         px += f * s_t
-    return px, f * s_it, ((p1 * P + p2) * PF + f) * C + c, p2 * d
+    return px, f * s_it, p2 * d
 
 
 @triton.jit
-def _gather(src_ptr, idx_ptr, rpx, rix, rw, cpx, cix, cw, m, n_store, W, s_b, s_w, FRAME_STORE: tl.constexpr):
-    """Pixels [BM, BK] as fp32. Frame-store entries: i reads frame i, ~i (= -1-i) frame i
-    mirrored along W (a training flip, so no flipped copy of the store is needed); the frame is
-    clamped into [0, n_store - 1]."""
-    off = rpx[:, None] + cpx[None, :]
+def _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, m, k0, n_store, W, s_b, s_w, s_it,
+            P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr, ROW_FRAME: tl.constexpr):
+    """Pixels [BM, BK] as fp32 of the chunk of patch columns starting at ``k0``. Frame-store
+    entries: i reads frame i, ~i (= -1-i) frame i mirrored along W (a training flip, so no flipped
+    copy of the store is needed); the frame is clamped into [0, n_store - 1]. ROW_FRAME: the chunk
+    lies within one (channel, frame) of the tubelet (BK divides p*p), so each row's frame index is
+    loaded, decoded and made a 64-bit offset once per row, not per pixel."""
     if FRAME_STORE:
-        fid = tl.load(idx_ptr + rix[:, None] + cix[None, :], mask=m, other=0).to(tl.int64)
-        flip = fid < 0
-        fid = tl.where(flip, -1 - fid, fid)
-        off += tl.minimum(fid, n_store - 1) * s_b
-        col = rw[:, None] + cw[None, :]
-        off += tl.where(flip, (W - 1 - 2 * col).to(tl.int64) * s_w, 0)  # column w -> W-1-w
+        if ROW_FRAME:
+            f = (k0 // (P * P)) % PF
+            fid = tl.load(idx_ptr + rix + f * s_it, mask=rm, other=0).to(tl.int64)  # [BM]
+            flip = fid < 0
+            fid = tl.where(flip, -1 - fid, fid)
+            roff = rpx + tl.minimum(fid, n_store - 1) * s_b
+            col = rw[:, None] + cw[None, :]
+            # within one frame the column part fits int32: column w -> W-1-w on mirrored rows
+            off = roff[:, None] + (cpx[None, :] + tl.where(flip[:, None], (W - 1 - 2 * col) * s_w, 0))
+        else:
+            fid = tl.load(idx_ptr + rix[:, None] + cix[None, :], mask=m, other=0).to(tl.int64)
+            flip = fid < 0
+            fid = tl.where(flip, -1 - fid, fid)
+            off = rpx[:, None] + cpx[None, :] + tl.minimum(fid, n_store - 1) * s_b
+            col = rw[:, None] + cw[None, :]
+            off += tl.where(flip, (W - 1 - 2 * col).to(tl.int64) * s_w, 0)  # column w -> W-1-w
+    else:
+        off = rpx[:, None] + cpx[None, :]
     return tl.load(src_ptr + off, mask=m, other=0).to(tl.float32)
 
 
@@ -132,9 +150,9 @@ def _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         km = kk < K
-        cpx, cix, _, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
-        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, cpx, cix, cw, rm[:, None] & km[None, :], n_store, W, s_b, s_w,
-                    FRAME_STORE)
+        cpx, cix, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
+        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, rm[:, None] & km[None, :], k0, n_store, W, s_b,
+                    s_w, s_it, P, PF, FRAME_STORE, (P * P) % BK == 0)
         na = k0 * 1.0
         nb = tl.minimum(K - k0, BK) * 1.0
         cm = tl.sum(x, axis=1) / nb
@@ -150,16 +168,16 @@ def _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         km = kk < K
-        cpx, cix, ko, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
-        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, cpx, cix, cw, rm[:, None] & km[None, :], n_store, W, s_b, s_w,
-                    FRAME_STORE)
-        g = tl.load(win_ptr + s * K + ko, mask=km, other=0.0).to(tl.float32)
-        be = tl.load(bin_ptr + s * K + ko, mask=km, other=0.0).to(tl.float32)
+        cpx, cix, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
+        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, rm[:, None] & km[None, :], k0, n_store, W, s_b,
+                    s_w, s_it, P, PF, FRAME_STORE, (P * P) % BK == 0)
+        g = tl.load(win_ptr + s * K + kk, mask=km, other=0.0).to(tl.float32)
+        be = tl.load(bin_ptr + s * K + kk, mask=km, other=0.0).to(tl.float32)
         xn = (x - mean[:, None]) * rstd[:, None] * g[None, :] + be[None, :]
-        wt = tl.load(w_ptr + s * D * K + nn[None, :] * K + ko[:, None],
+        wt = tl.load(w_ptr + s * D * K + nn[None, :] * K + kk[:, None],
                      mask=km[:, None] & nm[None, :], other=0.0)  # W^T chunk [BK, BD]
-        if CDT == tl.float32:  # fp32 parity with the reference: no TF32
-            acc = tl.dot(xn, wt.to(tl.float32), acc, input_precision="ieee")
+        if CDT == tl.float32:  # near-fp32 on tensor cores (3xTF32); "ieee" was scalar FFMA
+            acc = tl.dot(xn, wt.to(tl.float32), acc, input_precision="tf32x3")
         else:
             acc = tl.dot(xn.to(CDT), wt.to(CDT), acc)
     bp = tl.load(bp_ptr + s * D + nn, mask=nm, other=0.0).to(tl.float32)
@@ -175,12 +193,13 @@ def _ln_d(z, nm, D, eps):
 
 
 @triton.jit
-def _tokenize_fwd(src_ptr, idx_ptr, out_ptr, cls_ptr, pos_ptr,
+def _tokenize_fwd(src_ptr, idx_ptr, out_ptr, cls_ptr, pos_ptr, z_ptr, mean_ptr, rstd_ptr,
                   win_ptr, bin_ptr, w_ptr, bp_ptr, wout_ptr, bout_ptr,
                   H, W, TG, D, N_OUT, n_store, d0, d1, d2, d3, eps,
                   s_b, s_c, s_t, s_h, s_w, s_ib, s_it,
                   C: tl.constexpr, P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr,
-                  BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr):
+                  BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr,
+                  SAVE: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1)
     s, blk0, d, gh, gw, n_tok, row0 = _scale(pid, H, W, TG, d0, d1, d2, d3, P, BM, True)
@@ -188,16 +207,22 @@ def _tokenize_fwd(src_ptr, idx_ptr, out_ptr, cls_ptr, pos_ptr,
     rm = tok < n_tok
     bb = tl.zeros([BM], dtype=tl.int64) + b
     rpx, rix, rw = _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
-    z, _, _ = _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c, s_t, s_h, s_w, s_it,
-                               win_ptr, bin_ptr, w_ptr, bp_ptr, s, eps, D,
-                               C, P, PF, FRAME_STORE, BM, BK, BD, CDT)
+    z, mu, rs = _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c, s_t, s_h, s_w, s_it,
+                                 win_ptr, bin_ptr, w_ptr, bp_ptr, s, eps, D,
+                                 C, P, PF, FRAME_STORE, BM, BK, BD, CDT)
     nn = tl.arange(0, BD)
     nm = nn < D
+    rows = row0 + tok
+    m = rm[:, None] & nm[None, :]
+    z = z.to(CDT).to(tl.float32)  # the GEMM's output dtype, as the reference's Linear under autocast
+    if SAVE:  # for the backward, which so needs no recompute: z and the patch LN stats
+        r = bb * (N_OUT - 1) + (rows - 1)  # row among all non-cls tokens
+        tl.store(z_ptr + r[:, None] * D + nn[None, :], z.to(z_ptr.dtype.element_ty), mask=m)
+        tl.store(mean_ptr + r, mu, mask=rm)
+        tl.store(rstd_ptr + r, rs, mask=rm)
     zh, _ = _ln_d(z, nm, D, eps)
     go = tl.load(wout_ptr + s * D + nn, mask=nm, other=0.0).to(tl.float32)
     bo = tl.load(bout_ptr + s * D + nn, mask=nm, other=0.0).to(tl.float32)
-    rows = row0 + tok
-    m = rm[:, None] & nm[None, :]
     pos = tl.load(pos_ptr + rows[:, None] * D + nn[None, :], mask=m, other=0.0).to(tl.float32)
     y = zh * go[None, :] + bo[None, :] + pos
     out_base = out_ptr + b.to(tl.int64) * N_OUT * D
@@ -209,13 +234,9 @@ def _tokenize_fwd(src_ptr, idx_ptr, out_ptr, cls_ptr, pos_ptr,
 
 
 @triton.jit
-def _tokenize_bwd_tok(src_ptr, idx_ptr, gout_ptr, dz_ptr, mean_ptr, rstd_ptr,
-                      part_d_ptr, part_pos_ptr,
-                      win_ptr, bin_ptr, w_ptr, bp_ptr, wout_ptr,
-                      B, B_CHUNK, NBLK, H, W, TG, D, N_OUT, n_store, d0, d1, d2, d3, eps,
-                      s_b, s_c, s_t, s_h, s_w, s_ib, s_it,
-                      C: tl.constexpr, P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr,
-                      BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr):
+def _tokenize_bwd_tok(z_ptr, gout_ptr, dz_ptr, part_d_ptr, part_pos_ptr, wout_ptr,
+                      B, B_CHUNK, NBLK, H, W, TG, D, N_OUT, d0, d1, d2, d3, eps,
+                      P: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
     pid = tl.program_id(0)
     pb = tl.program_id(1)
     s, blk0, d, gh, gw, n_tok, row0 = _scale(pid, H, W, TG, d0, d1, d2, d3, P, BM, True)
@@ -237,11 +258,8 @@ def _tokenize_bwd_tok(src_ptr, idx_ptr, gout_ptr, dz_ptr, mean_ptr, rstd_ptr,
     for b in range(b_lo, b_hi):
         # the batch index as an int64 vector (the loop variable is a plain int in the interpreter)
         bb = tl.zeros([BM], dtype=tl.int64) + b
-        rpx, rix, rw = _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
-        z, mu, rs = _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c, s_t, s_h, s_w,
-                                     s_it,
-                                     win_ptr, bin_ptr, w_ptr, bp_ptr, s, eps, D,
-                                     C, P, PF, FRAME_STORE, BM, BK, BD, CDT)
+        r = bb * (N_OUT - 1) + (rows - 1)  # row among all non-cls tokens
+        z = tl.load(z_ptr + r[:, None] * D + nn[None, :], mask=m, other=0.0).to(tl.float32)
         zh, zr = _ln_d(z, nm, D, eps)
         g = tl.load(gout_ptr + (bb * N_OUT + rows)[:, None] * D + nn[None, :], mask=m, other=0.0).to(tl.float32)
         acc_pos += g
@@ -252,10 +270,7 @@ def _tokenize_bwd_tok(src_ptr, idx_ptr, gout_ptr, dz_ptr, mean_ptr, rstd_ptr,
         c2 = tl.sum(dzh * zh, axis=1) / D
         dz = tl.where(nm[None, :], zr[:, None] * (dzh - c1[:, None] - zh * c2[:, None]), 0.0)
         acc_bp += tl.sum(dz, axis=0)
-        r = bb * (N_OUT - 1) + (rows - 1)  # row among all non-cls tokens
         tl.store(dz_ptr + r[:, None] * D + nn[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
-        tl.store(mean_ptr + r, mu, mask=rm)
-        tl.store(rstd_ptr + r, rs, mask=rm)
         if pid == 0:
             acc_cls += tl.load(gout_ptr + (tl.zeros([BD], dtype=tl.int64) + b) * N_OUT * D + nn,
                                mask=nm, other=0.0).to(tl.float32)
@@ -285,12 +300,12 @@ def _tokenize_bwd_w(src_ptr, idx_ptr, dz_ptr, mean_ptr, rstd_ptr, part_w_ptr, pa
     s, _, d, gh, gw, n_tok, row0 = _scale(tl.program_id(2), H, W, TG, d0, d1, d2, d3, P, BM, False)
     kk = pk * BK + tl.arange(0, BK)
     km = kk < K
-    cpx, cix, ko, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
+    cpx, cix, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
     nn = tl.arange(0, BD)
     nm = nn < D
-    g = tl.load(win_ptr + s * K + ko, mask=km, other=0.0).to(tl.float32)
-    be = tl.load(bin_ptr + s * K + ko, mask=km, other=0.0).to(tl.float32)
-    wc = tl.load(w_ptr + s * D * K + nn[:, None] * K + ko[None, :],
+    g = tl.load(win_ptr + s * K + kk, mask=km, other=0.0).to(tl.float32)
+    be = tl.load(bin_ptr + s * K + kk, mask=km, other=0.0).to(tl.float32)
+    wc = tl.load(w_ptr + s * D * K + nn[:, None] * K + kk[None, :],
                  mask=nm[:, None] & km[None, :], other=0.0).to(CDT)  # W chunk [BD, BK]
     acc_w = tl.zeros([BD, BK], dtype=tl.float32)
     acc_g = tl.zeros([BK], dtype=tl.float32)
@@ -306,8 +321,8 @@ def _tokenize_bwd_w(src_ptr, idx_ptr, dz_ptr, mean_ptr, rstd_ptr, part_w_ptr, pa
         bb = (r // n_tok).to(tl.int64)
         tok = r % n_tok
         rpx, rix, rw = _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
-        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, cpx, cix, cw, rm[:, None] & km[None, :], n_store, W, s_b, s_w,
-                    FRAME_STORE)
+        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, rm[:, None] & km[None, :], pk * BK, n_store, W,
+                    s_b, s_w, s_it, P, PF, FRAME_STORE, (P * P) % BK == 0)
         rr = bb * (N_OUT - 1) + (row0 - 1 + tok)
         mu = tl.load(mean_ptr + rr, mask=rm, other=0.0)
         rs = tl.load(rstd_ptr + rr, mask=rm, other=0.0)
@@ -325,9 +340,9 @@ def _tokenize_bwd_w(src_ptr, idx_ptr, dz_ptr, mean_ptr, rstd_ptr, part_w_ptr, pa
         acc_g += tl.sum(dxn * xh, axis=0)
         acc_b += tl.sum(dxn, axis=0)
     pw = part_w_ptr + (s * n_split + sp).to(tl.int64) * D * K
-    tl.store(pw + nn[:, None] * K + ko[None, :], acc_w, mask=nm[:, None] & km[None, :])
+    tl.store(pw + nn[:, None] * K + kk[None, :], acc_w, mask=nm[:, None] & km[None, :])
     # part_k: [2, S, n_split, K] -> norm_in weight, norm_in bias
-    pk_base = part_k_ptr + (s * n_split + sp) * K + ko
+    pk_base = part_k_ptr + (s * n_split + sp) * K + kk
     tl.store(pk_base, acc_g, mask=km)
     tl.store(pk_base + tl.num_programs(2) * n_split * K, acc_b, mask=km)
 
@@ -339,25 +354,53 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _TL = {"float32": tl.float32, "float16": tl.float16, "bfloat16": tl.bfloat16}
 
 
-def _num_sms(device: torch.device) -> int:
+def _gpu_sms(device: torch.device) -> Optional[int]:
+    """SMs of the GPU the kernels compile for, None under the CPU interpreter: the one place host
+    code asks which it is (tools/kernel_report.py swaps it to plan sm_90 launches on a CPU)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    return None
 
 
 def _blocks(D: int, K: int, device: torch.device, backward: bool = False) -> tuple[int, int, int, int]:
-    """(BM, BK, BD, num_warps): every tl.dot dim >= 16; tiles sized so the fp32 accumulators fit
-    (checked with ptxas -v for sm_90 at D=96: no spills forward, a few hundred bytes backward).
-    Forward takes 64 tokens per program where it fits: each program streams all of W from L2.
+    """(BM, BK, BD, num_warps): every tl.dot dim >= 16; tiles sized so the fp32 accumulators fit.
+    D <= 128 (the model's 96), read off tools/kernel_report.py for sm_90: forward 64 tokens x 16
+    patch columns on 4 warps (222 registers, no spills, 2 blocks/SM, wgmma: 64 rows is one
+    warpgroup's wgmma; 8 warps took 233 registers, 1 block/SM); bwd_w 64 rows x 32 columns on 4
+    warps (211 registers, 2 blocks/SM, both GEMMs wgmma; 16 rows ran dz @ W on mma.sync).
+    Wider D keeps the earlier tiles.
     The CPU interpreter costs per op, not per element, so there the blocks are as large as
     sensible (the masks are the same code either way; the GPU blocks have their own test)."""
     BD = max(16, triton.next_power_of_2(D))
-    if device.type != "cuda":
+    if device.type != "cuda" and _gpu_sms(device) is None:
         return 64, max(16, min(128, triton.next_power_of_2(K))), BD, 4
+    if BD <= 128:
+        return (64, max(16, min(32, triton.next_power_of_2(K))), BD, 4) if backward else (64, 16, BD, 4)
     BK = max(16, min(64, triton.next_power_of_2(K), 8192 // BD))
     if backward:
         return (32 if BD <= 256 else 16), BK, BD, (8 if BD <= 256 else 16)
-    return (64 if BD <= 128 else 32 if BD <= 256 else 16), BK, BD, 8
+    return (32 if BD <= 256 else 16), BK, BD, 8
+
+
+_ORDERS: dict = {}
+
+
+def _internal_order(C: int, P: int, PF: int, device: torch.device) -> torch.Tensor:
+    """[K] int64: the reference patch index (p1, p2, f, c) of each internal column (c, f, p1, p2);
+    ``param[..., order]`` puts a parameter in kernel order, ``grad_ref[..., order] = grad`` back."""
+    key = (C, P, PF, str(device))
+    if key not in _ORDERS:
+        c, f, p1, p2 = torch.meshgrid(torch.arange(C), torch.arange(PF), torch.arange(P), torch.arange(P), indexing="ij")
+        _ORDERS[key] = (((p1 * P + p2) * PF + f) * C + c).reshape(-1).to(device)
+    return _ORDERS[key]
+
+
+def _bwd_w_stages(BM: int, BK: int, BD: int, elem: int) -> int:
+    """Software-pipelining depth of ``_tokenize_bwd_w`` that fits sm_90's 227 KB of shared memory:
+    each stage buffers the dz tile twice ([BM, BD] and its transpose), the W chunk once (ptxas
+    -v: fp32 at D = 1024 takes 131 KB a stage, so 3 stages asked for 395 KB and could not launch)."""
+    per_stage = 2 * BM * BD * elem
+    return max(1, min(3, (SMEM_BUDGET - BD * BK * elem) // per_stage))
 
 
 def _geometry(T: int, H: int, W: int, p: int, pf: int, dilations: Sequence[int]) -> list[int]:
@@ -400,7 +443,9 @@ def _check_device(t: torch.Tensor) -> None:
 
 
 def _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
-              patch_size, frame_patch_size, dilations, eps, compute_dtype, out_dtype):
+              patch_size, frame_patch_size, dilations, eps, compute_dtype, out_dtype, save=False):
+    """-> (out [B, n_out, D], z [B * (n_out - 1), D], patch LN mean, rstd [B * (n_out - 1)]); the
+    last three are empty unless ``save`` (the backward's inputs)."""
     _check_device(video)
     p, pf = patch_size, frame_patch_size
     B, C, T, H, W, n_store, strides = _src_args(video, frame_index)
@@ -408,19 +453,25 @@ def _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
     D, K = w.shape[1], w.shape[2]
     BM, BK, BD, nw = _blocks(D, K, video.device)
     n_out = 1 + sum(n)
-    w = w.to(_DTYPES[compute_dtype])  # once here, not per program: halves W's L2 traffic in 16-bit
+    order = _internal_order(C, p, pf, video.device)
+    # once here, not per program: halves W's L2 traffic in 16-bit, and rows load contiguously
+    w, w_in, b_in = w[..., order].to(_DTYPES[compute_dtype]), w_in[:, order], b_in[:, order]
     out = torch.empty(B, n_out, D, device=video.device, dtype=_DTYPES[out_dtype])
+    rows = B * (n_out - 1) if save else 0
+    z = torch.empty(rows, D, device=video.device, dtype=_DTYPES[compute_dtype])
+    mean = torch.empty(rows, device=video.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
     nblk = sum(triton.cdiv(x, BM) for x in n)
     idx = frame_index if frame_index is not None else video
     _tokenize_fwd[(nblk, B)](
-        video, idx, out, cls, pos, w_in, b_in, w, bp, w_out, b_out,
+        video, idx, out, cls, pos, z, mean, rstd, w_in, b_in, w, bp, w_out, b_out,
         H, W, T // pf, D, n_out, n_store, *_pad4(dilations), eps, *strides,
         C=C, P=p, PF=pf, FRAME_STORE=frame_index is not None,
-        BM=BM, BK=BK, BD=BD, CDT=_TL[compute_dtype], num_warps=nw)
-    return out
+        BM=BM, BK=BK, BD=BD, CDT=_TL[compute_dtype], SAVE=save, num_warps=nw)
+    return out, z, mean, rstd
 
 
-def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
+def _bwd_impl(grad, video, frame_index, z, mean, rstd, cls, pos, w_in, b_in, w, bp, w_out, b_out,
               patch_size, frame_patch_size, dilations, eps, compute_dtype):
     _check_device(video)
     p, pf = patch_size, frame_patch_size
@@ -429,38 +480,45 @@ def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_ou
     S = len(dilations)
     D, K = w.shape[1], w.shape[2]
     BM, BK, BD, nw = _blocks(D, K, video.device, backward=True)
+    if compute_dtype == "float32" and BD <= 128 and _gpu_sms(video.device):
+        BM = 16  # 3xTF32 stages each operand split in two: 64 rows spilled 2 KB (report), 16 none
     n_out = 1 + sum(n)
     dev = video.device
     grad = grad.contiguous()
-    nblk_s = [triton.cdiv(x, BM) for x in n]
+    sms = _gpu_sms(dev)
+    # bwd_tok has no GEMM (it reads the saved z): its own token blocks, 32 rows on the GPU
+    BT = 32 if sms else BM
+    nblk_s = [triton.cdiv(x, BT) for x in n]
     nblk = sum(nblk_s)
-    sms = _num_sms(dev)
-    # batch slices per token block: enough programs to fill the GPU; 2 on CPU to test the split
-    n_bs = min(B, triton.cdiv(4 * sms, nblk)) if dev.type == "cuda" else min(B, 2)
+    # batch slices per token block: at most one wave of 4 programs per SM (a second, partial wave
+    # would double the time); 2 on CPU to test the split
+    n_bs = min(B, max(1, 4 * sms // nblk)) if sms else min(B, 2)
     b_chunk = triton.cdiv(B, n_bs)
     n_bs = triton.cdiv(B, b_chunk)
-    w_c = w.to(_DTYPES[compute_dtype])
+    order = _internal_order(C, p, pf, dev)
+    w_c, w_in_k, b_in_k = w[..., order].to(_DTYPES[compute_dtype]), w_in[:, order], b_in[:, order]
     dz_dtype = _DTYPES[compute_dtype]
     dz = torch.empty(B * (n_out - 1), D, device=dev, dtype=dz_dtype)
-    mean = torch.empty(B * (n_out - 1), device=dev, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
     part_d = torch.empty(3, n_bs, nblk, D, device=dev, dtype=torch.float32)
     part_pos = torch.empty(n_bs, n_out, D, device=dev, dtype=torch.float32)
     idx = frame_index if frame_index is not None else video
     meta = dict(C=C, P=p, PF=pf, FRAME_STORE=frame_index is not None, BM=BM, BK=BK, BD=BD,
                 CDT=_TL[compute_dtype], num_warps=nw)
     _tokenize_bwd_tok[(nblk, n_bs)](
-        video, idx, grad, dz, mean, rstd, part_d, part_pos, w_in, b_in, w_c, bp, w_out,
-        B, b_chunk, nblk, H, W, T // pf, D, n_out, n_store, *_pad4(dilations), eps, *strides, **meta)
+        z, grad, dz, part_d, part_pos, w_out, B, b_chunk, nblk, H, W, T // pf, D, n_out, *_pad4(dilations), eps,
+        P=p, BM=BT, BD=BD, num_warps=nw)
     # patch-dim chunks x row splits x scales for the [D, K] weight gradient
     n_k = triton.cdiv(K, BK)
     max_rows = B * max(n)
-    n_split = min(triton.cdiv(max_rows, BM), triton.cdiv(4 * sms, n_k * S) if dev.type == "cuda" else 2)
+    # one full wave: these tiles hold 2 blocks/SM (tools/kernel_report.py); a partial second wave
+    # costs as much as the first
+    n_split = min(triton.cdiv(max_rows, BM), max(1, 2 * sms // (n_k * S)) if sms else 2)
     part_w = torch.empty(S, n_split, D, K, device=dev, dtype=torch.float32)
     part_k = torch.empty(2, S, n_split, K, device=dev, dtype=torch.float32)
     _tokenize_bwd_w[(n_k, n_split, S)](
-        video, idx, dz, mean, rstd, part_w, part_k, w_in, b_in, w_c,
-        B, H, W, T // pf, D, n_out, n_store, *_pad4(dilations), *strides, **meta)
+        video, idx, dz, mean, rstd, part_w, part_k, w_in_k, b_in_k, w_c,
+        B, H, W, T // pf, D, n_out, n_store, *_pad4(dilations), *strides, **meta,
+        num_stages=_bwd_w_stages(BM, BK, BD, dz.element_size()))
     # deterministic reductions of the partials
     d_sum = part_d.sum(1)  # [3, nblk, D]
     starts = [0]
@@ -468,10 +526,11 @@ def _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_ou
         starts.append(starts[-1] + x)
     d_scale = torch.stack([d_sum[:, a:e].sum(1) for a, e in zip(starts[:-1], starts[1:])], 1)  # [3, S, D]
     g_pos = part_pos.sum(0)
-    g_k = part_k.sum(2)
+    g_k, g_w = torch.empty_like(part_k[:, :, 0]), torch.empty_like(part_w[:, 0])  # back to reference order
+    g_k[..., order], g_w[..., order] = part_k.sum(2), part_w.sum(1)
     # custom-op outputs may not alias each other: copy the row/slice views out
     return (g_pos[0].to(cls.dtype, copy=True), g_pos.to(pos.dtype), g_k[0].to(w_in.dtype, copy=True),
-            g_k[1].to(b_in.dtype, copy=True), part_w.sum(1).to(w.dtype), d_scale[2].to(bp.dtype, copy=True),
+            g_k[1].to(b_in.dtype, copy=True), g_w.to(w.dtype), d_scale[2].to(bp.dtype, copy=True),
             d_scale[0].to(w_out.dtype, copy=True), d_scale[1].to(b_out.dtype, copy=True))
 
 
@@ -483,45 +542,55 @@ def _tokenize_op(video: torch.Tensor, frame_index: Optional[torch.Tensor], cls: 
                  pos: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w: torch.Tensor,
                  bp: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor, patch_size: int,
                  frame_patch_size: int, dilations: List[int], eps: float, compute_dtype: str,
-                 out_dtype: str) -> torch.Tensor:
+                 out_dtype: str, save: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
-                     patch_size, frame_patch_size, dilations, eps, compute_dtype, out_dtype)
+                     patch_size, frame_patch_size, dilations, eps, compute_dtype, out_dtype, save)
 
 
 @_tokenize_op.register_fake
 def _(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
-      patch_size, frame_patch_size, dilations, eps, compute_dtype, out_dtype):
+      patch_size, frame_patch_size, dilations, eps, compute_dtype, out_dtype, save):
     B = video.shape[0] if frame_index is None else frame_index.shape[0]
-    return video.new_empty(B, pos.shape[0], w.shape[1], dtype=_DTYPES[out_dtype])
+    n_out, D = pos.shape[0], w.shape[1]
+    rows = B * (n_out - 1) if save else 0
+    return (video.new_empty(B, n_out, D, dtype=_DTYPES[out_dtype]), video.new_empty(rows, D, dtype=_DTYPES[compute_dtype]),
+            video.new_empty(rows, dtype=torch.float32), video.new_empty(rows, dtype=torch.float32))
 
 
 @torch.library.custom_op("fmfast::multiscale_tokenize_backward", mutates_args=())
 def _tokenize_bwd_op(grad: torch.Tensor, video: torch.Tensor, frame_index: Optional[torch.Tensor],
+                     z: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                      cls: torch.Tensor, pos: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor,
                      w: torch.Tensor, bp: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor,
                      patch_size: int, frame_patch_size: int, dilations: List[int], eps: float,
                      compute_dtype: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                   torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
+    return _bwd_impl(grad, video, frame_index, z, mean, rstd, cls, pos, w_in, b_in, w, bp, w_out, b_out,
                      patch_size, frame_patch_size, dilations, eps, compute_dtype)
 
 
 @_tokenize_bwd_op.register_fake
-def _(grad, video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
+def _(grad, video, frame_index, z, mean, rstd, cls, pos, w_in, b_in, w, bp, w_out, b_out,
       patch_size, frame_patch_size, dilations, eps, compute_dtype):
     return tuple(torch.empty_like(t) for t in (cls, pos, w_in, b_in, w, bp, w_out, b_out))
 
 
 def _setup_context(ctx, inputs, output):
     (video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
-     patch_size, frame_patch_size, dilations, eps, compute_dtype, _) = inputs
-    ctx.save_for_backward(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out)
+     patch_size, frame_patch_size, dilations, eps, compute_dtype, _, save) = inputs
+    _, z, mean, rstd = output
+    ctx.mark_non_differentiable(z, mean, rstd)
+    ctx.save_for_backward(video, frame_index, z, mean, rstd, cls, pos, w_in, b_in, w, bp, w_out, b_out)
     ctx.args = (patch_size, frame_patch_size, dilations, eps, compute_dtype)
+    ctx.saved = save
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, *_):
+    if not ctx.saved:
+        raise RuntimeError("multiscale_tokenize: called without grad mode or parameters needing grad, "
+                           "so the forward saved nothing for a backward")
     grads = _tokenize_bwd_op(grad, *ctx.saved_tensors, *ctx.args)
-    return (None, None, *grads, None, None, None, None, None, None)
+    return (None, None, *grads, None, None, None, None, None, None, None)
 
 
 _tokenize_op.register_autograd(_backward, setup_context=_setup_context)
@@ -601,10 +670,12 @@ def multiscale_tokenize(video: torch.Tensor, cls_token: torch.Tensor, scales: Se
     inv = {v: k for k, v in _DTYPES.items()}
     w_in, b_in, w, bp, w_out, b_out, pos = zip(*scales)
     # one tensor per parameter kind, all scales stacked (pos: rows in output order)
-    return _tokenize_op(
-        video, frame_index, cls_token.reshape(D), torch.cat([x.reshape(-1, D) for x in pos]),
-        torch.stack(w_in), torch.stack(b_in), torch.stack(w), torch.stack(bp), torch.stack(w_out),
-        torch.stack(b_out), patch_size, frame_patch_size, dilations, eps, inv[cdt], inv[odt])
+    params = (cls_token.reshape(D), torch.cat([x.reshape(-1, D) for x in pos]), torch.stack(w_in), torch.stack(b_in),
+              torch.stack(w), torch.stack(bp), torch.stack(w_out), torch.stack(b_out))
+    # z and the LN stats are saved only when a backward can follow
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+    return _tokenize_op(video, frame_index, *params, patch_size, frame_patch_size, dilations, eps, inv[cdt], inv[odt],
+                        save)[0]
 
 
 def multiscale_tokenize_ref(video: torch.Tensor, cls_token: torch.Tensor, scales: Sequence[Sequence[torch.Tensor]], *,

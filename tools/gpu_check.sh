@@ -80,6 +80,12 @@ stage bench_model 110 "$PY" -m pytest -q -p no:cacheprovider --continue-on-colle
 stage bench_rest 240 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -s -rs --benchmark-only \
     --benchmark-json="$OUT/bench_rest.json" --ignore=bench/test_bench_train.py --ignore=bench/test_bench_model.py bench
 
+# The cost model's predictions for the same cases (compiles for sm_90, runs nothing on the GPU),
+# printed beside the measurements in results.md; if the budget is spent the committed
+# bench/cost_model.json stands in.
+stage cost_model 90 "$PY" tools/kernel_report.py --dtypes bfloat16 --json "$OUT/kernel_report.json" \
+    --components "$OUT/cost_model.json" --markdown "$OUT/kernel_report.md"
+
 stage results 20 "$PY" tools/gpu_results.py "$OUT"
 log "done in $(elapsed)s; table: $OUT/results.md"
 awk '$2 != 0 { bad = 1 } END { exit bad }' "$OUT/stages.txt"

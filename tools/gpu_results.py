@@ -72,7 +72,49 @@ def benches(out: Path) -> list[dict]:
     return cases
 
 
-def markdown(env: str, st: list[dict], tt: dict, cases: list[dict], logs: dict[str, str]) -> str:
+# bench case title prefix -> (cost-model component, its key for ours): the model's predictions
+# (tools/kernel_report.py --components) printed beside what the GPU measured, to correct the model
+MODEL_MATCH = {"paper tokenizer fwd+bwd from a frame store": ("tokenizer_us", "ours"),
+               "paper stage fwd+bwd: B=256": ("attention_layer_us", "ours"),  # self + cross launches
+               "training step": ("step_us", "ours")}
+
+
+def cost_model(out: Path) -> dict | None:
+    """The cost model's components: this run's (gpu_check's cost_model stage), else the ones
+    committed in bench/cost_model.json."""
+    for f in (out / "cost_model.json", Path(__file__).resolve().parents[1] / "bench" / "cost_model.json"):
+        if f.is_file():
+            try:
+                return json.loads(f.read_text()) | {"source": str(f)}
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def model_vs_measured(model: dict | None, cases: list[dict]) -> list[str]:
+    if not model:
+        return ["", "## Cost model vs measured", "", "No cost-model prediction found (tools/kernel_report.py)."]
+    out = ["", "## Cost model vs measured", "", f"Predictions: `{model['source']}` (B=256, bf16, H200 ceilings).", "",
+           "| bench case | ours measured ms | ours predicted ms | measured / predicted |", "|---|---:|---:|---:|"]
+    for case in cases:
+        for prefix, (part, key) in MODEL_MATCH.items():
+            if case["title"].startswith(prefix) and case["ms"]:
+                ours = next(iter(case["ms"].values()))
+                pred = model.get(part, {}).get(key, float("nan")) / 1e3
+                out.append(f"| {case['title']} | {ours:.3f} | {pred:.3f} | {ours / pred:.2f} |")
+    out += ["", "| component (model) | ours ms | peers ms |", "|---|---:|---|"]
+    for part in ("tokenizer_us", "attention_layer_us", "layer_us", "step_us"):
+        d = dict(model.get(part, {}))
+        ours = d.pop("ours", float("nan"))
+        out.append(f"| {part[:-3].replace('_', ' ')} | {ours / 1e3:.3f} | "
+                   + ", ".join(f"{k} {v / 1e3:.3f}" for k, v in d.items()) + " |")
+    out += ["", "| target on the model | ratio |", "|---|---:|"]
+    out += [f"| {k} | {v:.2f}x |" for k, v in model.get("ratios", {}).items()]
+    return out
+
+
+def markdown(env: str, st: list[dict], tt: dict, cases: list[dict], logs: dict[str, str],
+             model: dict | None = None) -> str:
     out = [f"# fmfast GPU check -- {time.strftime('%Y-%m-%d %H:%M %Z')}", "", "```", env.strip(), "```", ""]
     out += ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
     out += [f"| {s['stage']} | {s['status']} | {s['seconds'] if s['seconds'] is not None else ''} |" for s in st]
@@ -96,6 +138,7 @@ def markdown(env: str, st: list[dict], tt: dict, cases: list[dict], logs: dict[s
                        f"{'' if rate is None else f'{rate:,.0f}'} |")
         for k, v in case["extra"].items():
             out.append(f"\n{k}: `{json.dumps(v)}`")
+    out += model_vs_measured(model, cases)
     if logs:
         out += ["", "## Printed tables (verbatim)", ""]
         for name, text in logs.items():
@@ -126,7 +169,7 @@ def main(argv: list[str]) -> int:
     logs = {p.name: _printed(p) for p in sorted(out.glob("bench_*.log"))}
     (out / "results.json").write_text(json.dumps({"environment": env, "stages": st, "gpu_tests": tt, "benchmarks": cases},
                                                  indent=2, default=str))
-    (out / "results.md").write_text(markdown(env, st, tt, cases, logs))
+    (out / "results.md").write_text(markdown(env, st, tt, cases, logs, cost_model(out)))
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}: {len(cases)} benchmark cases, "
           f"{sum(len(c['checks']) for c in cases)} targets")
     return 0

@@ -345,10 +345,10 @@ import fmfast.kernels.attention as ka
 FLOATS = ("qk_scale", "sm_scale")
 F32_PTRS = ("LSE", "DELTA")
 INT_PTRS = ("KV_NUM", "KV_FULL", "KV_IDX", "Q_NUM", "Q_FULL", "Q_IDX", "QBITS", "KSEG", "COORDS", "EBITS")
-# the paper's shape: 64 x 64 blocks, head_dim 32; bf16 (tf32 dots) and fp32 (ieee dots)
-for lo, prec in (("bf16", "tf32"), ("fp32", "ieee")):
-    for fn in (ka._fwd_kernel, ka._bwd_delta_kernel, ka._bwd_kernel):
-        meta = dict(BLOCK_M=64, BLOCK_N=64, HEAD_DIM=32, HAS_WINDOW=True, HAS_EBITS=True, DOT_PREC=prec)
+# the paper's shape: 64 x 64 blocks, head_dim 32; bf16 and fp32 (3xTF32 dots); both backward roles
+for lo, prec in (("bf16", "tf32"), ("fp32", "tf32x3")):
+    for fn, role in ((ka._fwd_kernel, None), (ka._bwd_kernel, True), (ka._bwd_kernel, False)):
+        meta = dict(BLOCK_M=64, BLOCK_N=64, HEAD_DIM=32, HAS_WINDOW=True, HAS_EBITS=True, DOT_PREC=prec, DKDV=role)
         sig, consts = {}, {}
         for a in fn.arg_names:
             if a in meta:

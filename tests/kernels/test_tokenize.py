@@ -248,14 +248,27 @@ def test_paper_shape_forward_backward():
     assert got.shape == (1, 401, 96)
 
 
-def test_gpu_block_sizes_under_the_interpreter(monkeypatch):
-    """The GPU's tiles (BM 64 forward, 32 backward, BK=64: ragged token blocks and two patch
-    chunks) in the interpreter, since the CPU path picks larger ones."""
+@pytest.mark.parametrize("source", ["clip", "store"])
+def test_gpu_block_sizes_under_the_interpreter(monkeypatch, source):
+    """The GPU's tiles (forward 64 tokens x 16 columns, backward 16 x 32: ragged token blocks,
+    several patch chunks) in the interpreter, since the CPU path picks larger ones. From a frame
+    store the forward's 16-column chunks lie within one (channel, frame) of the 4 x 4 x 2
+    tubelet, so it decodes each row's frame index once (ROW_FRAME); bwd_w's 32-column chunks
+    straddle two frames and decode per pixel: both paths, with repeated, clamped and mirrored
+    entries."""
     gpu_blocks = tk._blocks
     cuda_dev = torch.device("cuda")
     monkeypatch.setattr(tk, "_blocks", lambda D, K, device, backward=False: gpu_blocks(D, K, cuda_dev, backward))
-    video = make_video((2, 3, 4, 16, 24), torch.uint8)
-    assert_matches_ref(video, 3, 4, 16, 24, 4, 2, 40, (1, 2))  # K = 96, 48 + 12 tokens
+    assert gpu_blocks(40, 96, cuda_dev)[1] == 16 and gpu_blocks(40, 96, cuda_dev, True)[1] == 32
+    if source == "clip":
+        video = make_video((2, 3, 4, 16, 24), torch.uint8)
+        assert_matches_ref(video, 3, 4, 16, 24, 4, 2, 40, (1, 2))  # K = 96, 48 + 12 tokens
+    else:
+        store = make_video((6, 3, 16, 24), torch.uint8, seed=4)
+        index = torch.tensor([[~0, ~0, 5, 9], [3, ~4, ~4, 1]])  # mirrored pairs, repeats, past N
+        got, _ = assert_matches_ref(store, 3, 4, 16, 24, 4, 2, 40, (1, 2), frame_index=index, B=2)
+        want, _ = assert_matches_ref(clips_by_hand(store, index), 3, 4, 16, 24, 4, 2, 40, (1, 2))
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_half_output_dtype():
@@ -290,7 +303,8 @@ def _tiny_op_args():
     params = [cls.reshape(D), torch.cat([x.reshape(-1, D) for x in pos])] + [
         torch.stack(x) for x in (w_in, b_in, w, bp, w_out, b_out)]
     params = [t.requires_grad_() for t in params]
-    return (make_video((2, C, T, H, W), torch.uint8), None, *params, p, pf, dil, 1e-5, "float32", "float32")
+    # save=True: the forward also returns z and the patch LN stats for the backward
+    return (make_video((2, C, T, H, W), torch.uint8), None, *params, p, pf, dil, 1e-5, "float32", "float32", True)
 
 
 def test_opcheck_custom_op():
@@ -408,7 +422,7 @@ for fn, store_mode, cdt in [(tk._tokenize_fwd, False, tl.float32), (tk._tokenize
                             (tk._tokenize_bwd_w, False, tl.float32)]:
     ints = dict(geo, **(store if store_mode else clip))
     BM, BK, BD, nw = tk._blocks(96, 384, torch.device("cuda"), backward=fn is not tk._tokenize_fwd)
-    meta = dict(C=3, P=8, PF=2, FRAME_STORE=store_mode, BM=BM, BK=BK, BD=BD, CDT=cdt)
+    meta = dict(C=3, P=8, PF=2, FRAME_STORE=store_mode, BM=BM, BK=BK, BD=BD, CDT=cdt, SAVE=True)
     sig, consts = {}, {}
     for a in fn.arg_names:
         if a in meta or ints.get(a) == 1:
@@ -416,7 +430,7 @@ for fn, store_mode, cdt in [(tk._tokenize_fwd, False, tl.float32), (tk._tokenize
         elif a.endswith("_ptr"):
             lo = "*bf16" if cdt == tl.bfloat16 else "*fp32"
             sig[a] = {"src_ptr": "*u8", "idx_ptr": "*i64" if store_mode else "*u8", "out_ptr": lo, "dz_ptr": lo,
-                      "w_ptr": lo}.get(a, "*fp32")
+                      "z_ptr": lo, "w_ptr": lo}.get(a, "*fp32")
         else:
             sig[a] = "fp32" if a == "eps" else "i32"
     k = compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
