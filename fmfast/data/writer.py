@@ -55,8 +55,8 @@ class MatAppender:
 
     def close(self) -> None:
         if self._f:
-            self._f.close()
-            self._f = None
+            f, self._f = self._f, None
+            f.close()
             with open(self.path, "r+b") as f:  # MATLAB recognises a v7.3 file by this header
                 f.write(mat_header(time.strftime("%a %b %d %H:%M:%S %Y")))
 
