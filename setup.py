@@ -17,14 +17,18 @@ setup(
         "einops",
         "h5py",
         "decord",
+        # av reads a video's container header in the probe (fmfast/data/probe.py): the frame
+        # count it declares is how a truncated recording is told from a short one (decord
+        # does not expose it) and how a lying header is refused before decord allocates for it
+        "av",
         "rich",
         "pyyaml",
         "matplotlib",
     ],
     entry_points={"console_scripts": ["fmfast = fmfast.cli:main"]},
     extras_require={
-        # av encodes the tests' videos and is the decoding peer in bench/; onnx + onnxruntime
+        # (av also encodes the tests' videos and is the decoding peer in bench/); onnx + onnxruntime
         # check ONNX exports against PyTorch
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "nvtx", "ruff", "av", "onnx", "onnxruntime"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "nvtx", "ruff", "onnx", "onnxruntime"],
     },
 )
