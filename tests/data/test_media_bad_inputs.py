@@ -109,3 +109,17 @@ def test_ingest_onto_a_full_or_read_only_disk(media, tmp_path, capfd, opts, says
         assert list(mnt.iterdir()) == []  # no staging folder, no half-written .mat
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_killed_ingest_leaves_no_staging_folder_behind_next_time(media, tmp_path):
+    import subprocess as sp
+    import sys
+
+    d, full, cur = media
+    dead = sp.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".root.ingest.{dead.pid}.abcd1234"
+    (stale / "videos").mkdir(parents=True)
+    (stale / "videos" / "half.mat").write_bytes(b"half")
+    assert ingest(full, cur, "--out", tmp_path / "root", "--start", stamp(0), "--size", "16") == 0
+    assert not stale.exists() and (tmp_path / "root" / "videos" / "full.mat").is_file()
