@@ -17,6 +17,10 @@ setup(
         "einops",
         "h5py",
         "decord",
+        # av reads a video's container header in the probe (fmfast/data/probe.py): the frame
+        # count it declares is how a truncated recording is told from a short one (decord
+        # does not expose it) and how a lying header is refused before decord allocates for it
+        "av",
         "rich",
         "pyyaml",
         "matplotlib",
@@ -25,10 +29,10 @@ setup(
     extras_require={
         # the CPU bench's peers: ONNX Runtime and OpenVINO run an ONNX export of the same weights
         "bench": ["onnx", "onnxruntime", "openvino"],
-        # av encodes the tests' videos and is the decoding peer in bench/; onnx + onnxruntime
-        # check ONNX exports against PyTorch; scikit-learn (and its scipy) is the oracle the
-        # anomaly-detection metrics are tested against
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "nvtx", "ruff", "av", "onnx", "onnxruntime", "scikit-learn"],
+        # (av, a runtime dependency, also encodes the tests' videos and is the decoding peer in
+        # bench/); onnx + onnxruntime check ONNX exports against PyTorch; scikit-learn (and its
+        # scipy) is the oracle the anomaly-detection metrics are tested against
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "nvtx", "ruff", "onnx", "onnxruntime", "scikit-learn"],
         # training runs also write TensorBoard event files (scalars, curves, confusion images)
         "tensorboard": ["tensorboard"],
     },

@@ -45,3 +45,8 @@ class OutputError(FmfastError, OSError):
 
 class TrainingError(FmfastError):
     """A training run that cannot go on (a loss or the weights became non-finite)."""
+
+
+class DataWarning(UserWarning):
+    """Input that was used, but not all of it (a truncated video kept in part): the command
+    line prints it as one ``warning: ...`` line."""

@@ -28,7 +28,8 @@ def output_error(path, e: OSError, what: str = "write") -> OutputError:
     return OutputError(f"{path}: cannot {what} ({reason})")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -76,7 +77,7 @@ def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
         return gone
     for p in folder.glob(".*.tmp"):
         parts = p.name.rsplit(".", 3)  # ['.NAME', 'PID', 'XXXX', 'tmp']
-        if len(parts) == 4 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+        if len(parts) == 4 and parts[1].isdigit() and not pid_alive(int(parts[1])):
             with contextlib.suppress(OSError):
                 p.unlink()
                 gone.append(p)
@@ -156,7 +157,7 @@ class FolderLock:
                     pid = int(self.path.read_text().strip() or 0)
                 except (OSError, ValueError):
                     pid = 0
-                if pid and pid != os.getpid() and _pid_alive(pid):
+                if pid and pid != os.getpid() and pid_alive(pid):
                     raise OutputError(f"{self.path.parent}: another {self.what} (process {pid}) is writing "
                                       f"to this folder; wait for it or choose another folder") from None
                 with contextlib.suppress(FileNotFoundError):

@@ -21,7 +21,7 @@ KERNELS = REPO / "kernels"
 MAX_LINES = 350
 # entry points: the only modules allowed to import fmfast.cli from outside it
 ENTRY_POINTS = {"fmfast.__main__", "fmfast.detect.__main__", "fmfast.train", "fmfast.evaluate", "fmfast.ingest",
-                "fmfast.export"}
+                "fmfast.export", "fmfast.check"}
 # room -> rooms it must not import
 FORBIDDEN = {
     "fmfast.data": ("fmfast.nn", "fmfast.models", "fmfast.engine", "fmfast.detect", "fmfast.cli"),

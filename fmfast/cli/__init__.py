@@ -1,4 +1,4 @@
-"""The ``fmfast`` command: ``fmfast train|evaluate|ingest|detect|export ...``.
+"""The ``fmfast`` command: ``fmfast train|evaluate|ingest|detect|export|check ...``.
 
 Each subcommand lives in its own module here (argument parsing, then one call into the library)
 and is also reachable as ``python -m fmfast.<command>``. Library errors (``fmfast.errors``) become
@@ -18,6 +18,7 @@ COMMANDS = {
     "ingest": "turn an own recording (video + current log) into the FMF V2 layout",
     "detect": "slide a trained model over a recording and raise alarms",
     "export": "export a trained model (ONNX, TorchScript, the reference code's state_dict)",
+    "check": "check a dataset or a recording and report every problem found",
 }
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
-from fmfast.errors import FmfastError
+from fmfast.errors import DataWarning, FmfastError
 
 
 def fail(msg: str) -> "NoReturn":  # noqa: F821
@@ -38,7 +39,18 @@ class Parser(argparse.ArgumentParser):
 def run_main(main, argv=None) -> int:
     """Run a command's ``main(argv)``; the library's errors become one line and exit code 2."""
     try:
-        return main(argv) or 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", DataWarning)
+            other = warnings.showwarning
+
+            def show(message, category, *args, **kwargs):  # input used in part: one line, no source
+                if issubclass(category, DataWarning):
+                    print(f"warning: {message}", file=sys.stderr)
+                else:
+                    other(message, category, *args, **kwargs)
+
+            warnings.showwarning = show
+            return main(argv) or 0
     except FmfastError as e:
         fail(str(e))
     except KeyboardInterrupt:

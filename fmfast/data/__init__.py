@@ -1,7 +1,10 @@
-"""Data, in the order it flows: files (``matfile``, ``v1``, ``v2``, ``csvfiles``, ``video``) ->
+"""Data, in the order it flows: files (``matfile``, ``v1``, ``v2``, ``csvfiles`` with ``stamps``,
+``video`` behind its child-process ``probe``) ->
 frame store and sample index (``corpus``, ``dataset.FMFDataset``) -> the one batch gather
 (``gather``; clip windows in ``window``). Also own recordings into the V2 layout (``ingest``,
-``writer``) and the synthetic furnace benchmark (``furnace``, ``synthetic``, ``cache``).
+``writer``), the synthetic furnace benchmark (``furnace``, ``synthetic``, ``cache``), and
+``check`` (every problem of a dataset or recording, for ``fmfast check``). Every reader
+validates what it reads: bad input is a DataError naming the file, the place and the problem.
 
 May import: ``fmfast.errors``, ``fmfast.files``, ``fmfast.progress``. Not nn/, models/,
 engine/, detect/ or cli/.

@@ -19,6 +19,7 @@ adds the recording to it.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmfast.errors import DataError, SettingsError
+from fmfast.errors import DataError, OutputError, SettingsError
+from fmfast.files import check_output, output_error
 from fmfast.progress import frame_progress, stderr_console
 from fmfast.data.csvfiles import (RATE, format_seconds, parse_time, read_current_csv, read_frame_times, resample,
                                write_current_csv, write_frame_times)
@@ -150,8 +152,6 @@ def ingest(video: str, current: str, out: str, start: str | None = None, timesta
            split: str = "test", num_frames: int = 10, stride: int = 1, current_seconds: int = 120,
            chunk: int = 64, overwrite: bool = False, allow_truncated: bool = False,
            decode_timeout: float = 60.0, console=None) -> IngestResult:
-    from fmfast.data.writer import MatAppender, Staging
-
     t_begin = time.perf_counter()
     size_wh = parse_size(size)
     if max_gap <= 0:
@@ -159,10 +159,41 @@ def ingest(video: str, current: str, out: str, start: str | None = None, timesta
     if split not in ("test", "train", "none"):
         raise SettingsError(f"split must be test, train or none, got {split!r}")
     name = name or Path(video).stem.replace(".", "_")
+    check_output(out, "folder")  # not a file/symlink/FIFO, and writable: before any decoding
     al = align(video, current, start, timestamps, max_gap, current_seconds, decode_timeout)
     n_all = len(al.reader)
     get_labels = load_labels(labels, n_all, size_wh) if labels else None
     console = console or stderr_console()
+    _check_space(Path(out), (al.stop - al.first) * 4 * size_wh[0] * size_wh[1])
+    try:
+        kept, first_second, n_rows = _write(al, out, name, overwrite, size_wh, chunk, allow_truncated, get_labels,
+                                            console, video, num_frames, stride, split)
+    except OSError as e:  # a full or read-only disk while writing: one line; Staging removed its folder
+        if isinstance(e, OutputError):
+            raise
+        raise output_error(Path(out), e) from None
+    return IngestResult(Path(out), name, kept, first_second, n_rows // RATE, n_all - kept,
+                        time.perf_counter() - t_begin)
+
+
+def _check_space(out: Path, frame_bytes: int) -> None:
+    """Refuse to start when the disk cannot hold the recording: HDF5 meeting a full disk
+    mid-write can take the process down (a segfault in its close), not just raise."""
+    folder = out
+    while not folder.exists():
+        folder = folder.parent
+    st = os.statvfs(folder)
+    free, need = st.f_bavail * st.f_frsize, frame_bytes + (1 << 20)  # + the CSVs and HDF5 metadata
+    if free < need:
+        raise OutputError(f"{out}: cannot write (no space left on the device: the recording needs about "
+                          f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB are free)")
+
+
+def _write(al, out, name, overwrite, size_wh, chunk, allow_truncated, get_labels, console, video, num_frames,
+           stride, split):
+    """Decode, resize and write the recording into a staging folder, then publish it."""
+    from fmfast.data.writer import MatAppender, Staging
+
     with Staging(out, name, overwrite) as st:
         mat = MatAppender(st.path("videos"), size_wh)
         try:
@@ -188,5 +219,4 @@ def ingest(video: str, current: str, out: str, start: str | None = None, timesta
         write_frame_times(st.path("timestamps"), times)
         eligible = list(range(num_frames * stride - 1, kept))
         st.publish(train=eligible if split == "train" else [], test=eligible if split == "test" else [])
-    return IngestResult(Path(out), name, kept, al.first_second, len(rows) // RATE, n_all - kept,
-                        time.perf_counter() - t_begin)
+    return kept, al.first_second, len(rows)

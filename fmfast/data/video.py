@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,9 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmfast.errors import DataError, DecodeError, SettingsError
+from fmfast.data.probe import _reason
+from fmfast.data.probe import probe as _probe
+from fmfast.errors import DataError, DataWarning, DecodeError, SettingsError
 
-_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+\.(cc|h):\d+: ")
 
 
 @contextlib.contextmanager
@@ -38,28 +40,6 @@ def _captured_fd2():
             os.close(saved)
             tmp.seek(0)
             out.append(tmp.read().decode(errors="replace"))
-
-
-_REASONS = (  # what decord/FFmpeg say -> what it means for the user
-    ("cannot find video stream", "no video stream in the file (zero frames)"),
-    ("End of file", "no frames before the end of the file"),
-    ("moov atom not found", "the container index is missing (file cut off while recording?)"),
-    ("Invalid data", "invalid data: not a container FFmpeg can read, or cut off"),
-    ("av_read_frame failed", "reading packets failed (file cut off?)"),
-    ("avcodec_send_packet", "the decoder rejected the stream data (corrupt or missing frame data)"),
-    ("Out of bound", "frames listed in the index are missing"),
-    ("No such file", "no such file"),
-)
-
-
-def _reason(exc: BaseException | None, log: str) -> str:
-    """A short reason from a decord exception and the captured log."""
-    text = str(exc or "") + "\n" + log
-    for key, meaning in _REASONS:
-        if key in text:
-            return meaning
-    lines = [_LOG_PREFIX.sub("", ln.strip()) for ln in text.splitlines() if ln.strip()]
-    return lines[0][:160] if lines else type(exc).__name__
 
 
 def _decord():
@@ -111,13 +91,16 @@ class VideoInfo:
 class VideoReader:
     """One opened video file."""
 
-    def __init__(self, path: str | os.PathLike, timeout: float = 60.0):
+    def __init__(self, path: str | os.PathLike, timeout: float = 60.0, probe: bool = True):
+        """``probe``: read the header and the first frame in a child process first
+        (``fmfast.data.probe``), so that a decoder crash on a lying header is an error here."""
         self.path = Path(path)
         self.timeout = timeout
         if not self.path.is_file():
             raise DataError(f"{self.path}: no such video file")
         if self.path.stat().st_size == 0:
             raise DataError(f"{self.path}: empty file (zero frames)")
+        self.declared = _probe(self.path, timeout).declared if probe else 0
         decord = _decord()
         err = None
         for ctx, device in _contexts():
@@ -178,6 +161,13 @@ class VideoReader:
         ``allow_truncated``, in which case decoding stops there.
         """
         n = len(self)
+        if self.declared > n + max(1, n // 200):  # the header's duration says more than the file holds
+            if not allow_truncated:
+                raise DataError(f"{self.path}: truncated video: the container header declares {self.declared} frames "
+                                f"but the file holds {n} (cut off while recording?); allow truncated videos "
+                                f"(--allow-truncated) to keep the first {n}")
+            warnings.warn(f"{self.path}: truncated video: kept the {n} frames in the file of the {self.declared} "
+                          f"its header declares", DataWarning, stacklevel=2)
         for s in range(0, n, chunk):
             idx = list(range(s, min(s + chunk, n)))
             try:
@@ -194,6 +184,9 @@ class VideoReader:
                     raise DataError(f"{self.path}: truncated or corrupt video: the container lists {n} frames "
                                     f"but decoding fails at frame {k} ({e.problem}); allow truncated videos to "
                                     f"keep the first {k}") from None
+                warnings.warn(f"{self.path}: truncated or corrupt video: kept the first {s + len(good)} of the {n} "
+                              f"frames its index lists (decoding fails at frame {s + len(good)})", DataWarning,
+                              stacklevel=2)
                 if good:
                     yield s, resize_frames(torch.cat(good), size_wh).cpu()
                 self.truncated_at = s + len(good)

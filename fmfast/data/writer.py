@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from fmfast.errors import DataError, SettingsError
-from fmfast.files import atomic_write
+from fmfast.files import atomic_write, pid_alive
 from fmfast.data.matfile import USERBLOCK, mat_header
 
 SUBDIRS = ("videos", "currents", "timestamps")
@@ -55,8 +55,8 @@ class MatAppender:
 
     def close(self) -> None:
         if self._f:
-            self._f.close()
-            self._f = None
+            f, self._f = self._f, None
+            f.close()
             with open(self.path, "r+b") as f:  # MATLAB recognises a v7.3 file by this header
                 f.write(mat_header(time.strftime("%a %b %d %H:%M:%S %Y")))
 
@@ -78,7 +78,11 @@ class Staging:
         self._new_root = not self.root.exists()
         parent = self.root.parent if self._new_root else self.root
         parent.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.root.name if self._new_root else name}.ingest.",
+        for old in parent.glob(".*.ingest.*"):  # staging folders of killed ingests: .NAME.ingest.PID.XXXX
+            pid = old.name.rsplit(".", 2)[-2]
+            if old.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.root.name if self._new_root else name}.ingest.{os.getpid()}.",
                                          dir=parent))
         for d in SUBDIRS:
             (self.dir / d).mkdir()

@@ -38,6 +38,7 @@ class FollowFeed:
         self.segments_done: set[str] = set()
         self._seen = None  # (size, settled) of the growing file at its last decode
         self._ino = None  # its inode: another one means it was replaced (rewritten, rotated)
+        self._probed: set = set()  # (path, inode) of the video files already probed
         self._ts = np.zeros(0)  # the last frame timestamps read whole
         self._last_t = None  # the time of the last frame handed out
         self.notes: list[str] = []  # what the follower had to work around, for the user
@@ -73,8 +74,10 @@ class FollowFeed:
     def _decode(self, path: Path, lo: int, quiet: bool, leave_last: bool = False):
         """Decode frames lo.. of ``path`` (but the last listed one if ``leave_last``: it may be
         half written) -> (frames, pts, fps, n listed), or None when ``quiet`` and unreadable."""
-        try:
-            r = VideoReader(path, timeout=self.timeout)
+        key = (path, path.stat().st_ino) if path.exists() else None
+        try:  # the header is probed once per file, not at every re-open of a growing one
+            r = VideoReader(path, timeout=self.timeout, probe=key not in self._probed)
+            self._probed.add(key)
         except DataError:
             if quiet:
                 return None

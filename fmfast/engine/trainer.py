@@ -212,6 +212,10 @@ class Trainer:
         return loss
 
     def fit(self) -> dict:
+        with dist.peer_errors(self.world, self.rank):  # a lost peer is one line, within the timeout
+            return self._fit()
+
+    def _fit(self) -> dict:
         t = self.s["train"]
         every = t["checkpoint_every"]
         self._log_start()

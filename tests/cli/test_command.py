@@ -11,7 +11,7 @@ import pytest
 import fmfast
 from fmfast.cli import COMMANDS, main
 
-SUBCOMMANDS = ["train", "evaluate", "ingest", "detect", "export"]
+SUBCOMMANDS = ["train", "evaluate", "ingest", "detect", "export", "check"]
 
 
 def run(*args, timeout=120):

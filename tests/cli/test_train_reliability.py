@@ -59,7 +59,7 @@ def test_non_finite_training_stops_naming_the_step_and_keeps_good_checkpoints(da
     if "optim.lr" in err[0]:  # refused as a setting before training (inf, nan): fine too
         assert not (out / "best.pt").exists()
         return
-    assert "training diverged" in err[0] and "at step" in err[0] or "after step" in err[0], err
+    assert "training diverged" in err[0] and ("at step" in err[0] or "after step" in err[0]), err
     for name in ("last.pt", "best.pt"):
         if (out / name).exists():  # whatever was written holds finite weights only
             w = torch.load(out / name, weights_only=True)["model"]

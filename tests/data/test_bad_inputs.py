@@ -127,12 +127,7 @@ def test_damaged_hdf5_is_a_data_error_or_reads(tiny_v2, tmp_path_factory, offset
 
 def test_damaged_hdf5_known_offsets(tiny_copy):
     """At least one flipped region must be detected (the corpus is not all silent passes)."""
-    import h5py
-
     mat = tiny_copy / "videos" / "a.mat"
-    with h5py.File(mat, "r") as f:
-        off = f["data"].id.get_offset()  # contiguous data: damage the object header instead
-    assert off is not None
     flip_bytes(mat, 512 + 96, 64)  # the root group's object header, right after the superblock
     with pytest.raises(DataError, match="a.mat"):
         tiny(tiny_copy, split="test")

@@ -185,7 +185,9 @@ def test_follow_stops_with_a_reason_when_frame_times_are_truncated(model, tmp_pa
     ts.write_text("time\n" + "".join(f"{stamp(i / 10, frac=True)}\n" for i in range(10)))
 
     def writer():
-        time.sleep(0.6)
+        deadline = time.time() + 60
+        while not (tmp_path / "out" / "windows.csv").exists() and time.time() < deadline:
+            time.sleep(0.05)  # the first segment's frames were placed by the first 10 times
         ts.write_text("time\n" + "".join(f"{stamp(i / 10, frac=True)}\n" for i in range(10, 20)))  # rotated
         write_video(segs / ".t.mp4", fr[10:20], fps=10)
         (segs / ".t.mp4").rename(segs / "seg_001.mp4")
@@ -194,7 +196,7 @@ def test_follow_stops_with_a_reason_when_frame_times_are_truncated(model, tmp_pa
     th.start()
     try:
         code = detect("--checkpoint", model, segs, cur, "--timestamps", ts, "--out", tmp_path / "out", "--hop", HOP,
-                      "--follow", "--poll", 0.05, "--settle", 0.3, "--follow-timeout", 1.5)
+                      "--follow", "--poll", 0.05, "--settle", 0.3, "--follow-timeout", 3)
     finally:
         th.join()
     err = capsys.readouterr().err.strip().splitlines()

@@ -88,3 +88,25 @@ def audio_only(path) -> Path:
         c.mux(p)
     c.close()
     return Path(path)
+
+
+def lying_avi(path, n_frames: int = 20, claims: int = 2_000_000_000) -> Path:
+    """An MPEG-4 AVI whose headers (avih dwTotalFrames, strh dwLength) claim ``claims`` frames."""
+    import struct
+
+    src = write_video(Path(path).with_suffix(".src.avi"), frames(n_frames), fps=10, codec="mpeg4")
+    b = bytearray(src.read_bytes())
+    i, j = b.find(b"avih"), b.find(b"strh")
+    assert i > 0 and j > 0, "expected an AVI with avih and strh chunks"
+    struct.pack_into("<I", b, i + 8 + 16, claims)  # MainAVIHeader.dwTotalFrames
+    struct.pack_into("<I", b, j + 8 + 32, claims)  # AVIStreamHeader.dwLength
+    Path(path).write_bytes(bytes(b))
+    src.unlink()
+    return Path(path)
+
+
+def cut_file(src: Path, dst: Path, fraction: float = 0.5) -> Path:
+    """The first ``fraction`` of a file's bytes (a recording cut off while being written)."""
+    data = Path(src).read_bytes()
+    Path(dst).write_bytes(data[: int(len(data) * fraction)])
+    return Path(dst)

@@ -1,0 +1,140 @@
+"""A video's header read and its first frame decoded in a child process, before the video is
+opened for decoding here: the decoders (FFmpeg through decord and PyAV) are native code that
+trusts the file, and a lying header (an AVI that claims 2e9 frames) makes decord abort with
+``std::bad_alloc`` -- in a child that is one error line naming the file and what the decoder
+said on stderr, not a dead process with nothing on the screen.
+
+``probe(path)`` -> ``Probe``: the frame count the container header declares (frames, or duration
+x rate; 0 when it says nothing), the frames decord indexes in the file, rate and size. A header
+that declares more frames than the file has bytes is refused before decord sees it. Run as
+a script (``python fmfast/data/probe.py FILE``) it prints the probe as one JSON line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+\.(cc|h):\d+: ")
+_REASONS = (  # what decord/FFmpeg say -> what it means for the user
+    ("cannot find video stream", "no video stream in the file (zero frames)"),
+    ("End of file", "no frames before the end of the file"),
+    ("moov atom not found", "the container index is missing (file cut off while recording?)"),
+    ("Invalid data", "invalid data: not a container FFmpeg can read, or cut off"),
+    ("av_read_frame failed", "reading packets failed (file cut off?)"),
+    ("avcodec_send_packet", "the decoder rejected the stream data (corrupt or missing frame data)"),
+    ("Out of bound", "frames listed in the index are missing"),
+    ("No such file", "no such file"),
+)
+
+
+def _reason(exc: BaseException | None, log: str) -> str:
+    """A short reason from a decord exception and the captured log."""
+    text = str(exc or "") + "\n" + log
+    for key, meaning in _REASONS:
+        if key in text:
+            return meaning
+    lines = [_LOG_PREFIX.sub("", ln.strip()) for ln in text.splitlines() if ln.strip()]
+    return lines[0][:160] if lines else type(exc).__name__
+
+
+# The child runs this file as a script (not ``-m``): it imports neither fmfast nor torch, so it
+# starts fast and its address-space limit only has decord and FFmpeg to hold.
+MEMORY_LIMIT = 8 << 30  # address space of the child: a runaway allocation fails there, fast
+
+
+@dataclass
+class Probe:
+    declared: int  # frames the container header declares (0: it does not say)
+    indexed: int  # frames decord finds in the file
+    fps: float
+    height: int
+    width: int
+
+
+def _header(path: str) -> tuple[int, float]:
+    """(declared frames, rate) from the container header via PyAV, (0, 0.0) without it (or
+    with FMFAST_PROBE_HEADER=0: a container PyAV misreads; the tests' crash case)."""
+    if os.environ.get("FMFAST_PROBE_HEADER") == "0":
+        return 0, 0.0
+    try:
+        import av
+    except ImportError:
+        return 0, 0.0
+    try:
+        with av.open(path) as c:
+            if not c.streams.video:
+                return 0, 0.0
+            s = c.streams.video[0]
+            rate = float(s.average_rate or s.guessed_rate or 0)
+            n = int(s.frames or 0)
+            if not n and rate:  # containers that give a duration instead (mkv, webm)
+                dur = (float(s.duration * s.time_base) if s.duration and s.time_base else
+                       (c.duration / 1e6 if c.duration else 0.0))
+                n = int(round(dur * rate))
+            return n, rate
+    except (av.error.FFmpegError, ValueError, OverflowError, ZeroDivisionError):
+        return 0, 0.0  # decord says what is wrong, below
+
+
+def _child(path: str) -> Probe:
+    declared, rate = _header(path)
+    size = os.path.getsize(path)
+    if declared > size:  # every frame takes at least a byte: the header lies
+        raise SystemExit(f"the container header declares {declared} frames in a file of {size} bytes "
+                         f"(a corrupt or patched header)")
+    import decord
+
+    decord.logging.set_level(decord.logging.QUIET)
+    vr = decord.VideoReader(path, ctx=decord.cpu(0))
+    n = len(vr)
+    h, w = vr[0].shape[:2] if n else (0, 0)
+    return Probe(declared, n, float(vr.get_avg_fps() or rate or 0.0), int(h), int(w))
+
+
+def _limit_memory():  # runs in the child before exec
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+def probe(path: str | os.PathLike, timeout: float = 60.0) -> Probe:
+    """Probe ``path`` in a child process; a crash, a stall or a lying header is a DataError."""
+    from fmfast.errors import DataError
+
+    path = Path(path)
+    limit = timeout + path.stat().st_size / 20e6  # indexing reads the file: allow >= 20 MB/s
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        p = subprocess.run([sys.executable, __file__, str(path)], capture_output=True, text=True,
+                           timeout=limit, preexec_fn=_limit_memory, env=env)
+    except subprocess.TimeoutExpired:
+        raise DataError(path, f"reading the video header stalled for more than {limit:.0f} s "
+                              f"(corrupt or truncated video?)") from None
+    said = " ".join(ln.strip() for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("Traceback"))
+    if p.returncode < 0:
+        sig = signal.Signals(-p.returncode).name
+        raise DataError(path, f"the video decoder crashed ({sig}) reading this file"
+                              + (f": {said[-200:]}" if said else " and printed nothing") + " (corrupt header?)")
+    if p.returncode != 0:
+        raise DataError(path, f"decord cannot open this video ({_reason(None, said) if said else f'exit code {p.returncode}'})")
+    try:
+        return Probe(**json.loads(p.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError, TypeError):
+        raise DataError(path, f"the video probe gave no answer ({p.stdout[-120:]!r})") from None
+
+
+if __name__ == "__main__":
+    try:
+        result = _child(sys.argv[1])
+    except MemoryError:
+        raise SystemExit("the decoder ran out of memory (a header that claims far more frames than the file holds?)") \
+            from None
+    except Exception as e:  # DECORDError, RuntimeError ...: reported by the parent as one line
+        text = " ".join(str(e).split())
+        raise SystemExit(f"{type(e).__name__}: {text[:300]}") from None
+    print(json.dumps(asdict(result)))
