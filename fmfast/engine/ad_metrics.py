@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 FPR_LIMIT = 0.3
+CHUNK = 256  # masks labelled at a time
 
 
 def _tie_ends(sorted_desc: torch.Tensor) -> torch.Tensor:
@@ -66,7 +67,12 @@ def components(masks: torch.Tensor) -> torch.Tensor:
 def aupro(scores: torch.Tensor, masks: torch.Tensor, fpr_limit: float = FPR_LIMIT) -> float:
     """Normalised area under PRO(FPR) for FPR in [0, fpr_limit] (see the module doc); NaN when
     the masks hold no anomalous or no normal pixel."""
-    lab = components(masks).reshape(-1).cpu()
+    lab, n = [], 0
+    for chunk in masks.split(CHUNK):  # the propagation holds a float64 copy of what it labels
+        part = components(chunk).cpu()
+        lab.append(torch.where(part > 0, part + n, part))
+        n += int(part.max()) if part.numel() else 0
+    lab = torch.cat(lab).reshape(-1)
     s = scores.double().reshape(-1).cpu()
     normal = lab == 0
     n_regions, n_normal = int(lab.max()), int(normal.sum())

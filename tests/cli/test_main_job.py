@@ -1,7 +1,7 @@
 """The README's main command, exactly as a user runs it: ``python -m fmfast.train`` with no
 arguments on a fresh cache -- synthetic data generated, FmFormer trained and evaluated.
 
-It takes about 2.5 minutes on two cores; it guards the README's headline (test F1 >= 0.9 on the
+It takes 3-4 minutes on two cores; it guards the README's headline (test F1 >= 0.9 on the
 built-in benchmark) against changes to the data, the model or the training defaults. Its time
 is not asserted (performance lives in bench/)."""
 from __future__ import annotations

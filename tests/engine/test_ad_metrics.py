@@ -135,3 +135,13 @@ def test_classification_accumulator_at_a_threshold():
     assert m["f1"] == pytest.approx(sklearn_metrics.f1_score(y, p > 0.5))
     assert m["at_threshold"]["f1"] == pytest.approx(sklearn_metrics.f1_score(y, p >= 0.25))
     assert m["calibration"]["threshold"] == pytest.approx(0.3)
+
+
+def test_aupro_labels_masks_in_chunks_without_merging_regions(monkeypatch):
+    import fmfast.engine.ad_metrics as ad
+
+    rng = np.random.default_rng(7)
+    masks = random_masks(rng, b=7)
+    scores = tied_scores(rng, masks.size).reshape(masks.shape) * 0.8 + 0.4 * masks
+    monkeypatch.setattr(ad, "CHUNK", 2)  # 4 chunks, the last one short
+    assert ad.aupro(torch.from_numpy(scores), torch.from_numpy(masks)) == pytest.approx(sklearn_aupro(scores, masks), abs=1e-9)
