@@ -139,7 +139,7 @@ class FolderLock:
             pid = int(self.path.read_text().strip() or 0)
         except (OSError, ValueError):
             return None
-        return pid if pid and pid != os.getpid() and _pid_alive(pid) else None
+        return pid if pid and pid != os.getpid() and pid_alive(pid) else None
 
     def check(self) -> None:
         """Refuse now, without taking the lock, if a live run holds it."""

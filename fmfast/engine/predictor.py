@@ -160,6 +160,8 @@ class Predictor:
             rows = (v if v is not None else c).shape[0]
             if rows < self.batch_size:  # pad with the first row: samples are independent
                 v, c = (_pad(x, self.batch_size) if x is not None else None for x in (v, c))
+            # contiguous, as the example it was compiled for: other strides would recompile it
+            v, c = (x.contiguous() if x is not None else None for x in (v, c))
             out.append(self._run(v, c)[:rows].clone())
         return out[0] if len(out) == 1 else torch.cat(out)
 

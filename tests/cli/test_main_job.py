@@ -1,7 +1,7 @@
 """The README's main command, exactly as a user runs it: ``python -m fmfast.train`` with no
 arguments on a fresh cache -- synthetic data generated, FmFormer trained and evaluated.
 
-It takes 3-4 minutes on two cores; it guards the README's headline (test F1 >= 0.9 on the
+It takes about 2 minutes on two quiet cores; it guards the README's headline (test F1 >= 0.9 on the
 built-in benchmark) against changes to the data, the model or the training defaults. Its time
 is not asserted (performance lives in bench/)."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -18,12 +19,16 @@ import pytest
 def test_default_command_trains_fmformer_to_f1_0_9(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "TRITON_INTERPRET")}
     env.update(FMFAST_CACHE=str(tmp_path / "cache"), COLUMNS="120")
+    t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "fmfast.train", "--out", str(tmp_path / "run")], env=env,
                        capture_output=True, text=True, timeout=900)
+    wall = time.perf_counter() - t0
     assert p.returncode == 0, p.stdout + p.stderr
     assert "generating the synthetic furnace benchmark" in p.stderr + p.stdout
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     final = rows[-1]["test"]
+    # timed, not asserted (a shared machine's load decides it): printed for the README's figure
+    print(f"\nmain job: {wall:.0f} s wall from an empty cache, test F1 {final['f1']:.4f}, AUROC {final['auroc']:.4f}")
     assert final["f1"] >= 0.9 and final["auroc"] >= 0.95, final
     for name in ("config.yaml", "last.pt", "best.pt", "curves.png", "confusion.png"):
         assert (tmp_path / "run" / name).is_file(), name

@@ -51,7 +51,7 @@ def test_without_validation_best_is_the_last_epoch(tiny_root, tmp_path):
 
 @pytest.mark.parametrize("bad, says", [
     (["model.dim=abc"], "model.dim"), (["model.heads=0"], "model.heads"), (["train.seed=nan"], "train.seed"),
-    (["--lr", "inf"], "optim.lr"), (["model.depth=-1"], "model.depth"), (["train.eval_batch_size=0"], "train.eval_batch_size"),
+    (["--lr", "inf"], "optim.lr"), (["--lr", "1e300"], "float32"), (["model.depth=-1"], "model.depth"), (["train.eval_batch_size=0"], "train.eval_batch_size"),
     (["--val-fraction", "1.5"], "data.val_fraction"), (["--monitor", "val/miou"], "train.monitor"),
     (["--val-split", "/nonexistent/val.json"], "val.json"),
     (["--val-fraction", "0.9"], "validation split leaves"),  # the guard gap leaves no training sample

@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 
 import h5py
-import numpy as np
 import pytest
 
 from fmfast.cli.common import run_main
