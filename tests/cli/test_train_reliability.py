@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fmfast.data.synthetic import generate
+from helpers.outputs import KEPT, KINDS, make_not_a_folder
 
 MODEL = ["--model", "current", "model.depth=1", "model.dim=32", "model.heads=2", "model.dim_head=16", "model.mlp_dim=32"]
 
@@ -215,21 +216,13 @@ def test_simulated_enospc_in_torch_save(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("kind", ["file", "symlink", "fifo", "device"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_out_that_is_not_a_folder_is_refused_untouched(data, tmp_path, capsys, kind):
     out = tmp_path / "out"
-    if kind == "file":
-        out.write_text("keep me")
-    elif kind == "symlink":
-        (tmp_path / "elsewhere").mkdir()
-        out.symlink_to(tmp_path / "elsewhere")
-    elif kind == "fifo":
-        os.mkfifo(out)
-    else:
-        out.symlink_to("/dev/null")
+    target = make_not_a_folder(out, kind)
     code, err = run(args(data, out, "--epochs", "1"), capsys)
     assert code == 2 and str(out) in err[0], err
     if kind == "file":
-        assert out.read_text() == "keep me"
+        assert out.read_text() == KEPT
     if kind == "symlink":
-        assert list((tmp_path / "elsewhere").iterdir()) == []
+        assert list(target.iterdir()) == []

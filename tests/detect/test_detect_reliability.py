@@ -20,6 +20,7 @@ from fmfast.cli.detect import main
 from fmfast.engine import checkpoints as checkpoint
 from fmfast.models import build_model
 from fmfast.models.config import ModelConfig
+from helpers.outputs import KEPT, KINDS, make_not_a_folder
 from helpers.recordings import frames, stamp, write_video
 
 T, S, HOP = 4, 4, 2
@@ -66,28 +67,20 @@ def offline(model, tmp_path_factory):
     return video, probs(d / "out" / "windows.csv")
 
 
-@pytest.mark.parametrize("kind", ["file", "symlink", "fifo", "device"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_out_that_is_not_a_folder_is_refused_untouched(model, offline, tmp_path, capsys, kind):
     video = offline[0]
     cur = tmp_path / "cur.csv"
     cur.write_text("time,A,B,C\n" + rows(-5, 4))
     out = tmp_path / "out"
-    if kind == "file":
-        out.write_text("keep")
-    elif kind == "symlink":
-        (tmp_path / "target").mkdir()
-        out.symlink_to(tmp_path / "target")
-    elif kind == "fifo":
-        os.mkfifo(out)
-    else:
-        out.symlink_to("/dev/null")
+    target = make_not_a_folder(out, kind)
     assert detect("--checkpoint", model, video, cur, "--start", stamp(0), "--out", out) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(out) in err[0], err
     if kind == "file":
-        assert out.read_text() == "keep"
+        assert out.read_text() == KEPT
     if kind == "symlink":
-        assert not list((tmp_path / "target").iterdir())
+        assert not list(target.iterdir())
 
 
 def test_follow_that_fails_on_its_inputs_keeps_earlier_results(model, offline, tmp_path, capsys):

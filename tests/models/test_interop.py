@@ -19,6 +19,8 @@ from fmfast import CurrentViT, FmFormer, ModelConfig, VideoViT
 from fmfast.errors import CheckpointMismatch
 from fmfast.models.official_config import infer_config
 from fmfast.models.registry import guess_official
+from helpers.models import model_inputs as inputs
+from fmfast.models import call as call_model
 
 MODELS = {"fmformer": FmFormer, "video": VideoViT, "current": CurrentViT}
 
@@ -46,7 +48,6 @@ def relevant(kind: str, cfg: ModelConfig) -> dict:
 # what from_official cannot read from tensors: the frame size (a token count does not split into
 # clip length and frame size) and the head count (only heads * dim_head is a shape)
 OV = dict(image_size=32, heads=2)
-
 
 
 # --------------------------------------------------------------------------- the reference's keys
@@ -263,18 +264,6 @@ def official_forward(kind, sd, cfg, video=None, current=None):
     return _lin(x[:, 0], sd, "mlp_head")
 
 
-def inputs(cfg, b=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    h, w = cfg.frame_hw
-    video = torch.randint(0, 256, (b, cfg.channels, cfg.num_frames, h, w), generator=g, dtype=torch.uint8)
-    current = 3000 + 800 * torch.randn(b, cfg.current_len, cfg.current_channels, generator=g)
-    return video, current
-
-
-def call(kind, model, video, current):
-    return {"fmformer": lambda: model(video, current), "video": lambda: model(video), "current": lambda: model(current)}[kind]()
-
-
 CASES = [("fmformer", "classification"), ("fmformer", "segmentation"), ("video", "classification"),
          ("video", "segmentation"), ("current", "classification")]
 
@@ -352,7 +341,6 @@ def assert_logits_match(ours, ref):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4 * max(1.0, ref.abs().max().item()))
 
 
-
 # --------------------------------------------------------------------------- same outputs as the reference
 
 @pytest.mark.parametrize("kind,task", CASES)
@@ -363,7 +351,7 @@ def test_from_official_matches_reference_forward(kind, task):
     assert relevant(kind, model.config) == relevant(kind, cfg)
     video, current = inputs(cfg)
     with torch.no_grad():
-        ours = call(kind, model, video, current)
+        ours = call_model(model, kind, video, current)
         ref = official_forward(kind, {k: v.clone() for k, v in sd.items()}, cfg, video, current)
     assert ours.shape == ref.shape
     assert ref.abs().max() > 1e-2  # the comparison is not between two near-zero tensors
@@ -428,7 +416,7 @@ def test_round_trip_is_exact(kind, task):
     assert list(back) == list(official) and all(torch.equal(back[k], official[k]) for k in official)
     video, current = inputs(cfg)
     with torch.no_grad():
-        assert torch.equal(call(kind, a, video, current), call(kind, b, video, current))
+        assert torch.equal(call_model(a, kind, video, current), call_model(b, kind, video, current))
 
 
 # --------------------------------------------------------------------------- config inference

@@ -13,6 +13,8 @@ from fmfast.models import MODELS
 from fmfast.nn import CurrentEmbed, FeedForward, MultiscaleTubeletEmbed, MultiStreamAttention, MultiStreamFeedForward
 from fmfast.kernels.tokenize import multiscale_tokenize_ref
 from fmfast.nn import attention_ref
+from helpers.models import model_inputs as inputs
+from fmfast.models import call as call_model
 
 TINY = dict(image_size=32, num_frames=4, dim=16, depth=2, heads=2, dim_head=8, mlp_dim=24, current_len=12)
 
@@ -24,20 +26,6 @@ def tiny(**kw) -> ModelConfig:
 
 def nparams(m) -> int:
     return sum(p.numel() for p in m.parameters())
-
-
-def inputs(cfg, b=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    h, w = cfg.frame_hw
-    video = torch.randint(0, 256, (b, cfg.channels, cfg.num_frames, h, w), generator=g, dtype=torch.uint8)
-    current = 3000 + 800 * torch.randn(b, cfg.current_len, cfg.current_channels, generator=g)
-    return video, current
-
-
-def run(name, model, video, current):
-    return {"fmformer": lambda: model(video, current), "video": lambda: model(video),
-            "current": lambda: model(current)}[name]()
-
 
 
 # --------------------------------------------------------------------------- sizes
@@ -57,7 +45,7 @@ def test_paper_shapes_batch1(task):
     out = (1, 2) if task == "classification" else (1, 2, 64, 64)
     with torch.no_grad():
         for name in ("fmformer", "video"):
-            assert run(name, build_model(name, cfg).eval(), video, current).shape == out
+            assert call_model(build_model(name, cfg).eval(), name, video, current).shape == out
         if task == "classification":
             assert CurrentViT(cfg).eval()(current).shape == (1, 2)
     assert FmFormer(cfg).video_embed(video).shape == (1, 401, 96)
@@ -73,7 +61,7 @@ def test_tiny_shapes(name, task):
             CurrentViT(cfg)
         return
     video, current = inputs(cfg, b=3)
-    out = run(name, build_model(name, cfg), video, current)
+    out = call_model(build_model(name, cfg), name, video, current)
     assert out.shape == ((3, 2) if task == "classification" else (3, 2, 32, 32))
     assert torch.isfinite(out).all()
 
@@ -121,9 +109,9 @@ def test_uint8_and_float_inputs_agree(name):
     video, current = inputs(cfg)
     m = build_model(name, cfg).eval()
     with torch.no_grad():
-        a = run(name, m, video, current)
-        b = run(name, m, video.float(), current)
-        c = run(name, m, video.double(), current)
+        a = call_model(m, name, video, current)
+        b = call_model(m, name, video.float(), current)
+        c = call_model(m, name, video.double(), current)
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
@@ -282,7 +270,7 @@ def test_backward_reaches_every_parameter(name, task):
     torch.manual_seed(0)
     m = build_model(name, cfg).train()
     video, current = inputs(cfg)
-    out = run(name, m, video, current)
+    out = call_model(m, name, video, current)
     target = torch.randint(0, 2, out.shape[:1] + out.shape[2:])
     F.cross_entropy(out, target).backward()
     # segmentation reads only the video stream: the current stream's last updates (its last

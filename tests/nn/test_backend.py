@@ -13,6 +13,8 @@ from fmfast import CurrentViT, FmFormer, ModelConfig, VideoViT, build_model
 from fmfast.engine import checkpoints as ckpt
 from fmfast.nn.backend import Dispatching, set_backend
 from fmfast.nn import Attention, MultiscaleTubeletEmbed
+from helpers.models import model_inputs as inputs
+from fmfast.models import call as call_model
 
 # head dim 16: the packed kernel's smallest; 41 video + 13 current tokens -> one 64-token block
 TINY = dict(image_size=32, num_frames=4, dim=32, depth=1, heads=2, dim_head=16, mlp_dim=48, current_len=12)
@@ -29,19 +31,6 @@ interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
 
 
-def inputs(cfg, b=2, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    h, w = cfg.frame_hw
-    video = torch.randint(0, 256, (b, cfg.channels, cfg.num_frames, h, w), generator=g, dtype=torch.uint8)
-    current = 3000 + 800 * torch.randn(b, cfg.current_len, cfg.current_channels, generator=g)
-    return video.to(device), current.to(device)
-
-
-def call(name, model, video, current):
-    return {"fmformer": lambda: model(video, current), "video": lambda: model(video),
-            "current": lambda: model(current)}[name]()
-
-
 def pair(name, cfg, seed=0):
     """(reference model, fast model) with the same, non-trivial weights."""
     torch.manual_seed(seed)
@@ -56,7 +45,7 @@ def pair(name, cfg, seed=0):
 
 def loss_and_grads(name, model, video, current):
     model.zero_grad(set_to_none=True)
-    out = call(name, model, video, current)
+    out = call_model(model, name, video, current)
     target = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     (out * target).sum().backward()
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}

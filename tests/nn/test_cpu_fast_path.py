@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from fmfast import ModelConfig, build_model
 from fmfast.nn.backend import implementation
+from fmfast.models import call as call_model
 
 TINY = dict(image_size=32, num_frames=4, dim=32, depth=2, heads=2, dim_head=16, mlp_dim=48, current_len=12)
 CASES = [("fmformer", "classification"), ("fmformer", "segmentation"), ("video", "classification"),
@@ -39,15 +40,10 @@ def inputs(b=3, seed=1):
     return video, current
 
 
-def run(name, model, video, current):
-    return {"fmformer": lambda: model(video, current), "video": lambda: model(video),
-            "current": lambda: model(current)}[name]()
-
-
 def grads(name, model, video, current, dtype=None):
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        out = run(name, model, video, current)
+        out = call_model(model, name, video, current)
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
     (out.float() * w).sum().backward()
     # (a parameter the output does not reach, e.g. the current stream's last layer under the
