@@ -36,6 +36,18 @@ class Parser(argparse.ArgumentParser):
         fail(f"{message} (see {self.prog} --help)")
 
 
+def add_predictor_flags(p: argparse.ArgumentParser, compiled_when: str = "") -> None:
+    """``--precision`` and ``--compile``: the arguments of ``fmfast.Predictor``, for the commands
+    that run a trained model through it."""
+    from fmfast.engine.predictor import PRECISIONS
+
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help=f"auto: torch.compile on a CPU{compiled_when}, a captured CUDA graph on a GPU; eager "
+                        "(saying why) where that is unavailable")
+
+
 def run_main(main, argv=None) -> int:
     """Run a command's ``main(argv)``; the library's errors become one line and exit code 2."""
     try:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmfast.cli.common import Parser
+from fmfast.cli.common import Parser, add_predictor_flags
 from fmfast.data.csvfiles import format_seconds
 from fmfast.detect.alarms import AlarmTracker, default_levels
 from fmfast.detect.follow import FollowFeed, follow
@@ -40,7 +40,6 @@ from fmfast.detect.sources import feed_file, feed_v2
 from fmfast.detect.windows import WindowEngine
 from fmfast.engine.checkpoints import load_model
 from fmfast.engine.device import resolve_device
-from fmfast.engine.predictor import PRECISIONS
 from fmfast.errors import SettingsError
 from fmfast.files import FolderLock, check_output
 from fmfast.progress import stderr_console
@@ -64,11 +63,7 @@ def build_parser(prog: str = "fmfast detect") -> Parser:
     p.add_argument("--min-duration", type=float, default=2.0, help="seconds an alarm must last to count")
     p.add_argument("--max-overlays", type=int, default=20, help="segmentation overlays written at most")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16 on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="auto: torch.compile on a CPU (compiled once before scoring), a captured CUDA graph on a "
-                        "GPU; eager (saying why) where that is unavailable")
+    add_predictor_flags(p, " (compiled once before scoring)")
     p.add_argument("--chunk", type=int, default=64, help="frames decoded per batch")
     p.add_argument("--decode-timeout", type=float, default=60.0, help="seconds one chunk may take to decode")
     p.add_argument("--allow-truncated", action="store_true", help="score the decodable part of a cut-off video")

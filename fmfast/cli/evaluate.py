@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 
-from fmfast.cli.common import Parser, metrics_table
-from fmfast.engine.predictor import PRECISIONS
+from fmfast.cli.common import Parser, add_predictor_flags, metrics_table
 from fmfast.errors import SettingsError
 
 
@@ -27,11 +26,7 @@ def build_parser(prog: str = "fmfast evaluate") -> Parser:
     p.add_argument("--batch-size", type=int, default=128, help="samples per forward pass")
     p.add_argument("--max-samples", type=int, default=0, help="at most N samples, spread evenly over the split (0: all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16 on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="auto: torch.compile on a CPU, a captured CUDA graph on a GPU; eager (saying why) where "
-                        "that is unavailable")
+    add_predictor_flags(p)
     p.add_argument("--threshold", type=float, default=None,
                    help="p(abnormal) for the at_threshold metrics (default: the checkpoint's calibrated one, else 0.5)")
     p.add_argument("--save-predictions", metavar="FILE.npz", default=None,

@@ -82,7 +82,7 @@ class Predictor:
         kind = "captured CUDA graph" if self.device.type == "cuda" else "torch.compile (inductor, freezing)"
         if compile != "off":
             try:
-                self._run = self._build(compile == "on")
+                self._run = self._build()
                 self.note = kind
             except Exception as e:  # noqa: BLE001 -- any compiler/capture failure: run eagerly, say why
                 if compile == "on":
@@ -111,7 +111,7 @@ class Predictor:
         current = torch.zeros(b, c.current_len, c.current_channels, device=self.device)
         return (video if "video" in self.inputs else None), (current if "current" in self.inputs else None)
 
-    def _build(self, strict: bool):
+    def _build(self):
         return self._build_captured() if self.device.type == "cuda" else self._build_compiled()
 
     def _build_captured(self, graph: bool = True):

@@ -65,7 +65,7 @@ class Trainer:
         self.amp = resolve_amp(t["amp"], self.device)
         self.out = Path(t["out"])
         self._lock = None  # taken, with config.yaml written, once data, model and resume check out
-        prepare_run_folder(self.out, self.s, resume, write=False)  # written once data, model and resume check out
+        prepare_run_folder(self.out, self.s, resume, write=False)  # checks only: a probe, nothing left behind
 
         self.train_ds, self.val_ds, self.test_ds = self._datasets()
         self.selection = Selection(resolve_monitor(settings), t["patience"], self.val_ds is not None)
