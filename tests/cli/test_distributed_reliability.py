@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,9 @@ def data(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("syn") / "data", recordings=2, frames=240, seed=3, size=32)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_a_killed_rank_ends_the_run_within_the_timeout(data, tmp_path):
+def test_a_killed_rank_ends_the_run_within_the_timeout(data, tmp_path, free_port):
     out = tmp_path / "ddp"
-    port = free_port()
+    port = free_port
     argv = [sys.executable, "-m", "fmfast.train", "--data", str(data), "--out", str(out), "--batch-size", "4",
             "--max-eval-samples", "8", "--num-frames", "4", "--current-seconds", "8", "--epochs", "1000",
             "--model", "current", "model.depth=1", "model.dim=32", "model.heads=2", "model.dim_head=16",

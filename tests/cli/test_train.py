@@ -143,10 +143,10 @@ SOLVER:\n  BASE_LR: 0.001\n  LR_POLICY: cosine\n  MAX_EPOCH: 1\nMODEL:\n  MODEL_
 
 
 @pytest.mark.slow
-def test_torchrun_ddp_two_gloo_processes(tiny_root, tmp_path):
+def test_torchrun_ddp_two_gloo_processes(tiny_root, tmp_path, free_port):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
                         "-m", "fmfast.train", *train_args(tiny_root, out, "--epochs", "1", "--model", "current")],
                        capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
