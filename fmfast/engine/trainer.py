@@ -102,8 +102,7 @@ class Trainer:
                                       self.amp, graph=False, static=False, gather=False, scaler=self.scaler)
         if resume:
             self._load(resume)
-        if self.main:  # the other ranks probed above, before DDP's first collective: rank 0 cannot be
-            # here yet then, while now its lock and config.yaml would read to them as another run's
+        if self.main:  # (the others probed above, before DDP's first collective; now rank 0's lock would stop them)
             self._lock = prepare_run_folder(self.out, self.s, resume)
         self.log = RunLog(self.out) if self.main else None
 
