@@ -11,8 +11,9 @@ setup(
               "fmfast.kernels"],
     package_dir={"fmfast.kernels": "kernels"},
     install_requires=[
+        # (Triton is not required: CUDA builds of torch bring the one they match; without it the
+        # models run their reference / fused paths, as on macOS and Windows, where it has no wheels)
         "torch>=2.6",
-        "triton; platform_system=='Linux'",
         "numpy",
         "einops",
         "h5py",
@@ -30,9 +31,9 @@ setup(
         # the CPU bench's peers: ONNX Runtime and OpenVINO run an ONNX export of the same weights
         "bench": ["onnx", "onnxruntime", "openvino"],
         # (av, a runtime dependency, also encodes the tests' videos and is the decoding peer in
-        # bench/); onnx + onnxruntime check ONNX exports against PyTorch; scikit-learn (and its
+        # bench/); triton runs the kernels' tests on the CPU (TRITON_INTERPRET=1); onnx + onnxruntime check ONNX exports against PyTorch; scikit-learn (and its
         # scipy) is the oracle the anomaly-detection metrics are tested against
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "nvtx", "ruff", "onnx", "onnxruntime", "scikit-learn"],
+        "dev": ["triton; platform_system=='Linux'", "pytest", "pytest-benchmark", "hypothesis", "nvtx", "ruff", "onnx", "onnxruntime", "scikit-learn"],
         # training runs also write TensorBoard event files (scalars, curves, confusion images)
         "tensorboard": ["tensorboard"],
     },

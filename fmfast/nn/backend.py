@@ -12,7 +12,8 @@ from the input's device, into what runs:
   (``F.scaled_dot_product_attention``: flash attention with an online softmax instead of a
   materialised ``[N, M]`` logit matrix), which agrees with the reference within 1e-6 in fp32.
 - ``"fast"`` -> **triton** wherever Triton can run it (CUDA, or a CPU under
-  ``TRITON_INTERPRET=1``, which is how the tests check the kernels), **fused** elsewhere.
+  ``TRITON_INTERPRET=1``, which is how the tests check the kernels), **fused** elsewhere,
+  including where Triton is not installed (it is optional: CUDA builds of torch bring it).
 
 A backend is an attribute of the modules that dispatch (``MultiscaleTubeletEmbed``,
 ``Attention``, ``MultiStreamAttention``), read inside their ``forward`` (timm's
@@ -26,6 +27,8 @@ import os
 
 import torch
 from torch import nn
+
+from fmfast.kernels.triton_shim import HAVE_TRITON
 
 BACKENDS = ("auto", "reference", "fast")
 
@@ -43,9 +46,9 @@ def implementation(backend: str, device: torch.device) -> str:
     """What a module with ``backend`` runs for inputs on ``device``: one of IMPLEMENTATIONS."""
     if backend == "reference":
         return "reference"
-    if device.type == "cuda" or (backend == "fast" and os.environ.get("TRITON_INTERPRET") == "1"):
+    if HAVE_TRITON and (device.type == "cuda" or (backend == "fast" and os.environ.get("TRITON_INTERPRET") == "1")):
         return "triton"
-    return "fused"
+    return "fused"  # (also on a GPU where Triton is not installed: Windows, a source build of torch)
 
 
 class Dispatching:
