@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fmfast.data.probe import pyav_index
+from fmfast.data.probe import decord_first_frame_size, pyav_index
 from fmfast.errors import SettingsError
 
 NAMES = ("auto", "decord", "pyav")
@@ -67,7 +67,7 @@ class DecordDecoder:
         self.device = device
         self._vr = decord.VideoReader(path, ctx=decord.gpu(0) if device == "cuda" else decord.cpu(0))
         self.frames = len(self._vr)
-        self.height, self.width = self._vr[0].shape[:2] if self.frames else (0, 0)
+        self.height, self.width = decord_first_frame_size(self._vr, path) if self.frames else (0, 0)
         self.fps = float(self._vr.get_avg_fps() or 0.0)
 
     def decode(self, idx: list[int]) -> torch.Tensor:

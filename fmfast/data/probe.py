@@ -115,16 +115,38 @@ def _index(path: str, backend: str) -> tuple[int, float, int, int]:
                 raise ValueError("cannot find video stream")
             s = c.streams.video[0]
             n = pyav_index(c, s)[2]
-            c.seek(0, stream=s)
-            h, w = (next(iter(c.decode(s))).to_ndarray(format="rgb24").shape[:2]) if n else (0, 0)
+            h, w = first_frame_size(path) if n else (0, 0)
             return n, float(s.average_rate or s.guessed_rate or 0.0), h, w
     import decord
 
     decord.logging.set_level(decord.logging.QUIET)
     vr = decord.VideoReader(path, ctx=decord.cpu(0))
     n = len(vr)
-    h, w = vr[0].shape[:2] if n else (0, 0)
+    h, w = decord_first_frame_size(vr, path) if n else (0, 0)
     return n, float(vr.get_avg_fps() or 0.0), h, w
+
+
+def first_frame_size(path: str) -> tuple[int, int]:
+    """(height, width) of frame 0 decoded by PyAV, without frame threads."""
+    import av
+
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        s.thread_type = "SLICE"
+        return next(iter(c.decode(s))).to_ndarray(format="rgb24").shape[:2]
+
+
+def decord_first_frame_size(vr, path: str) -> tuple[int, int]:
+    """(height, width) of frame 0 decoded by decord; where that fails, by PyAV: decord's
+    read-ahead thread can report a corrupt packet further on while frame 0 is asked for (now
+    and then, on a file with corrupt frames), which the chunks then find at the right frame."""
+    try:
+        return vr[0].shape[:2]
+    except Exception as e:
+        try:
+            return first_frame_size(path)
+        except Exception:
+            raise e from None
 
 
 def _child(path: str, backend: str = "decord") -> Probe:
