@@ -3,7 +3,8 @@
     fmfast ingest VIDEO CURRENT.csv --out DIR [--start "YYYY-MM-DD HH:MM:SS"]
         [--timestamps FRAMES.csv] [--labels MASKS] [--size 64] [--max-gap 5] [--name NAME]
 
-Frames are decoded by decord (--decoder pyav: PyAV; auto: decord where it is installed) in bounded chunks, resized (antialiased bilinear) to the model's
+Frames are decoded by decord (--decoder auto, the default: where it is installed; else, or with
+--decoder pyav, by PyAV) in bounded chunks, resized (antialiased bilinear) to the model's
 frame size and stored in the V2 axis order [T,3,W,H]. Each frame's time comes from the
 timestamps file (one row per frame, header first) or from --start plus the frame's
 presentation time in the video. The current log (any rate; stamps to the second or finer) is

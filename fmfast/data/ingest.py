@@ -1,7 +1,7 @@
 """Turn an own recording (a video file + a 3-phase current log) into the V2 layout.
 
-Frames are decoded by decord (or PyAV: ``decoder``) in bounded chunks, resized (antialiased bilinear) to the model's
-frame size and stored in the V2 axis order [T,3,W,H]. Each frame's time comes from the
+Frames are decoded by decord or PyAV (``decoder``) in bounded chunks, resized (antialiased
+bilinear) to the model's frame size and stored in the V2 axis order [T,3,W,H]. Each frame's time comes from the
 timestamps file (one row per frame, header first) or from a start time plus the frame's
 presentation time in the video. The current log (any rate; stamps to the second or finer) is
 resampled to 2 rows per second over the seconds the frames need, with up to ``current_seconds``
