@@ -43,7 +43,7 @@ def stderr_console():
 
     from rich.console import Console
 
-    # a private copy of stderr: fmfast.data.video silences fd 2 while decord runs
+    # a private copy of stderr: fmfast.data.video silences fd 2 while a decoder runs
     return Console(file=os.fdopen(os.dup(2), "w"), stderr=True)
 
 

@@ -31,6 +31,9 @@ import numpy as np
 
 from fmfast.cli.common import Parser, add_predictor_flags
 from fmfast.data.csvfiles import format_seconds
+from fmfast.data.decoders import LABEL
+from fmfast.data.decoders import NAMES as DECODERS
+from fmfast.data.decoders import resolve as resolve_decoder
 from fmfast.detect.alarms import AlarmTracker, default_levels
 from fmfast.detect.follow import FollowFeed, follow
 from fmfast.detect.report import (ALARM_HEADER, WINDOW_HEADER, LiveLog, alarm_line, publish, recording_span, window_lines,
@@ -67,6 +70,8 @@ def build_parser(prog: str = "fmfast detect") -> Parser:
     p.add_argument("--chunk", type=int, default=64, help="frames decoded per batch")
     p.add_argument("--decode-timeout", type=float, default=60.0, help="seconds one chunk may take to decode")
     p.add_argument("--allow-truncated", action="store_true", help="score the decodable part of a cut-off video")
+    p.add_argument("--decoder", default="auto", choices=DECODERS,
+                   help="video decoder: decord, pyav (PyAV), or auto: decord where it is installed, else PyAV")
     p.add_argument("--follow", action="store_true", help="watch a growing recording (see above)")
     p.add_argument("--poll", type=float, default=1.0, help="--follow: seconds between looks for new data")
     p.add_argument("--settle", type=float, default=2.0, help="--follow: seconds unchanged before a file counts as complete")
@@ -85,6 +90,8 @@ def main(argv=None) -> int:
     for flag in ("hop", "batch", "chunk"):
         if getattr(a, flag) < 1:
             raise SettingsError(f"--{flag} must be >= 1, got {getattr(a, flag)}")
+    if not a.recording:  # named by its flag, before any work
+        a.decoder = resolve_decoder(a.decoder, "--decoder")
     out = Path(a.out)
     check_output(out, "folder")  # a file, symlink, FIFO or device is refused; writable, before any work
     return _run(a, out)
@@ -108,7 +115,7 @@ def _run(a, out: Path) -> int:
             raise SettingsError("frame times unknown: pass --start (time of the first frame) or --timestamps")
         # checks the arguments before any output exists
         feed = FollowFeed(a.video, a.current, scorer.size_wh, a.start, a.timestamps, a.max_gap, a.settle, a.chunk,
-                          a.decode_timeout)
+                          a.decode_timeout, a.decoder)
         out.mkdir(parents=True, exist_ok=True)
         lock = FolderLock(out, "detection").acquire()  # a second live detection into it is refused
         # created at their first line: a run that fails on its inputs leaves earlier results alone
@@ -144,11 +151,13 @@ def _run(a, out: Path) -> int:
                                    f"reopened and continued after the last row already read"] if feed.tail.rotated else []):
             print(f"warning: {note}", file=sys.stderr)
         write_timeline(out, engine, res, a.on, a.off, meta)
-        print(f"followed {a.video}: {len(res.probs)} windows, {len(res.alarms)} alarms -> {out}")
+        print(f"followed {a.video}: {len(res.probs)} windows, {len(res.alarms)} alarms -> {out} "
+              f"(decoded with {LABEL[feed.decoder]})")
         print(levels)
         return 0
 
     engine = WindowEngine(scorer, a.hop, a.batch, tracker, max_overlays=a.max_overlays)
+    decoded = None  # the decoder that ran, when a video was decoded
     if a.recording:
         feed_v2(engine, *a.recording, chunk=max(a.chunk, 256))
         title = f"{a.recording[1]}"
@@ -156,8 +165,8 @@ def _run(a, out: Path) -> int:
         if a.start is None and a.timestamps is None:
             raise SettingsError('frame times unknown: pass --start "YYYY-MM-DD HH:MM:SS" (the time of the first frame) '
                                 "or --timestamps FRAMES.csv")
-        feed_file(engine, a.video, a.current, a.start, a.timestamps, a.max_gap, a.chunk, a.allow_truncated,
-                  a.decode_timeout, stderr_console())
+        decoded = LABEL[feed_file(engine, a.video, a.current, a.start, a.timestamps, a.max_gap, a.chunk,
+                                  a.allow_truncated, a.decode_timeout, stderr_console(), a.decoder)]
         title = Path(a.video).name
     res = engine.finish()
     wall = time.perf_counter() - t_begin
@@ -177,5 +186,6 @@ def _run(a, out: Path) -> int:
     if len(res.alarms) > 20:
         print(f"  ... {len(res.alarms) - 20} more in alarms.csv")
     print(f"{span:.1f} s of recording in {wall:.2f} s: {span / wall:.1f}x faster than real time "
-          f"({len(res.probs) / wall:.0f} windows/s, {engine.n / wall:.0f} frames/s, decoding included; {scorer.path})")
+          f"({len(res.probs) / wall:.0f} windows/s, {engine.n / wall:.0f} frames/s, decoding included"
+          f"{f' ({decoded})' if decoded else ''}; {scorer.path})")
     return 0

@@ -1,7 +1,7 @@
 """Turn an own recording (a video file + a 3-phase current log) into the V2 layout.
 
-Frames are decoded by decord in bounded chunks, resized (antialiased bilinear) to the model's
-frame size and stored in the V2 axis order [T,3,W,H]. Each frame's time comes from the
+Frames are decoded by decord or PyAV (``decoder``) in bounded chunks, resized (antialiased
+bilinear) to the model's frame size and stored in the V2 axis order [T,3,W,H]. Each frame's time comes from the
 timestamps file (one row per frame, header first) or from a start time plus the frame's
 presentation time in the video. The current log (any rate; stamps to the second or finer) is
 resampled to 2 rows per second over the seconds the frames need, with up to ``current_seconds``
@@ -73,11 +73,13 @@ def frame_times(reader: VideoReader, start: float | None, timestamps: str | None
 
 
 def align(video: str, current: str, start: str | None = None, timestamps: str | None = None,
-          max_gap: float = 5.0, history_seconds: int = 120, decode_timeout: float = 60.0) -> Aligned:
-    """Open the video and the log, check they overlap, resample the log. Decodes no frames."""
+          max_gap: float = 5.0, history_seconds: int = 120, decode_timeout: float = 60.0,
+          decoder: str = "auto") -> Aligned:
+    """Open the video (with ``decoder``: auto, decord or pyav) and the log, check they
+    overlap, resample the log. Decodes no frames."""
     ct, cv = read_current_csv(current)
     t0 = parse_time(start, "start time") if start is not None else None
-    reader = VideoReader(video, timeout=decode_timeout)
+    reader = VideoReader(video, timeout=decode_timeout, decoder=decoder)
     ft = frame_times(reader, t0, timestamps)
     c_first, c_last = int(np.floor(ct[0])), int(np.floor(ct[-1]))
     sec = np.floor(ft).astype(np.int64)
@@ -145,13 +147,14 @@ class IngestResult:
     seconds: int
     dropped: int
     wall: float
+    decoder: str  # the decoder that ran: decord or pyav
 
 
 def ingest(video: str, current: str, out: str, start: str | None = None, timestamps: str | None = None,
            labels: str | None = None, size="64", max_gap: float = 5.0, name: str | None = None,
            split: str = "test", num_frames: int = 10, stride: int = 1, current_seconds: int = 120,
            chunk: int = 64, overwrite: bool = False, allow_truncated: bool = False,
-           decode_timeout: float = 60.0, console=None) -> IngestResult:
+           decode_timeout: float = 60.0, console=None, decoder: str = "auto") -> IngestResult:
     t_begin = time.perf_counter()
     size_wh = parse_size(size)
     if max_gap <= 0:
@@ -160,7 +163,7 @@ def ingest(video: str, current: str, out: str, start: str | None = None, timesta
         raise SettingsError(f"split must be test, train or none, got {split!r}")
     name = name or Path(video).stem.replace(".", "_")
     check_output(out, "folder")  # not a file/symlink/FIFO, and writable: before any decoding
-    al = align(video, current, start, timestamps, max_gap, current_seconds, decode_timeout)
+    al = align(video, current, start, timestamps, max_gap, current_seconds, decode_timeout, decoder)
     n_all = len(al.reader)
     get_labels = load_labels(labels, n_all, size_wh) if labels else None
     console = console or stderr_console()
@@ -173,7 +176,7 @@ def ingest(video: str, current: str, out: str, start: str | None = None, timesta
             raise
         raise output_error(Path(out), e) from None
     return IngestResult(Path(out), name, kept, first_second, n_rows // RATE, n_all - kept,
-                        time.perf_counter() - t_begin)
+                        time.perf_counter() - t_begin, al.reader.backend)
 
 
 def _check_space(out: Path, frame_bytes: int) -> None:
@@ -197,7 +200,7 @@ def _write(al, out, name, overwrite, size_wh, chunk, allow_truncated, get_labels
     with Staging(out, name, overwrite) as st:
         mat = MatAppender(st.path("videos"), size_wh)
         try:
-            with frame_progress(console, f"ingest {name}") as bar:
+            with frame_progress(console, f"ingest {name} ({al.reader.backend})") as bar:
                 task = bar.add_task("decode", total=al.stop - al.first)
                 for s, frames in al.reader.chunks(size_wh, chunk, allow_truncated):
                     a, b = max(s, al.first), min(s + len(frames), al.stop)

@@ -4,10 +4,12 @@ trusts the file, and a lying header (an AVI that claims 2e9 frames) makes decord
 ``std::bad_alloc`` -- in a child that is one error line naming the file and what the decoder
 said on stderr, not a dead process with nothing on the screen.
 
-``probe(path)`` -> ``Probe``: the frame count the container header declares (frames, or duration
-x rate; 0 when it says nothing), the frames decord indexes in the file, rate and size. A header
-that declares more frames than the file has bytes is refused before decord sees it. Run as
-a script (``python fmfast/data/probe.py FILE``) it prints the probe as one JSON line.
+``probe(path, backend="decord")`` -> ``Probe``: the frame count the container header declares
+(frames, or duration x rate; 0 when it says nothing), the frames the decoder (decord or PyAV:
+``pyav``) indexes in the file, rate and size. A header that declares more frames than the file
+has bytes is refused before the decoder sees it. Run as a script (``python
+fmfast/data/probe.py FILE [BACKEND]``) it prints the probe as one JSON line. ``pyav_index`` is
+how PyAV counts frames: one per packet of the stream, as decord does.
 """
 from __future__ import annotations
 
@@ -22,20 +24,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+\.(cc|h):\d+: ")
-_REASONS = (  # what decord/FFmpeg say -> what it means for the user
+_REASONS = (  # what decord/PyAV/FFmpeg say -> what it means for the user (first match)
     ("cannot find video stream", "no video stream in the file (zero frames)"),
+    ("avcodec_send_packet", "the decoder rejected the stream data (corrupt or missing frame data)"),
     ("End of file", "no frames before the end of the file"),
     ("moov atom not found", "the container index is missing (file cut off while recording?)"),
     ("Invalid data", "invalid data: not a container FFmpeg can read, or cut off"),
     ("av_read_frame failed", "reading packets failed (file cut off?)"),
-    ("avcodec_send_packet", "the decoder rejected the stream data (corrupt or missing frame data)"),
+    ("Input/output error", "reading the file failed before a frame (cut off, or a disk error)"),
     ("Out of bound", "frames listed in the index are missing"),
     ("No such file", "no such file"),
 )
 
 
 def _reason(exc: BaseException | None, log: str) -> str:
-    """A short reason from a decord exception and the captured log."""
+    """A short reason from a decoder's exception and the captured log."""
     text = str(exc or "") + "\n" + log
     for key, meaning in _REASONS:
         if key in text:
@@ -45,14 +48,14 @@ def _reason(exc: BaseException | None, log: str) -> str:
 
 
 # The child runs this file as a script (not ``-m``): it imports neither fmfast nor torch, so it
-# starts fast and its address-space limit only has decord and FFmpeg to hold.
+# starts fast and its address-space limit only has the decoder and FFmpeg to hold.
 MEMORY_LIMIT = 8 << 30  # address space of the child: a runaway allocation fails there, fast
 
 
 @dataclass
 class Probe:
     declared: int  # frames the container header declares (0: it does not say)
-    indexed: int  # frames decord finds in the file
+    indexed: int  # frames the decoder finds in the file
     fps: float
     height: int
     width: int
@@ -80,37 +83,96 @@ def _header(path: str) -> tuple[int, float]:
                 n = int(round(dur * rate))
             return n, rate
     except (av.error.FFmpegError, ValueError, OverflowError, ZeroDivisionError):
-        return 0, 0.0  # decord says what is wrong, below
+        return 0, 0.0  # the decoder says what is wrong, below
 
 
-def _child(path: str) -> Probe:
-    declared, rate = _header(path)
-    size = os.path.getsize(path)
-    if declared > size:  # every frame takes at least a byte: the header lies
-        raise SystemExit(f"the container header declares {declared} frames in a file of {size} bytes "
-                         f"(a corrupt or patched header)")
+def pyav_index(container, stream) -> tuple[list[int] | None, list[int] | None, int]:
+    """Demux every packet of ``stream``: (their presentation times sorted, the keyframes' times
+    sorted, the packet count); the times are None when a packet has none (raw H.264)."""
+    pts, keys, n = [], [], 0
+    for pk in container.demux(stream):
+        if pk.size == 0:  # the demuxer's end-of-stream marker, not a frame
+            continue
+        n += 1
+        if pts is not None and pk.pts is None:
+            pts = keys = None
+        elif pts is not None:
+            pts.append(pk.pts)
+            if pk.is_keyframe:
+                keys.append(pk.pts)
+    if pts is not None and not keys and pts:  # no packet flagged: only the first is safe to start at
+        keys = [min(pts)]
+    return (sorted(pts), sorted(keys), n) if pts is not None else (None, None, n)
+
+
+def _index(path: str, backend: str) -> tuple[int, float, int, int]:
+    """(frames indexed, rate, height, width) as ``backend`` sees the file; frame 0 is decoded."""
+    if backend == "pyav":
+        import av
+
+        with av.open(path) as c:
+            if not c.streams.video:
+                raise ValueError("cannot find video stream")
+            s = c.streams.video[0]
+            n = pyav_index(c, s)[2]
+            h, w = first_frame_size(path) if n else (0, 0)
+            return n, float(s.average_rate or s.guessed_rate or 0.0), h, w
     import decord
 
     decord.logging.set_level(decord.logging.QUIET)
     vr = decord.VideoReader(path, ctx=decord.cpu(0))
     n = len(vr)
-    h, w = vr[0].shape[:2] if n else (0, 0)
-    return Probe(declared, n, float(vr.get_avg_fps() or rate or 0.0), int(h), int(w))
+    h, w = decord_first_frame_size(vr, path) if n else (0, 0)
+    return n, float(vr.get_avg_fps() or 0.0), h, w
+
+
+def first_frame_size(path: str) -> tuple[int, int]:
+    """(height, width) of frame 0 decoded by PyAV, without frame threads."""
+    import av
+
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        s.thread_type = "SLICE"
+        return next(iter(c.decode(s))).to_ndarray(format="rgb24").shape[:2]
+
+
+def decord_first_frame_size(vr, path: str) -> tuple[int, int]:
+    """(height, width) of frame 0 decoded by decord; where that fails, by PyAV: decord's
+    read-ahead thread can report a corrupt packet further on while frame 0 is asked for (now
+    and then, on a file with corrupt frames), which the chunks then find at the right frame."""
+    try:
+        return vr[0].shape[:2]
+    except Exception as e:
+        try:
+            return first_frame_size(path)
+        except Exception:
+            raise e from None
+
+
+def _child(path: str, backend: str = "decord") -> Probe:
+    declared, rate = _header(path)
+    size = os.path.getsize(path)
+    if declared > size:  # every frame takes at least a byte: the header lies
+        raise SystemExit(f"the container header declares {declared} frames in a file of {size} bytes "
+                         f"(a corrupt or patched header)")
+    n, fps, h, w = _index(path, backend)
+    return Probe(declared, n, fps or rate or 0.0, int(h), int(w))
 
 
 def _limit_memory():  # runs in the child before exec
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
 
-def probe(path: str | os.PathLike, timeout: float = 60.0) -> Probe:
-    """Probe ``path`` in a child process; a crash, a stall or a lying header is a DataError."""
+def probe(path: str | os.PathLike, timeout: float = 60.0, backend: str = "decord") -> Probe:
+    """Probe ``path`` in a child process with ``backend`` (decord or pyav, resolved by the
+    caller); a crash, a stall or a lying header is a DataError."""
     from fmfast.errors import DataError
 
     path = Path(path)
     limit = timeout + path.stat().st_size / 20e6  # indexing reads the file: allow >= 20 MB/s
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
-        p = subprocess.run([sys.executable, __file__, str(path)], capture_output=True, text=True,
+        p = subprocess.run([sys.executable, __file__, str(path), backend], capture_output=True, text=True,
                            timeout=limit, preexec_fn=_limit_memory, env=env)
     except subprocess.TimeoutExpired:
         raise DataError(path, f"reading the video header stalled for more than {limit:.0f} s "
@@ -121,7 +183,8 @@ def probe(path: str | os.PathLike, timeout: float = 60.0) -> Probe:
         raise DataError(path, f"the video decoder crashed ({sig}) reading this file"
                               + (f": {said[-200:]}" if said else " and printed nothing") + " (corrupt header?)")
     if p.returncode != 0:
-        raise DataError(path, f"decord cannot open this video ({_reason(None, said) if said else f'exit code {p.returncode}'})")
+        what = _reason(None, said) if said else f"exit code {p.returncode}"
+        raise DataError(path, f"{'PyAV' if backend == 'pyav' else 'decord'} cannot open this video ({what})")
     try:
         return Probe(**json.loads(p.stdout.strip().splitlines()[-1]))
     except (ValueError, IndexError, TypeError):
@@ -130,11 +193,11 @@ def probe(path: str | os.PathLike, timeout: float = 60.0) -> Probe:
 
 if __name__ == "__main__":
     try:
-        result = _child(sys.argv[1])
+        result = _child(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "decord")
     except MemoryError:
         raise SystemExit("the decoder ran out of memory (a header that claims far more frames than the file holds?)") \
             from None
-    except Exception as e:  # DECORDError, RuntimeError ...: reported by the parent as one line
+    except Exception as e:  # DECORDError, av.error.*, RuntimeError ...: reported by the parent as one line
         text = " ".join(str(e).split())
         raise SystemExit(f"{type(e).__name__}: {text[:300]}") from None
     print(json.dumps(asdict(result)))

@@ -1,8 +1,12 @@
-"""Video decoding with decord: bounded-memory chunks, a time limit per chunk, frames resized to
-the model's size and laid out in the V2 axis order [N, 3, W, H].
+"""Video decoding with decord or PyAV (``fmfast.data.decoders``, chosen by ``decoder``):
+bounded-memory chunks, a time limit per chunk, frames resized to the model's size and laid out
+in the V2 axis order [N, 3, W, H].
 
-decord prints FFmpeg and its own log lines straight to file descriptor 2; they are captured
-around each call and boiled down to one reason in the error message instead.
+The decoders print FFmpeg's and their own log lines straight to file descriptor 2; they are
+captured around each call and boiled down to one reason in the error message instead. Where a
+chunk fails, the rest is decoded by PyAV without frame threads, up to the first frame that
+fails: decord reports a corrupt packet from its read-ahead thread, at a frame that varies from
+run to run (and frame threads hold back as many frames as a machine has threads).
 """
 from __future__ import annotations
 
@@ -20,10 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fmfast.data import decoders
 from fmfast.data.probe import _reason
 from fmfast.data.probe import probe as _probe
 from fmfast.errors import DataError, DataWarning, DecodeError, SettingsError
-
 
 
 @contextlib.contextmanager
@@ -40,21 +44,6 @@ def _captured_fd2():
             os.close(saved)
             tmp.seek(0)
             out.append(tmp.read().decode(errors="replace"))
-
-
-def _decord():
-    import decord
-
-    decord.logging.set_level(decord.logging.QUIET)
-    return decord
-
-
-def _contexts():
-    """Decode on the GPU when both torch and this decord build have CUDA, else on the CPU."""
-    decord = _decord()
-    if torch.cuda.is_available():
-        yield decord.gpu(0), "cuda"
-    yield decord.cpu(0), "cpu"
 
 
 def _run_bounded(fn, timeout: float, what: str):
@@ -85,71 +74,87 @@ class VideoInfo:
     fps: float
     height: int
     width: int
-    device: str  # "cpu" or "cuda": where decord decodes
+    device: str  # "cpu" or "cuda": where the decoder decodes
+    decoder: str = "decord"  # "decord" or "pyav"
 
 
 class VideoReader:
     """One opened video file."""
 
-    def __init__(self, path: str | os.PathLike, timeout: float = 60.0, probe: bool = True):
+    def __init__(self, path: str | os.PathLike, timeout: float = 60.0, probe: bool = True, decoder: str = "auto"):
         """``probe``: read the header and the first frame in a child process first
-        (``fmfast.data.probe``), so that a decoder crash on a lying header is an error here."""
+        (``fmfast.data.probe``), so that a decoder crash on a lying header is an error here.
+        ``decoder``: auto (decord where it imports, else PyAV), decord or pyav."""
         self.path = Path(path)
         self.timeout = timeout
+        self.backend = decoders.resolve(decoder)
         if not self.path.is_file():
             raise DataError(f"{self.path}: no such video file")
         if self.path.stat().st_size == 0:
             raise DataError(f"{self.path}: empty file (zero frames)")
-        self.declared = _probe(self.path, timeout).declared if probe else 0
-        decord = _decord()
+        self.declared = _probe(self.path, timeout, self.backend).declared if probe else 0
+        self._dec, err, log = self._open(self.backend, decoders.devices(self.backend))
+        if self._dec is None:
+            label = decoders.LABEL[self.backend]
+            raise DataError(f"{self.path}: {label} cannot open this video ({_reason(err, ''.join(log))})")
+        d = self._dec
+        if d.frames == 0:
+            raise DataError(f"{self.path}: the video holds zero frames")
+        self.info = VideoInfo(self.path, d.frames, d.fps, d.height, d.width, d.device, self.backend)
+
+    def _open(self, backend: str, devices: list[str]):
+        """(decoder, None, log) opened on the first device that works, or (None, error, log)."""
         err = None
-        for ctx, device in _contexts():
+        for device in devices:
             with _captured_fd2() as log:
                 try:
                     # opening indexes every packet: allow for reading the file at >= 20 MB/s
                     limit = self.timeout + self.path.stat().st_size / 20e6
-                    vr = _run_bounded(lambda: decord.VideoReader(str(self.path), ctx=ctx), limit, str(self.path))
-                    n = len(vr)
-                    h, w = vr[0].shape[:2] if n else (0, 0)
+                    return _run_bounded(lambda d=device: decoders.open_decoder(backend, str(self.path), d), limit,
+                                        str(self.path)), None, log
                 except DataError:
                     raise
-                except Exception as e:  # DECORDError, RuntimeError, IndexError ...
+                except Exception as e:  # DECORDError, av.error.*, RuntimeError, IndexError ...
                     err = e
-                    continue
-            if n == 0:
-                raise DataError(f"{self.path}: the video holds zero frames")
-            self._vr, self.info = vr, VideoInfo(self.path, n, float(vr.get_avg_fps() or 0.0), h, w, device)
-            return
-        raise DataError(f"{self.path}: decord cannot open this video ({_reason(err, ''.join(log))})")
+        return None, err, log
 
     def __len__(self) -> int:
         return self.info.frames
 
-    def decode(self, idx: list[int]) -> torch.Tensor:
+    def decode(self, idx: list[int], dec=None) -> torch.Tensor:
         """Frames ``idx`` as a uint8 tensor [n, H, W, 3] on the decode device; a frame that
-        cannot be decoded raises DecodeError."""
+        cannot be decoded raises DecodeError. ``dec``: another decoder of the file than ours."""
         err = None
         with _captured_fd2() as log:
             try:
-                b = _run_bounded(lambda: self._vr.get_batch(idx), self.timeout, str(self.path))
+                b = _run_bounded(lambda: (dec or self._dec).decode(idx), self.timeout, str(self.path))
             except DataError:
                 raise
             except Exception as e:
                 err = e
         if err is not None:
             raise DecodeError(self.path, _reason(err, "".join(log)))
-        if self.info.device == "cpu":
-            return torch.from_numpy(b.asnumpy())
-        return torch.utils.dlpack.from_dlpack(b.to_dlpack())
+        return b
 
     def pts(self, start: int, stop: int) -> np.ndarray | None:
         """Presentation times (seconds from the first frame) of frames start..stop-1, or None."""
         try:
             with _captured_fd2():
-                ts = np.asarray(self._vr.get_frame_timestamp(range(start, stop)), dtype=np.float64)
-            return ts[:, 0] if ts.shape == (stop - start, 2) else None
+                return self._dec.pts(start, stop)
         except Exception:
             return None
+
+    def _sequential(self):
+        """A decoder that finds a failing chunk's good frames the same way every run and on any
+        machine: PyAV without frame threads (None without PyAV: ours, frame by frame)."""
+        if not decoders.importable("pyav"):
+            return None
+        with _captured_fd2():
+            try:
+                return _run_bounded(lambda: decoders.open_decoder("pyav", str(self.path), threads=False),
+                                    self.timeout + self.path.stat().st_size / 20e6, str(self.path))
+            except Exception:  # (PyAV cannot read it: ours says why)
+                return None
 
     def chunks(self, size_wh: tuple[int, int] | None, chunk: int = 64, allow_truncated: bool = False
                ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -157,7 +162,8 @@ class VideoReader:
         ``size_wh`` = (W, H) (None keeps the decoded size).
 
         A chunk that fails to decode (a container whose index lists frames it does not hold) is
-        retried frame by frame to find the first bad frame; that is an error unless
+        decoded again, and the rest after it, by the sequential decoder, frame by frame from the
+        chunk that fails there too, to find the first bad frame; that is an error unless
         ``allow_truncated``, in which case decoding stops there.
         """
         n = len(self)
@@ -168,30 +174,39 @@ class VideoReader:
                                 f"(--allow-truncated) to keep the first {n}")
             warnings.warn(f"{self.path}: truncated video: kept the {n} frames in the file of the {self.declared} "
                           f"its header declares", DataWarning, stacklevel=2)
+        seq = None  # the sequential decoder, from the first chunk that fails on
         for s in range(0, n, chunk):
             idx = list(range(s, min(s + chunk, n)))
+            frames, err = None, None
             try:
-                frames = self.decode(idx)
+                frames = self.decode(idx, seq)
             except DecodeError as e:
-                good = []
-                for i in idx:
-                    try:
-                        good.append(self.decode([i]))
-                    except DecodeError:
-                        break
-                if not allow_truncated:
-                    k = s + len(good)
-                    raise DataError(f"{self.path}: truncated or corrupt video: the container lists {n} frames "
-                                    f"but decoding fails at frame {k} ({e.problem}); allow truncated videos to "
-                                    f"keep the first {k}") from None
-                warnings.warn(f"{self.path}: truncated or corrupt video: kept the first {s + len(good)} of the {n} "
-                              f"frames its index lists (decoding fails at frame {s + len(good)})", DataWarning,
-                              stacklevel=2)
-                if good:
-                    yield s, resize_frames(torch.cat(good), size_wh).cpu()
-                self.truncated_at = s + len(good)
-                return
-            yield s, resize_frames(frames, size_wh).cpu()
+                err = e
+            if err is not None and seq is None and (seq := self._sequential()) is not None:
+                try:  # decord's read-ahead can fail a chunk before the bad packet: decode on sequentially
+                    frames, err = self.decode(idx, seq), None
+                except DecodeError as e:
+                    err = e
+            if err is None:
+                yield s, resize_frames(frames, size_wh).cpu()
+                continue
+            good = []
+            for i in idx:
+                try:
+                    good.append(self.decode([i], seq))
+                except DecodeError:
+                    break
+            k = s + len(good)
+            if not allow_truncated:
+                raise DataError(f"{self.path}: truncated or corrupt video: the container lists {n} frames "
+                                f"but decoding fails at frame {k} ({err.problem}); allow truncated videos to "
+                                f"keep the first {k}")
+            warnings.warn(f"{self.path}: truncated or corrupt video: kept the first {k} of the {n} "
+                          f"frames its index lists (decoding fails at frame {k})", DataWarning, stacklevel=2)
+            if good:
+                yield s, resize_frames(torch.cat(good), size_wh).cpu()
+            self.truncated_at = k
+            return
 
 
 def resize_frames(frames: torch.Tensor, size_wh: tuple[int, int] | None) -> torch.Tensor:

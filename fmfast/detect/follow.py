@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from fmfast.data.csvfiles import RATE, CurrentTail, parse_time, read_frame_times, resample
+from fmfast.data.decoders import resolve
 from fmfast.data.video import VideoReader, resize_frames
 from fmfast.detect.windows import WindowEngine
 from fmfast.errors import DataError, DecodeError, SettingsError
@@ -24,8 +25,9 @@ class FollowFeed:
 
     def __init__(self, video: str, current: str, size_wh: tuple[int, int], start: str | None = None,
                  timestamps: str | None = None, max_gap: float = 5.0, settle: float = 2.0, chunk: int = 64,
-                 decode_timeout: float = 60.0):
+                 decode_timeout: float = 60.0, decoder: str = "auto"):
         self.video, self.size_wh, self.max_gap = Path(video), size_wh, max_gap
+        self.decoder = resolve(decoder)  # decord or pyav, for every file of the recording
         self.settle, self.chunk, self.timeout = settle, chunk, decode_timeout
         self.start = parse_time(start, "start time") if start else None
         self.timestamps = timestamps
@@ -76,7 +78,7 @@ class FollowFeed:
         half written) -> (frames, pts, fps, n listed), or None when ``quiet`` and unreadable."""
         key = (path, path.stat().st_ino) if path.exists() else None
         try:  # the header is probed once per file, not at every re-open of a growing one
-            r = VideoReader(path, timeout=self.timeout, probe=key not in self._probed)
+            r = VideoReader(path, timeout=self.timeout, probe=key not in self._probed, decoder=self.decoder)
             self._probed.add(key)
         except DataError:
             if quiet:

@@ -19,12 +19,13 @@ from fmfast.progress import frame_progress
 
 def feed_file(engine: WindowEngine, video: str, current: str, start: str | None = None, timestamps: str | None = None,
               max_gap: float = 5.0, chunk: int = 64, allow_truncated: bool = False, decode_timeout: float = 60.0,
-              console=None) -> None:
+              console=None, decoder: str = "auto") -> str:
     """Own video + current log, offline: frames are aligned with the log by time
-    (``fmfast.data.ingest.align``), decoded in chunks and scored as they come."""
-    al = align(video, current, start, timestamps, max_gap, engine.s.current_seconds, decode_timeout)
+    (``fmfast.data.ingest.align``), decoded in chunks (by ``decoder``) and scored as they come.
+    Returns the decoder that ran (decord or pyav)."""
+    al = align(video, current, start, timestamps, max_gap, engine.s.current_seconds, decode_timeout, decoder)
     engine.add_current(al.current, al.first_second)
-    bar = frame_progress(console, "detect") if console is not None else contextlib.nullcontext()
+    bar = frame_progress(console, f"detect ({al.reader.backend})") if console is not None else contextlib.nullcontext()
     with bar:
         task = bar.add_task("frames", total=al.stop - al.first) if console is not None else None
         for s, frames in al.reader.chunks(engine.s.size_wh, chunk, allow_truncated):
@@ -39,6 +40,7 @@ def feed_file(engine: WindowEngine, video: str, current: str, start: str | None 
     if engine.n <= engine.need:
         raise DataError(f"{video}: {engine.n} frames inside the current log; the model's clip needs "
                         f"{engine.need + 1}")
+    return al.reader.backend
 
 
 def feed_v2(engine: WindowEngine, root: str, name: str, chunk: int = 256):

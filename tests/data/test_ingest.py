@@ -1,4 +1,5 @@
-"""Ingestion of own recordings: real (tiny) video files encoded here, decoded by decord."""
+"""Ingestion of own recordings: real (tiny) video files encoded here, decoded by decord (and,
+where it matters, by PyAV: the same frames)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,10 @@ from helpers.recordings import (audio_only, corrupt_tail, frame_index, frames, s
 from fmfast.cli.common import run_main
 from fmfast.errors import FmfastError
 from fmfast.data.csvfiles import read_current_csv, resample
+from fmfast.data.decoders import importable
 from fmfast.cli.ingest import main
+
+DECODERS = [b for b in ("decord", "pyav") if importable(b)]  # every installed decoder
 
 
 def ingest(*argv):
@@ -40,10 +44,11 @@ def read_root(root, name):
     return data, label, ts, cur
 
 
-def test_ingest_v2_layout(video, tmp_path):
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_ingest_v2_layout(video, tmp_path, decoder):
     cur, v = v2_current(tmp_path / "cur.csv", first=-5, seconds=10)
     root = tmp_path / "root"
-    assert ingest(video, cur, "--out", root, "--start", start(), "--size", "40x24") == 0
+    assert ingest(video, cur, "--out", root, "--start", start(), "--size", "40x24", "--decoder", decoder) == 0
     data, label, ts, rows = read_root(root, "cam")
     # frame count, resize to [W=40, H=24] in the stored [T,3,W,H] order, frames in order
     assert data.shape == (50, 3, 40, 24) and data.dtype == np.uint8
@@ -192,11 +197,12 @@ def test_ingested_root_reads_with_fmf_dataset(video, tmp_path):
     np.testing.assert_allclose(np.asarray(current), v[6:14], rtol=1e-6)
 
 
-def test_allow_truncated_keeps_decodable_frames(video, tmp_path):
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_allow_truncated_keeps_decodable_frames(video, tmp_path, decoder):
     bad = corrupt_tail(write_video(tmp_path / "x.mp4", frames(50)), tmp_path / "bad.mp4")
     cur, _ = v2_current(tmp_path / "cur.csv", first=-5, seconds=10)
     root = tmp_path / "root"
-    ingest(bad, cur, "--out", root, "--start", start(), "--size", "16", "--allow-truncated")
+    ingest(bad, cur, "--out", root, "--start", start(), "--size", "16", "--allow-truncated", "--decoder", decoder)
     data, _, ts, _ = read_root(root, "bad")
     assert 0 < len(data) < 50 and len(ts) == 1 + len(data)
     np.testing.assert_array_equal(frame_index(data), np.arange(len(data)))
@@ -236,13 +242,17 @@ CASES = ["garbage", "empty file", "zero frames", "truncated", "lists more frames
          "bad timestamp", "no overlap", "no start", "timestamps count", "bad start", "bad size", "labels count"]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_bad_input_one_line_exit_2_no_output(case, video, tmp_path, capfd):
+VIDEO_CASES = ["garbage", "empty file", "zero frames", "truncated", "lists more frames"]
+
+
+@pytest.mark.parametrize("case, decoder", [(c, "auto") for c in CASES] +
+                         [(c, "pyav") for c in VIDEO_CASES if "pyav" in DECODERS and "decord" in DECODERS])
+def test_bad_input_one_line_exit_2_no_output(case, video, tmp_path, capfd, decoder):
     argv, names, says = _bad_inputs(tmp_path, video)[case]
     root = tmp_path / "root"
     capfd.readouterr()
     with pytest.raises(SystemExit) as e:
-        ingest(*argv, "--out", root)
+        ingest(*argv, "--out", root, "--decoder", decoder)
     assert e.value.code == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1, err  # nothing from FFmpeg or decord leaks out

@@ -11,6 +11,7 @@ import pytest
 
 from fmfast.cli.common import run_main
 from fmfast.cli.ingest import main
+from fmfast.data.decoders import importable
 from fmfast.data.probe import probe
 from fmfast.errors import DataError
 from helpers.recordings import cut_file, frames, lying_avi, stamp, v2_current, write_video
@@ -31,6 +32,10 @@ def media(tmp_path_factory):
     return d, full, cur
 
 
+# every installed decoder (decord is absent where it has no wheel)
+DECODERS = [b for b in ("decord", "pyav") if importable(b)]
+
+
 def lines(capfd):
     return [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
 
@@ -44,6 +49,7 @@ def test_lying_avi_header_is_refused_before_decord_sees_it(media, tmp_path, capf
     assert not (tmp_path / "root").exists()
 
 
+@pytest.mark.skipif("decord" not in DECODERS, reason="decord (the decoder that aborts) is not installed")
 def test_a_decoder_abort_is_an_error_naming_the_file_with_what_it_said(media, tmp_path, capfd, monkeypatch):
     """Without the header check (no PyAV, or a container it misreads) decord itself meets the
     lie and aborts with std::bad_alloc: in the probe's child, so it is one line here."""
@@ -58,17 +64,19 @@ def test_a_decoder_abort_is_an_error_naming_the_file_with_what_it_said(media, tm
     assert len(err) == 1 and "crashed" in err[0] and "lie.avi" in err[0], err
 
 
-def test_half_cut_mkv_is_an_error_unless_truncation_is_allowed(media, tmp_path, capfd):
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_half_cut_mkv_is_an_error_unless_truncation_is_allowed(media, tmp_path, capfd, decoder):
     d, full, cur = media
     cut = cut_file(full, tmp_path / "cut.mkv")
-    assert ingest(cut, cur, "--out", tmp_path / "root", "--start", stamp(0), "--size", "16") == 2
+    assert ingest(cut, cur, "--out", tmp_path / "root", "--start", stamp(0), "--size", "16", "--decoder", decoder) == 2
     err = lines(capfd)
     assert len(err) == 1 and "cut.mkv: truncated video: the container header declares 250 frames" in err[0], err
     assert not (tmp_path / "root").exists()
 
-    assert ingest(cut, cur, "--out", tmp_path / "root", "--start", stamp(0), "--size", "16", "--allow-truncated") == 0
+    assert ingest(cut, cur, "--out", tmp_path / "root", "--start", stamp(0), "--size", "16", "--allow-truncated",
+                  "--decoder", decoder) == 0
     err = lines(capfd)
-    kept = probe(cut).indexed
+    kept = probe(cut, backend=decoder).indexed
     assert 0 < kept < 250
     assert [ln for ln in err if ln.startswith("warning: ")] == [
         f"warning: {cut}: truncated video: kept the {kept} frames in the file of the 250 its header declares"], err
@@ -76,18 +84,26 @@ def test_half_cut_mkv_is_an_error_unless_truncation_is_allowed(media, tmp_path, 
         assert f["data"].shape[0] == kept
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("fraction", [0.02, 0.3, 0.9])
-def test_cut_anywhere_is_clean(media, tmp_path, capfd, fraction):
+def test_cut_anywhere_is_clean(media, tmp_path, capfd, fraction, decoder):
     d, full, cur = media
     cut = cut_file(full, tmp_path / "cut.mkv", fraction)
-    code = ingest(cut, cur, "--out", tmp_path / "root", "--start", stamp(0), "--size", "16")
+    code = ingest(cut, cur, "--out", tmp_path / "root", "--start", stamp(0), "--size", "16", "--decoder", decoder)
     err = lines(capfd)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "cut.mkv" in err[0], err
 
 
-def test_the_probe_of_a_good_file(media):
-    p = probe(media[1])
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_the_probe_of_a_good_file(media, decoder):
+    p = probe(media[1], backend=decoder)
     assert (p.declared, p.indexed, p.fps, p.height, p.width) == (250, 250, 25.0, 48, 80)
+
+
+def test_pyav_reads_the_frames_of_a_lying_avi_decord_aborts_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("FMFAST_PROBE_HEADER", "0")  # (the header check refuses it first otherwise)
+    p = probe(lying_avi(tmp_path / "lie.avi", n_frames=20), backend="pyav")
+    assert (p.declared, p.indexed, p.height, p.width) == (0, 20, 48, 80)
 
 
 def _tmpfs(path, opts):

@@ -20,6 +20,7 @@ from fmfast.cli.common import run_main
 from fmfast.errors import FmfastError
 from fmfast.models.config import ModelConfig
 from fmfast.cli.detect import main
+from fmfast.data.decoders import LABEL, importable
 from fmfast.models import build_model
 
 T, S, HOP = 4, 4, 2  # tiny model: 4-frame clips at stride 2, 4 s of current
@@ -86,13 +87,15 @@ def test_alarm_stream_emits_on_confirmation():
 
 
 # -- end to end -----------------------------------------------------------------------------------
-def test_detect_classification_end_to_end(rec, tmp_path, capsys):
+@pytest.mark.parametrize("decoder", [b for b in ("decord", "pyav") if importable(b)])
+def test_detect_classification_end_to_end(rec, tmp_path, capsys, decoder):
     d, video, cur, cls, _ = rec
     out = tmp_path / "out"
     assert detect("--checkpoint", cls, video, cur, "--start", stamp(0), "--out", out, "--hop", HOP,
-                  "--on", 0.0, "--off", 0.0, "--min-duration", 0) == 0
+                  "--on", 0.0, "--off", 0.0, "--min-duration", 0, "--decoder", decoder) == 0
     printed = capsys.readouterr().out
     assert "faster than real time" in printed and "4.0 s of recording" in printed
+    assert f"decoding included ({LABEL[decoder]})" in printed
     w = read_csv(out / "windows.csv")
     need = (T - 1) * 2
     assert [int(r["frame"]) for r in w] == list(range(need, 40, HOP))
@@ -271,6 +274,18 @@ def test_follow_growing_file(rec, tmp_path, capsys):
 
 
 # -- bad input --------------------------------------------------------------------------------------
+def test_a_decoder_that_is_not_installed_is_one_line(rec, tmp_path, capfd, monkeypatch):
+    d, video, cur, cls, _ = rec
+    monkeypatch.setitem(sys.modules, "decord", None)  # `import decord` raises ImportError
+    for extra in ([], ["--follow"]):
+        with pytest.raises(SystemExit) as e:
+            detect("--checkpoint", cls, video, cur, "--start", stamp(0), "--out", tmp_path / "out", "--decoder",
+                   "decord", *extra)
+        err = capfd.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err == ["error: --decoder decord: decord is not installed (pip install decord2)"]
+        assert not (tmp_path / "out").exists()
+
+
 def test_bad_inputs(rec, tmp_path, capfd):
     d, video, cur, cls, _ = rec
     (tmp_path / "junk.pt").write_bytes(b"junk")

@@ -27,13 +27,17 @@ def frame_index(stored: np.ndarray) -> np.ndarray:
     return np.round(stored[:, 0].reshape(len(stored), -1).mean(1) / 5).astype(int)
 
 
-def write_video(path, fr: np.ndarray, fps: int = 25, codec: str = "libx264", crf: int = 4, **options) -> Path:
+def write_video(path, fr: np.ndarray, fps: int = 25, codec: str = "libx264", crf: int = 4, gop: int | None = None,
+                **options) -> Path:
+    """``gop``: a keyframe every ``gop`` frames, with B-frames (x264: seeking has keyframes to go to)."""
     path = Path(path)
     c = av.open(str(path), "w", options=options)
     s = c.add_stream(codec, rate=fps)
     s.width, s.height, s.pix_fmt = fr.shape[2], fr.shape[1], "yuv420p"
     if codec == "libx264":
         s.options = {"crf": str(crf)}  # default near-lossless: frame contents are checked after decoding
+        if gop:
+            s.options |= {"g": str(gop), "keyint_min": str(gop), "bf": "3"}
     for f in fr:
         for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
             c.mux(p)
