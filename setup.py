@@ -19,10 +19,11 @@ setup(
         "h5py",
         # decord2, the maintained fork of decord 0.6.0 (installed as `import decord`; the same
         # frames, as fast), where it has wheels: it has no source release, so elsewhere (macOS
-        # x86_64, other CPUs, newer Pythons) none is required and fmfast decodes with PyAV (av)
-        "decord2; python_version < '3.15' and ((platform_system == 'Linux' and (platform_machine == 'x86_64'"
-        " or platform_machine == 'aarch64')) or (platform_system == 'Darwin' and platform_machine == 'arm64')"
-        " or (platform_system == 'Windows' and platform_machine == 'AMD64'))",
+        # before 14 = Darwin 23, macOS x86_64, other CPUs, newer Pythons) none is required and
+        # fmfast decodes with PyAV (av)
+        "decord2>=3.4; python_version < '3.15' and ((platform_system == 'Linux' and (platform_machine == 'x86_64'"
+        " or platform_machine == 'aarch64')) or (platform_system == 'Darwin' and platform_machine == 'arm64'"
+        " and platform_release >= '23') or (platform_system == 'Windows' and platform_machine == 'AMD64'))",
         # av reads a video's container header in the probe (fmfast/data/probe.py): the frame
         # count it declares is how a truncated recording is told from a short one (decord
         # does not expose it) and how a lying header is refused before decord allocates for it
