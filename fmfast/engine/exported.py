@@ -68,7 +68,9 @@ def load_exported(path) -> tuple[ExportedModel, dict]:
 
 
 def _unreadable(path, what: str, e: Exception) -> CheckpointError:
-    first = (str(e).strip().splitlines() or [""])[0][:160]
+    # OpenVINO leads with "Exception from src/...cpp:84:" lines; the reason follows them
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Exception from ")]
+    first = (lines or [""])[0][:160]
     return CheckpointError(f"{path}: not a readable {what} ({type(e).__name__}: {first})")
 
 

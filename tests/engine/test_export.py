@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+from helpers.models import tiny_checkpoint, tiny_config
 from fmfast.cli.common import run_main
 from fmfast.cli.export import main
 from fmfast.engine import checkpoints as checkpoint
@@ -21,11 +22,6 @@ from fmfast.models.config import TASKS, ModelConfig
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "openvino": ".xml", "official": ".pth"}
 # torch 2.13's own warnings on the way, none caused by fmfast's calls (fmfast/engine/export_graphs.py says why)
 TORCH_INTERNAL = ("`isinstance(treespec, LeafSpec)` is deprecated",)
-
-
-def tiny_config(task="classification", **kw):
-    return ModelConfig(**{**dict(task=task, image_size=(32, 16), num_frames=4, dim=16, depth=1, heads=2, dim_head=8,
-                                 mlp_dim=32, current_len=8, seg_hidden_dims=(8, 8, 8)), **kw})
 
 
 def buildable():
@@ -45,17 +41,7 @@ CASES = buildable()
 
 
 def tiny(tmp_path, name="fmformer", task="classification", **kw):
-    torch.manual_seed(0)
-    m = build_model(name, tiny_config(task, **kw))
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval vs train mode would show
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.5, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
-    path = tmp_path / f"{name}_{task}.pt"
-    payload = checkpoint.model_payload(name, m, {"num_frames": 4, "stride": 2, "current_seconds": 4})
-    checkpoint.save(path, {**payload, "threshold": 0.375})
-    return path, m.eval()
+    return tiny_checkpoint(tmp_path, name, task, **kw)
 
 
 def exporting(*args):
