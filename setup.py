@@ -34,15 +34,18 @@ setup(
     ],
     entry_points={"console_scripts": ["fmfast = fmfast.cli:main"]},
     extras_require={
+        # fmfast export --format onnx/openvino (onnxscript: torch.onnx's torch.export-based
+        # exporter translates with it) and running those files (evaluate/detect/Predictor)
+        "export": ["onnx", "onnxscript", "onnxruntime", "openvino"],
         # the CPU bench's peers: ONNX Runtime and OpenVINO run an ONNX export of the same weights
-        "bench": ["onnx", "onnxruntime", "openvino"],
+        "bench": ["onnx", "onnxscript", "onnxruntime", "openvino"],
         # (av, a runtime dependency, also encodes the tests' videos and is the decoding peer in
-        # bench/); triton runs the kernels' tests on the CPU (TRITON_INTERPRET=1); onnx +
-        # onnxruntime check ONNX exports against PyTorch; scikit-learn (and its scipy) is the oracle
-        # the anomaly-detection metrics are tested against; uv resolves the runtime requirements
-        # for other platforms (tests/test_install.py)
+        # bench/); triton runs the kernels' tests on the CPU (TRITON_INTERPRET=1); onnx,
+        # onnxscript, onnxruntime and openvino make and check the exports; scikit-learn (and its
+        # scipy) is the oracle the anomaly-detection metrics are tested against; uv resolves the
+        # runtime requirements for other platforms (tests/test_install.py)
         "dev": ["triton; platform_system=='Linux'", "pytest", "pytest-benchmark", "hypothesis", "nvtx", "ruff",
-                "onnx", "onnxruntime", "scikit-learn", "uv"],
+                "onnx", "onnxscript", "onnxruntime", "openvino", "scikit-learn", "uv"],
         # training runs also write TensorBoard event files (scalars, curves, confusion images)
         "tensorboard": ["tensorboard"],
     },

@@ -64,11 +64,13 @@ def interleaved(fns: dict, rounds: int = ROUNDS) -> dict:
 
 
 def onnx_file(ref, tmp_path):
-    from fmfast.engine.export import Exported, export_onnx
+    from fmfast.engine.description import describe
+    from fmfast.engine.export import Exported
+    from fmfast.engine.export_graphs import write_onnx
 
     path = tmp_path / "fmformer.onnx"
     with torch.no_grad():
-        export_onnx(Exported(ref, "fmformer").eval(), path)
+        write_onnx(Exported(ref, "fmformer").eval(), path, describe("fmformer", ref.config))
     return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -68,6 +69,39 @@ def atomic_write(path: str | os.PathLike):
         raise
 
 
+@contextlib.contextmanager
+def atomic_files(entry: str | os.PathLike, *others: str | os.PathLike):
+    """Several files that belong together (a model and its weights, a state_dict and its
+    sidecar), written as one: yields a temporary folder next to ``entry`` in which the caller
+    writes each file under its own name. On success the old ``entry`` (the file a reader opens)
+    is removed first, the others are renamed into place, ``entry`` last: at no moment does an
+    ``entry`` stand next to the other half of another pair. On failure nothing is touched."""
+    entry = Path(entry)
+    paths = [Path(p) for p in others] + [entry]
+    if any(p.parent != entry.parent for p in paths):
+        raise ValueError("atomic_files: the files must share a folder")
+    for p in paths:
+        if p.is_symlink() or (p.exists() and not p.is_file()):
+            raise OutputError(f"{p}: exists and is not a regular file; refusing to replace it")
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.{os.getpid()}.", suffix=".tmp", dir=entry.parent))
+    except OSError as e:
+        raise output_error(entry, e) from None
+    try:
+        yield tmp
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
+        for p in paths:
+            os.replace(tmp / p.name, p)
+    except BaseException as e:
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
+            raise output_error(entry, e) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Remove the ``atomic_write`` temporaries in ``folder`` whose process is gone (a kill
     left them); -> the removed paths."""
@@ -79,7 +113,7 @@ def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
         parts = p.name.rsplit(".", 3)  # ['.NAME', 'PID', 'XXXX', 'tmp']
         if len(parts) == 4 and parts[1].isdigit() and not pid_alive(int(parts[1])):
             with contextlib.suppress(OSError):
-                p.unlink()
+                shutil.rmtree(p) if p.is_dir() else p.unlink()  # (atomic_files writes a folder)
                 gone.append(p)
     return gone
 

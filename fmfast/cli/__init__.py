@@ -17,7 +17,7 @@ COMMANDS = {
     "evaluate": "evaluate a checkpoint on a dataset split",
     "ingest": "turn an own recording (video + current log) into the FMF V2 layout",
     "detect": "slide a trained model over a recording and raise alarms",
-    "export": "export a trained model (ONNX, TorchScript, the reference code's state_dict)",
+    "export": "export a trained model (ONNX, pt2, OpenVINO, the reference code's state_dict)",
     "check": "check a dataset or a recording and report every problem found",
 }
 

@@ -42,7 +42,6 @@ from fmfast.detect.scorer import Scorer
 from fmfast.detect.sources import feed_file, feed_v2
 from fmfast.detect.windows import WindowEngine
 from fmfast.engine.checkpoints import load_model
-from fmfast.engine.device import resolve_device
 from fmfast.errors import SettingsError
 from fmfast.files import FolderLock, check_output
 from fmfast.progress import stderr_console
@@ -52,7 +51,7 @@ def build_parser(prog: str = "fmfast detect") -> Parser:
     p = Parser(prog=prog, description=__doc__)
     p.add_argument("video", nargs="?", help="video file (or, with --follow, a folder of segments)")
     p.add_argument("current", nargs="?", help="current log CSV")
-    p.add_argument("--checkpoint", required=True, help="fmfast checkpoint or reference-code state_dict")
+    p.add_argument("--checkpoint", required=True, help="fmfast checkpoint, reference-code state_dict or fmfast export (.onnx, .xml, .pt2)")
     p.add_argument("--recording", nargs=2, metavar=("V2ROOT", "NAME"), help="score a recording of a V2 root instead")
     p.add_argument("--out", required=True, help="folder for windows.csv, alarms.csv, timeline.png, overlays/")
     p.add_argument("--start", help='time of the first frame, "YYYY-MM-DD HH:MM:SS[.fff]"')
@@ -99,7 +98,7 @@ def main(argv=None) -> int:
 
 def _run(a, out: Path) -> int:
     model, meta = load_model(a.checkpoint)
-    scorer = Scorer(model, meta, str(resolve_device(a.device)), batch=a.batch, precision=a.precision,
+    scorer = Scorer(model, meta, a.device, batch=a.batch, precision=a.precision,
                     compile=a.compile)
     a.on, a.off, levels = default_levels(a.on, a.off, meta.get("threshold"))
     try:

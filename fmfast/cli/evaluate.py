@@ -1,6 +1,7 @@
 """Evaluate a checkpoint on an FMF split: ``fmfast evaluate --checkpoint PATH``.
 
-Reads fmfast checkpoints and the reference code's ``state_dict`` files alike; prints a table
+Reads fmfast checkpoints, the reference code's ``state_dict`` files and fmfast's exports (ONNX,
+OpenVINO .xml, pt2; the official format with its FILE.json sidecar) alike; prints a table
 and writes the metrics as JSON (next to the checkpoint unless --out). The decision metrics are
 reported at p = 0.5 and, under ``at_threshold``, at the threshold calibrated on the validation
 split during training (stored in best.pt; --threshold sets another). --save-predictions writes
@@ -15,7 +16,7 @@ from fmfast.errors import SettingsError
 
 def build_parser(prog: str = "fmfast evaluate") -> Parser:
     p = Parser(prog=prog, description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="fmfast checkpoint (best.pt/last.pt) or a reference state_dict")
+    p.add_argument("--checkpoint", required=True, help="fmfast checkpoint (best.pt/last.pt), a reference state_dict or an fmfast export (.onnx, .xml, .pt2)")
     p.add_argument("--data", default=None, help="dataset root (V1 or V2 layout) (default: the checkpoint's, else the built-in synthetic benchmark)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="the split to evaluate")
     p.add_argument("--task", choices=["classification", "segmentation"], help="required for reference state_dicts whose task is ambiguous")

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
+from fmfast.engine.description import described_model, read_description, sidecar
 from fmfast.errors import CheckpointError, CheckpointMismatch, OutputError
 from fmfast.files import atomic_write, output_error
-from fmfast.models import MODELS, ModelConfig, build_model
+from fmfast.models import MODELS, build_model
 from fmfast.models.registry import guess_official
 
 FORMAT = "fmfast"
@@ -68,28 +68,6 @@ def model_payload(model_name: str, model, data: dict | None = None) -> dict:
     }
 
 
-def _described_model(path, obj: dict):
-    """The model name and config an fmfast checkpoint stores, each checked -> (name, ModelConfig)."""
-    name = obj.get("model_name")
-    if name not in MODELS:
-        raise CheckpointError(f"{path}: unknown model name {name!r} (expected one of {', '.join(sorted(MODELS))})")
-    d = obj.get("model_config")
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: no model config (expected a dict under 'model_config')")
-    want = {f.name: f for f in fields(ModelConfig)}
-    unknown, missing = sorted(set(d) - set(want)), sorted(set(want) - set(d))
-    if unknown or missing:
-        raise CheckpointError(f"{path}: model config does not fit this fmfast version ("
-                              + "; ".join(x for x in (f"unknown keys: {', '.join(map(str, unknown))}" if unknown else "",
-                                                      f"missing keys: {', '.join(missing)}" if missing else "") if x)
-                              + ")")
-    try:
-        cfg = ModelConfig.from_dict(d)
-    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:  # __post_init__ checks
-        raise CheckpointError(f"{path}: unusable model config ({type(e).__name__}: {str(e)[:160]})") from None
-    return name, cfg
-
-
 def _load_weights(path, model, sd) -> None:
     """Weights into ``model``; missing/unexpected keys and shape differences named on one line."""
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -116,29 +94,56 @@ def calibrated_threshold(state: dict) -> float | None:
 def load_model(path: str | os.PathLike, map_location="cpu", task: str | None = None, model_name: str | None = None):
     """Build the model stored in ``path`` -> ``(model, meta)``.
 
-    Reads fmfast checkpoints and the reference code's ``state_dict`` files (whose model type
-    and task are inferred from their keys). ``task``/``model_name``, when given, must match.
+    Reads fmfast checkpoints, the reference code's ``state_dict`` files (model type and task
+    inferred from their keys, or read from the ``FILE.json`` sidecar that ``fmfast export
+    --format official`` writes) and fmfast's exports (.onnx, OpenVINO .xml, .pt2: a runner,
+    ``fmfast.engine.exported.ExportedModel``, in place of the module). ``task``/``model_name``,
+    when given, must match.
     """
-    obj = read(path, map_location)
-    if obj.get("format") == FORMAT:
-        name, cfg = _described_model(path, obj)
-        try:
-            model = build_model(name, cfg)
-        except (TypeError, ValueError, RuntimeError) as e:  # a config value of the wrong type or size
-            raise CheckpointError(f"{path}: cannot build the stored {name} model ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
-        _load_weights(path, model, obj.get("model"))
-        meta = {"model_name": name, "task": cfg.task, "data": obj.get("data", {}), "source": "fmfast",
-                "threshold": calibrated_threshold(obj), "selected_by": obj.get("selected_by")}
+    if Path(path).suffix in EXPORT_SUFFIXES:
+        from fmfast.engine.exported import load_exported
+
+        model, meta = load_exported(path)
     else:
-        try:
-            name, model = guess_official(obj, task=task)
-        except CheckpointMismatch as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        meta = {"model_name": name, "task": model.config.task, "data": {}, "source": "official", "threshold": None}
+        model, meta = _load_torch(path, map_location, task)
     if task is not None and meta["task"] != task:
         raise CheckpointError(f"{path}: a {meta['task']} checkpoint, but {task} was asked for")
     if model_name is not None and meta["model_name"] != model_name:
         raise CheckpointError(f"{path}: holds a '{meta['model_name']}' model, but '{model_name}' was asked for")
     assert meta["model_name"] in MODELS
     return model, meta
+
+
+EXPORT_SUFFIXES = (".onnx", ".xml", ".pt2")
+
+
+def _load_torch(path, map_location, task):
+    obj = read(path, map_location)
+    if obj.get("format") == FORMAT:
+        name, cfg = described_model(path, obj)
+        try:
+            model = build_model(name, cfg)
+        except (TypeError, ValueError, RuntimeError) as e:  # a config value of the wrong type or size
+            raise CheckpointError(f"{path}: cannot build the stored {name} model ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        _load_weights(path, model, obj.get("model"))
+        return model, {"model_name": name, "task": cfg.task, "data": obj.get("data", {}), "source": "fmfast",
+                       "threshold": calibrated_threshold(obj), "selected_by": obj.get("selected_by")}
+    side = sidecar(path)
+    if side.is_file():  # an fmfast export in the reference format: its sidecar says what it holds
+        try:
+            text = side.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{side}: cannot read the sidecar ({type(e).__name__})") from None
+        name, cfg, meta = read_description(side, text, "the sidecar")
+        try:
+            model = MODELS[name].from_official(obj, cfg=cfg)
+        except CheckpointMismatch as e:
+            raise CheckpointError(f"{path}: does not fit its sidecar {side.name}: {e}") from None
+        return model, {**meta, "source": "official"}
+    try:
+        name, model = guess_official(obj, task=task)
+    except CheckpointMismatch as e:
+        hint = f" (no sidecar {side.name} next to it, as fmfast export writes)" if "cannot tell" in str(e) else ""
+        raise CheckpointError(f"{path}: {e}{hint}") from None
+    return model, {"model_name": name, "task": model.config.task, "data": {}, "source": "official", "threshold": None}

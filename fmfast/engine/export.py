@@ -1,34 +1,35 @@
 """Export a trained model for deployment outside fmfast (``fmfast export``).
 
-onnx / torchscript: a graph taking ``video`` uint8 [B,3,T,W,H] (frames in the stored V2 axis
-order) and/or ``current`` float32 [B,2S,3] amperes, returning the logits [B,2] or [B,2,W,H];
-the batch size is free. official: the reference code's ``state_dict`` (its key names), which
-its ``torch.load`` + ``load_state_dict`` read.
+onnx (FILE.onnx), pt2 (FILE.pt2, ``torch.export``) and openvino (FILE.xml + FILE.bin): a graph
+taking ``video`` uint8 [B,3,T,W,H] (frames in the stored V2 axis order) and/or ``current``
+float32 [B,2S,3] amperes, returning ``logits`` [B,2] or [B,2,W,H]; the batch size is free
+(``fmfast.engine.export_graphs``). official: the reference code's ``state_dict`` (its key
+names, read by its ``torch.load`` + ``load_state_dict``) and a sidecar FILE.json.
 
-Every export is checked before it is put in place: the file is loaded back and run on a batch
-of a different size than the one it was traced with (ONNX through onnxruntime when installed)
-and compared with the PyTorch model; a mismatch is an error and leaves no file.
+Every export carries fmfast's description of the model (name, task, config shapes, data
+settings, threshold: ``fmfast.engine.description``), so ``fmfast.engine.checkpoints.load_model``,
+``Predictor``, ``fmfast evaluate`` and ``fmfast detect`` read it back. Every export is checked
+before it is put in place: loaded back by its own runtime (``fmfast.engine.exported``; the
+official file through ``load_model`` and its sidecar), run on a batch of a different size than
+the one it was traced with and compared with the PyTorch model; a mismatch is an error and
+leaves no file. Warnings from the exporters are not hidden.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import os
-import sys
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fmfast.engine.checkpoints import load_model
+from fmfast.engine.checkpoints import EXPORT_SUFFIXES, load_model
+from fmfast.engine.description import describe, sidecar
+from fmfast.engine.export_graphs import SUFFIX, WRITERS
 from fmfast.errors import ExportError, SettingsError
-from fmfast.files import atomic_write, check_output
+from fmfast.files import atomic_files, check_output
 from fmfast.models import INPUTS
 
-FORMATS = ("onnx", "torchscript", "official")
+FORMATS = ("onnx", "pt2", "openvino", "official")
+OPSET = 18  # the torch.export-based ONNX exporter's own opset; an older one is a lossy down-conversion
 
 
 class Exported(nn.Module):
@@ -64,100 +65,49 @@ def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> str:
     return f"max |diff| {err:.2g} vs PyTorch"
 
 
-@contextlib.contextmanager
-def _silenced():
-    """The exporters print graphs, progress and warnings, some from C++ straight to file
-    descriptors 1 and 2; keep the CLI's output to its one line."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    old_level = logging.root.manager.disable
-    with tempfile.TemporaryFile() as sink, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)
-        os.dup2(sink.fileno(), 1)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-            logging.disable(old_level)
-
-
-def export_onnx(w: Exported, path: Path, opset: int = 17) -> None:
-    names = w.input_names()
-    example = w.example(1)
-    with _silenced():
-        try:
-            torch.onnx.export(w, example, str(path), input_names=names, output_names=["logits"],
-                              dynamic_axes={n: {0: "batch"} for n in names + ["logits"]},
-                              opset_version=opset, dynamo=False)
-            return
-        except Exception as e:  # the TorchScript-based exporter cannot take every graph
-            legacy = e
-        try:
-            import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
-        except ImportError:
-            raise ExportError(f"ONNX export failed ({type(legacy).__name__}: {str(legacy).splitlines()[0][:200]}); "
-                            f"installing onnxscript enables the torch.export-based exporter") from None
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        torch.onnx.export(w, w.example(2), str(path), input_names=names, output_names=["logits"],
-                          dynamic_shapes={"x": {0: batch}, "y": {0: batch} if len(names) == 2 else None},
-                          opset_version=max(opset, 18),
-                          dynamo=True, verbose=False)
-
-
-def check_onnx(w: Exported, path: Path) -> str:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return "not checked: onnxruntime is not installed"
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def check(w: Exported, path: Path, out: Path) -> str:
+    """Load ``path`` as fmfast reads it and compare its logits with ``w``'s on a batch of 3
+    (the graphs were traced at 2); ``out`` names the file in the messages."""
+    runner, meta = load_model(path)
+    if meta["model_name"] != w.model_name or runner.config != w.model.config:
+        raise ExportError(f"{out}: the description read back ({meta['model_name']}, {runner.config}) "
+                          f"is not the model's")
+    if isinstance(runner, nn.Module):  # the official format: a module rebuilt from the state_dict
+        runner = Exported(runner.eval(), w.model_name)
     x = w.example(3, seed=1)
-    got = sess.run(None, {n: t.numpy() for n, t in zip(w.input_names(), x)})[0]
-    return "onnxruntime " + _close(torch.from_numpy(got), w(*x), str(path))
+    how = getattr(runner, "runtime", None) or f"{len(w.model.to_official())} tensors, reloaded with its sidecar"
+    return f"{how}: " + _close(runner(*x), w(*x), str(out))
 
 
-def export_torchscript(w: Exported, path: Path) -> None:
-    with _silenced():
-        traced = torch.jit.trace(w, w.example(1), check_trace=False)
-        torch.jit.save(traced, str(path))
-
-
-def check_torchscript(w: Exported, path: Path) -> str:
-    with _silenced():
-        loaded = torch.jit.load(str(path), map_location="cpu")
-    x = w.example(3, seed=1)
-    return "torch.jit.load " + _close(loaded(*x), w(*x), str(path))
-
-
-def export_official(w: Exported, path: Path) -> None:
+def _official(w: Exported, path: Path, description: str, opset: int = OPSET) -> None:
     torch.save({k: v.detach().cpu().clone() for k, v in w.model.to_official().items()}, path)
+    sidecar(path).write_text(description + "\n")
 
 
-def check_official(w: Exported, path: Path) -> str:
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    back = type(w.model).from_official(sd, task=w.model.config.task, cfg=w.model.config).eval()
-    x = w.example(3, seed=1)
-    return f"{len(sd)} tensors, reloaded with from_official: " + _close(Exported(back, w.model_name)(*x), w(*x),
-                                                                          str(path))
+def outputs(fmt: str, out: Path) -> list[Path]:
+    """The files an export to ``out`` writes, the one a reader opens first."""
+    want = SUFFIX.get(fmt)
+    if want is not None and out.suffix != want:
+        raise SettingsError(f"{out}: a {fmt} export is read back by its name; give a file name ending in {want}")
+    if fmt == "official" and out.suffix in EXPORT_SUFFIXES + (".json",):
+        raise SettingsError(f"{out}: name the official state_dict .pth or .pt ({out.suffix} is read as another format)")
+    return [out] + ([out.with_suffix(".bin")] if fmt == "openvino" else [sidecar(out)] if fmt == "official" else [])
 
 
-def export(checkpoint: str, fmt: str, out: str, opset: int = 17) -> str:
+def export(checkpoint: str, fmt: str, out: str, opset: int = OPSET) -> str:
     """Write ``out`` in ``fmt`` after checking it; returns what the check found."""
     if fmt not in FORMATS:
         raise SettingsError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    check_output(out, "file")
-    model, meta = load_model(checkpoint)
-    w = Exported(model.eval(), meta["model_name"]).eval()
-    write, check = {"onnx": (export_onnx, check_onnx), "torchscript": (export_torchscript, check_torchscript),
-                    "official": (export_official, check_official)}[fmt]
     out = Path(out)
-    with torch.inference_mode(False), torch.no_grad(), atomic_write(out) as tmp:
-        write(w, *( (tmp, opset) if fmt == "onnx" else (tmp,) ))
+    files = outputs(fmt, out)
+    for f in files:
+        check_output(f, "file")
+    model, meta = load_model(checkpoint)
+    if not isinstance(model, nn.Module):
+        raise SettingsError(f"{checkpoint}: already an export ({meta['source']}); export from the checkpoint")
+    w = Exported(model.eval(), meta["model_name"]).eval()
+    write = WRITERS.get(fmt, _official)
+    with torch.inference_mode(False), torch.no_grad(), atomic_files(*files) as tmp:
+        write(w, tmp / out.name, describe(meta["model_name"], model.config, meta), opset)
         w.eval()  # exporters restore the mode they found; keep BatchNorm in eval for the check
-        return check(w, tmp)
+        return check(w, tmp / out.name, out)

@@ -19,6 +19,8 @@ What runs (``pred.path`` says it in words, ``pred.note`` why, e.g. a fallback):
   model eagerly, with the reason.
 - CUDA: the Triton kernels in bf16 and the forward captured as one CUDA graph (replayed per
   chunk); eager, with the reason, where capture fails.
+- An exported file (``fmfast export``: .onnx, OpenVINO .xml, .pt2): its own runtime
+  (onnxruntime, OpenVINO, torch.export) on the CPU in fp32, chunked as above.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch
 
 from fmfast.data.gather import gather_clip
 from fmfast.engine.device import autocast, native_bf16, resolve_device
+from fmfast.engine.exported import ExportedModel
 from fmfast.errors import SettingsError
 from fmfast.models import INPUTS, MODELS, call
 
@@ -56,8 +59,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 class Predictor:
     """``Predictor(checkpoint_or_model, device="auto", precision="auto", batch_size=32,
-    compile="auto")``: see the module docstring. ``compile``: "auto" (compile on a CPU, capture on
-    CUDA), "off" (eager), "on" (a failure to compile is an error)."""
+    compile="auto")``: see the module docstring. ``model`` may also be an exported file (or
+    its ``fmfast.engine.exported.ExportedModel``): it runs in its own runtime on the CPU, fp32.
+    ``compile``: "auto" (compile on a CPU, capture on CUDA), "off" (eager), "on" (a failure to
+    compile is an error)."""
 
     def __init__(self, model, device: str = "auto", precision: str = "auto", batch_size: int = 32,
                  compile: str = "auto", meta: dict | None = None):
@@ -70,11 +75,14 @@ class Predictor:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise SettingsError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.meta = dict(meta or {})
+        self.batch_size = batch_size
+        if isinstance(model, ExportedModel):
+            self._exported(model, device, precision, compile)
+            return
         self.name = self.meta.get("model_name") or model_name(model)
         self.inputs = INPUTS[self.name]
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
-        self.batch_size = batch_size
         self.model = model.to(self.device).eval()
         self.config = self.model.config
         self._run = self._eager
@@ -90,10 +98,27 @@ class Predictor:
                 self._run = self._eager
                 self.note = f"eager ({kind} unavailable: {type(e).__name__}: {str(e).splitlines()[0][:160]})"
 
+    def _exported(self, model: ExportedModel, device: str, precision: str, compile: str) -> None:
+        """An exported file: its own runtime, on the CPU, in fp32, as it was checked at export."""
+        what = f"the exported {model.runtime} model {model.path}"
+        self.device = torch.device("cpu") if device == "auto" else resolve_device(device)
+        model.to(self.device)  # a CUDA device is refused, in words
+        if precision not in ("auto", "fp32"):
+            resolve_precision(precision, self.device)  # an unknown name: that error
+            raise SettingsError(f"precision {precision}: {what} runs in fp32")
+        if compile == "on":
+            raise SettingsError(f"compile on: {what} runs in its own runtime, not torch.compile")
+        self.name, self.model, self.config, self.dtype = model.name, model, model.config, None
+        self.inputs = INPUTS[self.name]
+        self.note = f"exported file ({model.path.suffix[1:]})"
+        self._run = self._eager
+
     @property
     def path(self) -> str:
         prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
         backend = "triton kernels" if self.device.type == "cuda" else "fused SDPA"
+        if isinstance(self.model, ExportedModel):
+            backend = self.model.runtime
         return f"{self.name} on {self.device.type}, {backend}, {prec}, {self.note}"
 
     # ---- the forward on one padded chunk -------------------------------------------------

@@ -82,7 +82,7 @@ def test_train_help_shows_each_default_and_the_cpu_profile(capsys):
     ("evaluate", ["--batch-size BATCH_SIZE samples per forward pass (default: 128)", "(default: test)"]),
     ("ingest", ["(default: 64)", "(default: 5.0)", "(default: test)"]),
     ("detect", ["frames between window ends (default: 10)", "(default: the threshold calibrated on validation", "(default: 2/3 of --on)"]),
-    ("export", ["ONNX opset (default: 17)"]),
+    ("export", ["ONNX opset (onnx and openvino) (default: 18)", "use pt2"]),
 ])
 def test_other_helps_show_defaults(name, needles, capsys):
     text = help_text(name, capsys)
