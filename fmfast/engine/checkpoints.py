@@ -144,6 +144,9 @@ def _load_torch(path, map_location, task):
     try:
         name, model = guess_official(obj, task=task)
     except CheckpointMismatch as e:
-        hint = f" (no sidecar {side.name} next to it, as fmfast export writes)" if "cannot tell" in str(e) else ""
-        raise CheckpointError(f"{path}: {e}{hint}") from None
+        msg = str(e)
+        if "cannot tell" in msg:  # the shapes a sidecar carries; the keyword hint is for from_official's callers
+            msg = (msg.split("; pass image_size")[0] + f": no sidecar {side.name} next to it, as fmfast's official "
+                   "export writes (from Python: from_official(..., image_size=, num_frames=))")
+        raise CheckpointError(f"{path}: {msg}") from None
     return model, {"model_name": name, "task": model.config.task, "data": {}, "source": "official", "threshold": None}
