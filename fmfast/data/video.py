@@ -108,15 +108,17 @@ class VideoReader:
         for device in devices:
             with _captured_fd2() as log:
                 try:
-                    # opening indexes every packet: allow for reading the file at >= 20 MB/s
-                    limit = self.timeout + self.path.stat().st_size / 20e6
-                    return _run_bounded(lambda d=device: decoders.open_decoder(backend, str(self.path), d), limit,
-                                        str(self.path)), None, log
+                    return _run_bounded(lambda d=device: decoders.open_decoder(backend, str(self.path), d),
+                                        self._open_limit(), str(self.path)), None, log
                 except DataError:
                     raise
                 except Exception as e:  # DECORDError, av.error.*, RuntimeError, IndexError ...
                     err = e
         return None, err, log
+
+    def _open_limit(self) -> float:
+        """Seconds an open may take: opening indexes every packet, so allow reading at >= 20 MB/s."""
+        return self.timeout + self.path.stat().st_size / 20e6
 
     def __len__(self) -> int:
         return self.info.frames
@@ -152,7 +154,7 @@ class VideoReader:
         with _captured_fd2():
             try:
                 return _run_bounded(lambda: decoders.open_decoder("pyav", str(self.path), threads=False),
-                                    self.timeout + self.path.stat().st_size / 20e6, str(self.path))
+                                    self._open_limit(), str(self.path))
             except Exception:  # (PyAV cannot read it: ours says why)
                 return None
 
@@ -168,12 +170,12 @@ class VideoReader:
         """
         n = len(self)
         if self.declared > n + max(1, n // 200):  # the header's duration says more than the file holds
-            if not allow_truncated:
-                raise DataError(f"{self.path}: truncated video: the container header declares {self.declared} frames "
-                                f"but the file holds {n} (cut off while recording?); allow truncated videos "
-                                f"(--allow-truncated) to keep the first {n}")
-            warnings.warn(f"{self.path}: truncated video: kept the {n} frames in the file of the {self.declared} "
-                          f"its header declares", DataWarning, stacklevel=2)
+            self._truncated(allow_truncated,
+                            f"truncated video: the container header declares {self.declared} frames but the file "
+                            f"holds {n} (cut off while recording?); allow truncated videos (--allow-truncated) to "
+                            f"keep the first {n}",
+                            f"truncated video: kept the {n} frames in the file of the {self.declared} its header "
+                            f"declares")
         seq = None  # the sequential decoder, from the first chunk that fails on
         for s in range(0, n, chunk):
             idx = list(range(s, min(s + chunk, n)))
@@ -197,16 +199,22 @@ class VideoReader:
                 except DecodeError:
                     break
             k = s + len(good)
-            if not allow_truncated:
-                raise DataError(f"{self.path}: truncated or corrupt video: the container lists {n} frames "
-                                f"but decoding fails at frame {k} ({err.problem}); allow truncated videos to "
-                                f"keep the first {k}")
-            warnings.warn(f"{self.path}: truncated or corrupt video: kept the first {k} of the {n} "
-                          f"frames its index lists (decoding fails at frame {k})", DataWarning, stacklevel=2)
+            self._truncated(allow_truncated,
+                            f"truncated or corrupt video: the container lists {n} frames but decoding fails at "
+                            f"frame {k} ({err.problem}); allow truncated videos to keep the first {k}",
+                            f"truncated or corrupt video: kept the first {k} of the {n} frames its index lists "
+                            f"(decoding fails at frame {k})")
             if good:
                 yield s, resize_frames(torch.cat(good), size_wh).cpu()
             self.truncated_at = k
             return
+
+
+    def _truncated(self, allowed: bool, refusal: str, kept: str) -> None:
+        """A video that holds fewer frames than it says: an error, or where ``allowed`` a warning."""
+        if not allowed:
+            raise DataError(f"{self.path}: {refusal}")
+        warnings.warn(f"{self.path}: {kept}", DataWarning, stacklevel=3)
 
 
 def resize_frames(frames: torch.Tensor, size_wh: tuple[int, int] | None) -> torch.Tensor:
