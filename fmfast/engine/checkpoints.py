@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from fmfast.engine.description import described_model, read_description, sidecar
+from fmfast.engine.exported import RUNTIMES, load_exported
 from fmfast.errors import CheckpointError, CheckpointMismatch, OutputError
 from fmfast.files import atomic_write, output_error
 from fmfast.models import MODELS, build_model
@@ -100,9 +101,7 @@ def load_model(path: str | os.PathLike, map_location="cpu", task: str | None = N
     ``fmfast.engine.exported.ExportedModel``, in place of the module). ``task``/``model_name``,
     when given, must match.
     """
-    if Path(path).suffix in EXPORT_SUFFIXES:
-        from fmfast.engine.exported import load_exported
-
+    if Path(path).suffix in RUNTIMES:  # an fmfast export: its own runtime
         model, meta = load_exported(path)
     else:
         model, meta = _load_torch(path, map_location, task)
@@ -112,9 +111,6 @@ def load_model(path: str | os.PathLike, map_location="cpu", task: str | None = N
         raise CheckpointError(f"{path}: holds a '{meta['model_name']}' model, but '{model_name}' was asked for")
     assert meta["model_name"] in MODELS
     return model, meta
-
-
-EXPORT_SUFFIXES = (".onnx", ".xml", ".pt2")
 
 
 def _load_torch(path, map_location, task):

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fmfast.engine.checkpoints import EXPORT_SUFFIXES, load_model
+from fmfast.engine.checkpoints import load_model
 from fmfast.engine.description import describe, sidecar
 from fmfast.engine.export_graphs import SUFFIX, WRITERS
+from fmfast.engine.exported import RUNTIMES
 from fmfast.errors import ExportError, SettingsError
 from fmfast.files import atomic_files, check_output
 from fmfast.models import INPUTS
@@ -89,7 +90,7 @@ def outputs(fmt: str, out: Path) -> list[Path]:
     want = SUFFIX.get(fmt)
     if want is not None and out.suffix != want:
         raise SettingsError(f"{out}: a {fmt} export is read back by its name; give a file name ending in {want}")
-    if fmt == "official" and out.suffix in EXPORT_SUFFIXES + (".json",):
+    if fmt == "official" and out.suffix in (*RUNTIMES, ".json"):
         raise SettingsError(f"{out}: name the official state_dict .pth or .pt ({out.suffix} is read as another format)")
     return [out] + ([out.with_suffix(".bin")] if fmt == "openvino" else [sidecar(out)] if fmt == "official" else [])
 

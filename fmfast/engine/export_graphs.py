@@ -19,17 +19,10 @@ from pathlib import Path
 import torch
 
 from fmfast.engine.description import KEY
-from fmfast.engine.exported import INSTALL
+from fmfast.engine.exported import need
 from fmfast.errors import ExportError
 
 BATCH_MAX = 65536
-
-
-def _need(module: str, what: str):
-    try:
-        return __import__(module)
-    except ImportError:
-        raise ExportError(f"{what} needs {module}, which is not installed: {INSTALL}") from None
 
 
 def _failed(path, what: str, e: Exception) -> ExportError:
@@ -49,8 +42,8 @@ def _program(w, path: Path):
 
 def write_onnx(w, path: Path, description: str, opset: int = 18) -> None:
     """``w`` (an ``fmfast.engine.export.Exported``) as ONNX at ``path``, one file (weights inside)."""
-    _need("onnx", "ONNX export")
-    _need("onnxscript", "ONNX export")  # the torch.export-based exporter translates with it
+    need("onnx", "ONNX export", ExportError)
+    need("onnxscript", "ONNX export", ExportError)  # the torch.export-based exporter translates with it
     exported = _program(w, path)
     try:
         # the ExportedProgram, not the module + dynamic_shapes: given those, torch renames the
@@ -73,7 +66,7 @@ def write_pt2(w, path: Path, description: str, opset: int = 18) -> None:
 def write_openvino(w, path: Path, description: str, opset: int = 18) -> None:
     """``w`` as OpenVINO IR: ``path`` (FILE.xml) and FILE.bin next to it, fp32 weights. Converted
     from the ONNX graph, which keeps the input names and the free batch axis."""
-    ov = _need("openvino", "OpenVINO export")
+    ov = need("openvino", "OpenVINO export", ExportError)
     onnx_path = path.with_suffix(".onnx")
     write_onnx(w, onnx_path, description, opset)
     try:

@@ -74,15 +74,16 @@ def _unreadable(path, what: str, e: Exception) -> CheckpointError:
     return CheckpointError(f"{path}: not a readable {what} ({type(e).__name__}: {first})")
 
 
-def _need(module: str, path, what: str):
+def need(module: str, what: str, error: type[Exception] = SettingsError):
+    """``import module``, or one ``error`` saying that ``what`` needs it and which extra brings it."""
     try:
         return __import__(module)
     except ImportError:
-        raise SettingsError(f"{path}: running {what} needs {module}: {INSTALL}") from None
+        raise error(f"{what} needs {module}, which is not installed: {INSTALL}") from None
 
 
 def _onnx(path: Path):
-    ort = _need("onnxruntime", path, "an ONNX export")
+    ort = need("onnxruntime", f"{path}: running an ONNX export")
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 -- onnxruntime raises its own classes for a bad file
@@ -97,7 +98,7 @@ def _onnx(path: Path):
 
 
 def _openvino(path: Path):
-    ov = _need("openvino", path, "an OpenVINO export")
+    ov = need("openvino", f"{path}: running an OpenVINO export")
     if not path.with_suffix(".bin").is_file():
         raise CheckpointError(f"{path}: its weights {path.with_suffix('.bin').name} are missing")
     core = ov.Core()
