@@ -89,7 +89,7 @@ def outputs(fmt: str, out: Path) -> list[Path]:
     """The files an export to ``out`` writes, the one a reader opens first."""
     want = SUFFIX.get(fmt)
     if want is not None and out.suffix != want:
-        raise SettingsError(f"{out}: a {fmt} export is read back by its name; give a file name ending in {want}")
+        raise SettingsError(f"{out}: {fmt} exports are read back by their name; give a file name ending in {want}")
     if fmt == "official" and out.suffix in (*RUNTIMES, ".json"):
         raise SettingsError(f"{out}: name the official state_dict .pth or .pt ({out.suffix} is read as another format)")
     return [out] + ([out.with_suffix(".bin")] if fmt == "openvino" else [sidecar(out)] if fmt == "official" else [])
