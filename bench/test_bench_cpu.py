@@ -8,8 +8,11 @@ tokens); the same weights everywhere. Inference peers (B=1 and B=32, 1 and 2 thr
   (b)   (a) under ``torch.compile`` (inductor, freezing), fp32;
   (c)   ONNX Runtime, fp32, from an ONNX export of the same weights;
   (d)   OpenVINO from the same ONNX file, fp32 and bf16 (its inference precision hint).
-Training step (B=32): ours = the fused backend eager, fp32 (what ``fmfast train`` runs on a CPU)
-and at ``--amp bf16``, vs (a) and (b) in training mode (forward, cross-entropy, backward, Adam).
+Training step (B=32): ours = what ``fmfast train`` runs on a CPU (the fused backend eager at
+``--amp auto``: bf16 where the CPU has native bf16, the attention differentiated in fp32) and at
+``--amp off`` (fp32), vs (a) and (b) in training mode (forward, cross-entropy, backward, Adam).
+Attention (forward + backward): PyTorch's CPU SDPA on bf16 inputs in bf16 vs in fp32, why the
+training path differentiates it in fp32.
 
 Parity first: fp32 peers within 1e-4 of (a); bf16 ones within 2x plain PyTorch bf16 autocast's
 error plus a floor (flash-attention style). Then the peers are timed interleaved, round by round,
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from _common import check
 
 from fmfast import FmFormer, ModelConfig, Predictor
-from fmfast.engine.device import native_bf16
+from fmfast.engine.device import native_bf16, resolve_amp
 
 RUN = os.environ.get("FMFAST_BENCH_CPU") == "1"
 pytestmark = pytest.mark.skipif(not RUN, reason="CPU paper-shape bench: compiles the model several times (minutes); "
@@ -156,13 +159,16 @@ def test_bench_cpu_inference(batch, threads, tmp_path):
 
 
 def test_bench_cpu_training_step():
-    """ours = what ``fmfast train`` runs on a CPU: the fused backend (``--amp auto`` is fp32 on a
-    CPU); ``--amp bf16`` beside it (bf16 autocast, for CPUs with native bf16)."""
+    """ours = what ``fmfast train`` runs on a CPU: the fused backend at ``--amp auto`` (bf16 on
+    CPUs with native bf16, its attention differentiated in fp32; fp32 elsewhere), and ``--amp
+    off`` (fp32) beside it."""
     torch.set_num_threads(2)
     B = 32
     ref, video, current = weights_and_inputs(B)
     labels = torch.randint(0, 2, (B,), generator=torch.Generator().manual_seed(3))
-    names = ["ours", "ours, --amp bf16", "(a) reference eager fp32", "(b) reference torch.compile fp32"]
+    amp = resolve_amp("auto", torch.device("cpu"))
+    names = ["ours", "ours, --amp off (fp32)", "(a) reference eager fp32", "(b) reference torch.compile fp32"]
+    dtypes = {"ours": amp}
     models = {k: FmFormer(PAPER, backend="reference" if k.startswith("(") else "auto") for k in names}
     for m in models.values():
         m.load_state_dict(ref.state_dict())
@@ -172,7 +178,7 @@ def test_bench_cpu_training_step():
 
     def step(k):
         opts[k].zero_grad(set_to_none=True)
-        with torch.autocast("cpu", torch.bfloat16, enabled="bf16" in k):
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtypes.get(k) is not None):
             loss = F.cross_entropy(models[k](video, current).float(), labels)
         loss.backward()
         opts[k].step()
@@ -180,12 +186,43 @@ def test_bench_cpu_training_step():
     # parity: the first step's losses (same weights, same batch) agree
     losses = {k: step(k).item() for k in models}
     want = losses["(a) reference eager fp32"]
-    assert all(abs(v - want) <= (2e-2 if "bf16" in k else 1e-4) for k, v in losses.items()), losses
+    assert all(abs(v - want) <= (2e-2 if dtypes.get(k) else 1e-4) for k, v in losses.items()), losses
     secs = interleaved({k: (lambda k=k: step(k)) for k in models}, rounds=5)
     r = table(f"CPU training step (forward, cross-entropy, backward, Adam), paper shape, B={B}, 2 threads; "
-              f"native bf16: {native_bf16()}", B, secs)
+              f"native bf16: {native_bf16()}; ours: --amp auto = {amp or 'fp32'}", B, secs)
     c = check("training step: ours vs reference eager fp32", r["(a) reference eager fp32"], 3.0)
     print(f"  target {c['target']}: {c['value']:.2f} (goal {c['goal']}) -> {'met' if c['met'] else 'NOT met'}")
+
+
+@pytest.mark.parametrize("nq, nk", [(401, 401), (241, 241), (401, 241), (241, 401)])
+def test_bench_cpu_attention_backward_precision(nq, nk):
+    """Why a 16-bit CPU attention that will be differentiated runs in fp32 (fmfast/nn/attention.py):
+    PyTorch's SDPA forward + backward on bf16 inputs, in bf16 against the same inputs cast to fp32
+    (output cast back), B=32, 3 heads x 32, 2 threads. Parity first: the fp32 route's gradients are
+    at least as close to float64's as the bf16 route's."""
+    torch.set_num_threads(2)
+    B, H, D = 32, 3, 32
+    g = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(B, H, n, D, generator=g).bfloat16() for n in (nq, nk, nk)]
+    go = torch.randn(B, H, nq, D, generator=g).bfloat16()
+
+    def run(dtype):
+        xs = [x.detach().requires_grad_() for x in qkv]
+        o = F.scaled_dot_product_attention(*(x.to(dtype) for x in xs)).to(xs[0].dtype)
+        o.backward(go)
+        return [x.grad.double() for x in xs]
+
+    xs64 = [x.double().requires_grad_() for x in qkv]
+    F.scaled_dot_product_attention(*xs64).backward(go.double())
+    err = {k: max(((a - e.grad).norm() / e.grad.norm()).item() for a, e in zip(run(dt), xs64))
+           for k, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    assert err["fp32"] <= err["bf16"] * 1.01, err
+    secs = interleaved({"fp32 (fmfast, training)": lambda: run(torch.float32), "bf16": lambda: run(torch.bfloat16)},
+                       rounds=5)
+    print(f"\nCPU SDPA forward+backward, q [{B},{H},{nq},{D}] k/v [{B},{H},{nk},{D}] bf16 inputs, 2 threads; "
+          f"grad rel. error vs float64: fp32 {err['fp32']:.1e}, bf16 {err['bf16']:.1e}")
+    for k, t in secs.items():
+        print(f"  {k:28s} {t * 1e3:8.1f} ms   bf16 / this: {secs['bf16'] / t:4.2f}x")
 
 
 def test_bench_cpu_detect_throughput(tmp_path):

@@ -43,8 +43,21 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fused: bool) -> torch.Tensor:
     """``[B, H, N, Dh]`` attention: PyTorch's fused SDPA (``fused``) or the reference's matmuls."""
     if fused:
+        if _train_sdpa_in_fp32(q, k, v):
+            with torch.autocast("cpu", enabled=False):  # (autocast would cast SDPA's inputs back)
+                return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return attention_ref(q, k, v, scale)
+
+
+def _train_sdpa_in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """A 16-bit CPU attention that will be differentiated runs in fp32: PyTorch's CPU
+    flash-attention forward + backward is 1.1-1.5x slower on bf16 than on the same inputs cast to
+    fp32 at FmFormer's shapes (B=32, 3 heads x 32, 401/241 tokens: the attention case of
+    bench/test_bench_cpu.py) and its gradients are less exact; it made a bf16 training step
+    slower than an fp32 one. Inference keeps the faster 16-bit forward."""
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled() \
+        and any(x.requires_grad for x in (q, k, v))
 
 
 def _kernel_takes(x: torch.Tensor, dim_head: int) -> bool:

@@ -75,6 +75,33 @@ def test_reference_never_takes_the_fused_operator_and_auto_does(monkeypatch):
     assert len(calls) == 4 * TINY["depth"]  # two self- and two cross-attentions per layer
 
 
+def test_16bit_cpu_attention_is_differentiated_in_fp32_and_inferred_in_16bit(monkeypatch):
+    """Under bf16 autocast, SDPA gets fp32 inputs where a backward will follow (the CPU kernel's
+    bf16 backward is the slower one) and bf16 ones for inference; the blocks around it stay bf16."""
+    _, auto = models("fmformer", "classification")
+    seen, outs = [], []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append({q.dtype, k.dtype, v.dtype})
+        outs.append(real(q, k, v, **kw).dtype)
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    video, current = inputs()
+    n = 4 * TINY["depth"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = auto.train()(video, current)
+        assert seen == [{torch.float32}] * n and outs == [torch.float32] * n
+        assert out.dtype == torch.bfloat16  # the projections after it still ran in bf16
+        seen.clear()
+        with torch.no_grad():
+            auto.eval()(video, current)
+        assert seen == [{torch.bfloat16}] * n
+    seen.clear()
+    auto(video, current)  # fp32 training is fp32 throughout
+    assert seen == [{torch.float32}] * n
+
+
 @pytest.mark.parametrize("name, task", CASES)
 def test_fp32_fused_path_matches_the_reference(name, task):
     ref, auto = models(name, task)
@@ -95,10 +122,12 @@ def rel(a, b):
 def test_bf16_fused_path_follows_the_flash_attention_rule(name, task, seed):
     """Logits: max error vs the fp32 reference <= 2x plain PyTorch bf16's + 1% of their size.
     Gradients: relative L2 error over all of them <= 2x plain bf16's + 1e-3, and per tensor of at
-    least 16 values <= 2.5x + 2e-2 (measured: the fused path's per-tensor error is 1-2.3x plain
-    bf16's on these tiny models). The 3-value LayerNorm affines of the current tokenizer are left
-    to the global check: their gradients are sums of many near-cancelling rows, whose relative
-    error swings between 4% and 47% from seed to seed on both bf16 paths."""
+    least 16 values <= 4x + 2e-2, a guard against a wrong gradient (which is off by far more):
+    on these tiny models single small tensors (a 32-value LayerNorm bias: sums of near-cancelling
+    rows) swing between 0.7x and 3.8x plain bf16's error from seed to seed (seeds 0-7, with the
+    attention's backward in bf16 or, as now, fp32), while the median tensor stays at 0.7-1.9x.
+    The 3-value LayerNorm affines of the current tokenizer are left to the global check: their
+    relative error swings between 4% and 47% from seed to seed on both bf16 paths."""
     ref, auto = models(name, task, seed=seed)
     video, current = inputs(seed=seed + 1)
     exact, exact_g = grads(name, ref, video, current)  # the fp32 reference
@@ -110,4 +139,4 @@ def test_bf16_fused_path_follows_the_flash_attention_rule(name, task, seed):
     assert rel(flat[0], flat[2]) <= 2 * rel(flat[1], flat[2]) + 1e-3
     for (n, _), a, p, e in zip(ref.named_parameters(), got_g, plain_g, exact_g):
         if e.numel() >= 16 and e.norm() > 0:
-            assert rel(a, e) <= 2.5 * rel(p, e) + 2e-2, n
+            assert rel(a, e) <= 4 * rel(p, e) + 2e-2, n
