@@ -50,7 +50,7 @@ def build_parser(prog: str = "fmfast train") -> Parser:
     p.add_argument("--num-frames", type=int)
     p.add_argument("--stride", type=int, help="frame step within a clip")
     p.add_argument("--current-seconds", type=int)
-    p.add_argument("--amp", choices=AMP, help="mixed precision (auto: bf16 on CUDA, off on CPU)")
+    p.add_argument("--amp", choices=AMP, help="mixed precision (auto: bf16 on CUDA and on CPUs with native bf16, else off)")
     p.add_argument("--cuda-graphs", choices=["auto", "on", "off"])
     p.add_argument("--backend", choices=["auto", "reference", "fast"],
                    help="auto: Triton kernels on CUDA, PyTorch's fused SDPA on a CPU; reference: the published "

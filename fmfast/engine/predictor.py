@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from fmfast.data.gather import gather_clip
-from fmfast.engine.device import autocast, native_bf16, resolve_device
+from fmfast.engine.device import auto_dtype, autocast, resolve_device
 from fmfast.engine.exported import ExportedModel
 from fmfast.errors import SettingsError
 from fmfast.models import INPUTS, MODELS, call
@@ -51,7 +51,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision not in PRECISIONS:
         raise SettingsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" or native_bf16() else None
+        return auto_dtype(device)
     if precision == "fp16" and device.type != "cuda":
         raise SettingsError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

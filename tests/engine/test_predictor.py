@@ -82,12 +82,17 @@ def test_checkpoint_file(tmp_path):
 
 
 def test_precision_decisions(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(P, "native_bf16", lambda: True)
-    assert P.resolve_precision("auto", cpu) is torch.bfloat16
-    monkeypatch.setattr(P, "native_bf16", lambda: False)  # emulated bf16 is slower than fp32: stay fp32
-    assert P.resolve_precision("auto", cpu) is None
-    assert P.resolve_precision("auto", torch.device("cuda")) is torch.bfloat16
+    """auto means one thing for inference (precision) and training (amp): bf16 on CUDA and on
+    CPUs with native bf16, fp32 on other CPUs."""
+    from fmfast.engine import device as D
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(D, "native_bf16", lambda: True)
+    assert P.resolve_precision("auto", cpu) is D.resolve_amp("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(D, "native_bf16", lambda: False)  # emulated bf16 is slower than fp32: stay fp32
+    assert P.resolve_precision("auto", cpu) is None and D.resolve_amp("auto", cpu) is None
+    assert P.resolve_precision("auto", cuda) is D.resolve_amp("auto", cuda) is torch.bfloat16
+    assert D.resolve_amp("off", cuda) is None and D.resolve_amp("bf16", cpu) is torch.bfloat16
     with pytest.raises(SettingsError, match="fp16 needs a CUDA device"):
         P.resolve_precision("fp16", cpu)
     with pytest.raises(SettingsError, match="precision must be one of"):
