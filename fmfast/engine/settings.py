@@ -79,7 +79,9 @@ FLAGS = {
 # Measured at seed 0 on 2 quiet threads (wall with a warm cache; generating it adds ~7 s):
 # 5 x 4000 in batches of 16 -> test F1 0.913 in 103 s; batches of 32 -> 0.940 in 90 s (the
 # fused CPU path made a step of 32 cost less than two of 16); 6 epochs of those -> 0.956 in 108 s
-# (seeds 1, 2: 0.954, 0.941); 5 x 5000 -> 0.949 in 110 s; 5 x 6000 -> 0.965 in 135 s.
+# (seeds 1, 2: 0.954, 0.941); 5 x 5000 -> 0.949 in 110 s; 5 x 6000 -> 0.965 in 135 s. All in
+# fp32; at --amp auto = bf16 (native-bf16 CPUs, attention differentiated in fp32) the chosen
+# profile gives 0.954, 0.962, 0.951 at seeds 0, 1, 2 in 93-95 s.
 QUICK = {
     "data": {"num_frames": 4, "current_seconds": 8, "synthetic": {"size": 32}},
     "optim": {"lr": 1e-3},
