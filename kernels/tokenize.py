@@ -12,7 +12,8 @@ reads frame ``i``, entry ``~i`` (= -1-i) reads frame ``i`` mirrored along W (tra
 no flipped copy of the store); frames are clamped into ``[0, N-1]``. Each program gathers its
 tubelets' pixels straight from that memory.
 
-Kernels (blocks never span scales; a block's scale and geometry come from its program id):
+Kernels (one launch forward, three backward; blocks never span scales; a block's scale and
+geometry come from its program id):
   ``_tokenize_fwd``     grid = token blocks of all scales (64 tokens on GPU) x batch: gather,
                         LN(patch) in fp32, tl.dot with the projection, LN(D), + pos, store in the
                         final row; the first block also writes the cls row. When a backward can
@@ -22,7 +23,9 @@ Kernels (blocks never span scales; a block's scale and geometry come from its pr
                         per-program partials of the D-sized gradients (norm_out, proj bias, pos,
                         cls) over its slice (no gather, no GEMM).
   ``_tokenize_bwd_w``   grid = patch-dim chunks x row splits x scales: dW = dz^T @ LN(patch) and the
-                        norm_in gradients, each program a deterministic partial; torch sums them.
+                        norm_in gradients, each program a deterministic partial.
+  ``_tokenize_bwd_sum`` one program per gradient row: sums the partials in a fixed order and
+                        writes the eight gradients, in reference column order.
 The gradient with respect to the video is NOT computed (video is data, not a parameter).
 Precision: LayerNorm statistics and accumulation in fp32 always; the GEMMs in the autocast dtype
 when autocast is on, else in the parameters' dtype -- fp32 as 3xTF32 (near-fp32 on tensor cores;
@@ -31,7 +34,8 @@ IEEE FMA dots ran on scalar FFMA at a twelfth of the rate).
 Internally the patch dimension is walked in the memory-friendly order (c, f, p1, p2) (p2 fastest,
 so a warp reads contiguous pixel rows); LayerNorm and the dot product do not care about the order:
 the host hands the kernels W and the patch-LayerNorm parameters permuted into it (``_internal_order``,
-so weight tiles load as contiguous rows, not 2-byte gathers) and permutes their gradients back.
+so weight tiles load as contiguous rows, not 2-byte gathers; once per forward, saved for the
+backward), and ``_tokenize_bwd_sum`` writes their gradients back in reference order.
 
 Supported: 1-4 scales, D <= 1024, T % pf == 0, H and W divisible by d and H/d, W/d by p.
 """
@@ -354,6 +358,73 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _TL = {"float32": tl.float32, "float16": tl.float16, "bfloat16": tl.bfloat16}
 
 
+@triton.jit
+def _tokenize_bwd_sum(part_d_ptr, part_pos_ptr, part_k_ptr, part_w_ptr, order_ptr,
+                      g_cls_ptr, g_pos_ptr, g_win_ptr, g_bin_ptr, g_w_ptr, g_bp_ptr, g_wout_ptr, g_bout_ptr,
+                      S, D, K, N_OUT, N_BS, NBLK, N_SPLIT, e0, e1, e2, e3, e4,
+                      BD: tl.constexpr, BK: tl.constexpr):
+    """Every reduction after the backward kernels in one launch, each in a fixed order
+    (deterministic). Programs, in ranges: [0, S*D) row (s, d) of dW, summed over row splits and
+    scattered back to reference column order; the next N_OUT, row r of dpos summed over batch
+    slices (row 0 also dcls); the next 2*S, the patch-LN weight / bias of scale s over row splits,
+    scattered; the last 3*S, norm_out weight, norm_out bias, proj bias of scale s over batch
+    slices and the scale's token blocks [e_s, e_{s+1})."""
+    pid = tl.program_id(0)
+    nn = tl.arange(0, BD)
+    nm = nn < D
+    a1 = S * D
+    a2 = a1 + N_OUT
+    a3 = a2 + 2 * S
+    if pid < a1:  # part_w [S, N_SPLIT, D, K]
+        s = pid // D
+        base = part_w_ptr + (s * N_SPLIT * D + pid % D).to(tl.int64) * K
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            km = kk < K
+            acc = tl.zeros([BK], dtype=tl.float32)
+            for sp in range(N_SPLIT):
+                acc += tl.load(base + sp * D * K + kk, mask=km, other=0.0)
+            col = tl.load(order_ptr + kk, mask=km, other=0)
+            tl.store(g_w_ptr + pid.to(tl.int64) * K + col, acc.to(g_w_ptr.dtype.element_ty), mask=km)
+    elif pid < a2:  # part_pos [N_BS, N_OUT, D]
+        r = pid - a1
+        acc = tl.zeros([BD], dtype=tl.float32)
+        for b in range(N_BS):
+            acc += tl.load(part_pos_ptr + (b * N_OUT + r).to(tl.int64) * D + nn, mask=nm, other=0.0)
+        tl.store(g_pos_ptr + r * D + nn, acc.to(g_pos_ptr.dtype.element_ty), mask=nm)
+        if r == 0:
+            tl.store(g_cls_ptr + nn, acc.to(g_cls_ptr.dtype.element_ty), mask=nm)
+    elif pid < a3:  # part_k [2, S, N_SPLIT, K]: j = 0 patch-LN weight, 1 its bias
+        j = (pid - a2) // S
+        s = (pid - a2) % S
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            km = kk < K
+            acc = tl.zeros([BK], dtype=tl.float32)
+            for sp in range(N_SPLIT):
+                acc += tl.load(part_k_ptr + ((j * S + s) * N_SPLIT + sp) * K + kk, mask=km, other=0.0)
+            col = tl.load(order_ptr + kk, mask=km, other=0)
+            if j == 0:
+                tl.store(g_win_ptr + s * K + col, acc.to(g_win_ptr.dtype.element_ty), mask=km)
+            else:
+                tl.store(g_bin_ptr + s * K + col, acc.to(g_bin_ptr.dtype.element_ty), mask=km)
+    else:  # part_d [3, N_BS, NBLK, D]: j = 0 norm_out weight, 1 norm_out bias, 2 proj bias
+        j = (pid - a3) // S
+        s = (pid - a3) % S
+        lo = tl.where(s == 0, e0, tl.where(s == 1, e1, tl.where(s == 2, e2, e3)))
+        hi = tl.where(s == 0, e1, tl.where(s == 1, e2, tl.where(s == 2, e3, e4)))
+        acc = tl.zeros([BD], dtype=tl.float32)
+        for b in range(N_BS):
+            for blk in range(lo, hi):
+                acc += tl.load(part_d_ptr + ((j * N_BS + b) * NBLK + blk).to(tl.int64) * D + nn, mask=nm, other=0.0)
+        if j == 0:
+            tl.store(g_wout_ptr + s * D + nn, acc.to(g_wout_ptr.dtype.element_ty), mask=nm)
+        elif j == 1:
+            tl.store(g_bout_ptr + s * D + nn, acc.to(g_bout_ptr.dtype.element_ty), mask=nm)
+        else:
+            tl.store(g_bp_ptr + s * D + nn, acc.to(g_bp_ptr.dtype.element_ty), mask=nm)
+
+
 def _gpu_sms(device: torch.device) -> Optional[int]:
     """SMs of the GPU the kernels compile for, None under the CPU interpreter: the one place host
     code asks which it is (tools/kernel_report.py swaps it to plan sm_90 launches on a CPU)."""
@@ -444,8 +515,9 @@ def _check_device(t: torch.Tensor) -> None:
 
 def _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
               patch_size, frame_patch_size, dilations, eps, compute_dtype, out_dtype, save=False):
-    """-> (out [B, n_out, D], z [B * (n_out - 1), D], patch LN mean, rstd [B * (n_out - 1)]); the
-    last three are empty unless ``save`` (the backward's inputs)."""
+    """-> (out [B, n_out, D], z [B * (n_out - 1), D], patch LN mean, rstd [B * (n_out - 1)], and W,
+    the patch-LN weight and bias in kernel order ([S, D, K] in the compute dtype, [S, K], [S, K]));
+    z and the stats are empty unless ``save``. All but ``out`` are the backward's inputs."""
     _check_device(video)
     p, pf = patch_size, frame_patch_size
     B, C, T, H, W, n_store, strides = _src_args(video, frame_index)
@@ -468,11 +540,13 @@ def _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
         H, W, T // pf, D, n_out, n_store, *_pad4(dilations), eps, *strides,
         C=C, P=p, PF=pf, FRAME_STORE=frame_index is not None,
         BM=BM, BK=BK, BD=BD, CDT=_TL[compute_dtype], SAVE=save, num_warps=nw)
-    return out, z, mean, rstd
+    return out, z, mean, rstd, w, w_in, b_in
 
 
-def _bwd_impl(grad, video, frame_index, z, mean, rstd, cls, pos, w_in, b_in, w, bp, w_out, b_out,
-              patch_size, frame_patch_size, dilations, eps, compute_dtype):
+def _bwd_impl(grad, video, frame_index, z, mean, rstd, w_c, w_in_k, b_in_k, cls, pos, w_in, b_in, w, bp, w_out,
+              b_out, patch_size, frame_patch_size, dilations, eps, compute_dtype):
+    """``w_c, w_in_k, b_in_k``: the forward's W and patch-LN parameters in kernel order (saved, not
+    permuted again). -> the gradients of (cls, pos, w_in, b_in, w, bp, w_out, b_out)."""
     _check_device(video)
     p, pf = patch_size, frame_patch_size
     B, C, T, H, W, n_store, strides = _src_args(video, frame_index)
@@ -496,7 +570,6 @@ def _bwd_impl(grad, video, frame_index, z, mean, rstd, cls, pos, w_in, b_in, w, 
     b_chunk = triton.cdiv(B, n_bs)
     n_bs = triton.cdiv(B, b_chunk)
     order = _internal_order(C, p, pf, dev)
-    w_c, w_in_k, b_in_k = w[..., order].to(_DTYPES[compute_dtype]), w_in[:, order], b_in[:, order]
     dz_dtype = _DTYPES[compute_dtype]
     dz = torch.empty(B * (n_out - 1), D, device=dev, dtype=dz_dtype)
     part_d = torch.empty(3, n_bs, nblk, D, device=dev, dtype=torch.float32)
@@ -519,19 +592,17 @@ def _bwd_impl(grad, video, frame_index, z, mean, rstd, cls, pos, w_in, b_in, w, 
         video, idx, dz, mean, rstd, part_w, part_k, w_in_k, b_in_k, w_c,
         B, H, W, T // pf, D, n_out, n_store, *_pad4(dilations), *strides, **meta,
         num_stages=_bwd_w_stages(BM, BK, BD, dz.element_size()))
-    # deterministic reductions of the partials
-    d_sum = part_d.sum(1)  # [3, nblk, D]
+    # every reduction of the partials, the scatter back to reference order and the outputs: one
+    # launch (it was ~17 small torch ops)
+    outs = tuple(torch.empty_like(t) for t in (cls, pos, w_in, b_in, w, bp, w_out, b_out))
     starts = [0]
     for x in nblk_s:
         starts.append(starts[-1] + x)
-    d_scale = torch.stack([d_sum[:, a:e].sum(1) for a, e in zip(starts[:-1], starts[1:])], 1)  # [3, S, D]
-    g_pos = part_pos.sum(0)
-    g_k, g_w = torch.empty_like(part_k[:, :, 0]), torch.empty_like(part_w[:, 0])  # back to reference order
-    g_k[..., order], g_w[..., order] = part_k.sum(2), part_w.sum(1)
-    # custom-op outputs may not alias each other: copy the row/slice views out
-    return (g_pos[0].to(cls.dtype, copy=True), g_pos.to(pos.dtype), g_k[0].to(w_in.dtype, copy=True),
-            g_k[1].to(b_in.dtype, copy=True), g_w.to(w.dtype), d_scale[2].to(bp.dtype, copy=True),
-            d_scale[0].to(w_out.dtype, copy=True), d_scale[1].to(b_out.dtype, copy=True))
+    starts += [starts[-1]] * (MAX_SCALES + 1 - len(starts))
+    _tokenize_bwd_sum[(S * D + n_out + 2 * S + 3 * S,)](
+        part_d, part_pos, part_k, part_w, order, *outs, S, D, K, n_out, n_bs, nblk, n_split, *starts,
+        BD=BD, BK=min(1024, triton.next_power_of_2(K)), num_warps=4)
+    return outs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,7 +613,8 @@ def _tokenize_op(video: torch.Tensor, frame_index: Optional[torch.Tensor], cls: 
                  pos: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w: torch.Tensor,
                  bp: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor, patch_size: int,
                  frame_patch_size: int, dilations: List[int], eps: float, compute_dtype: str,
-                 out_dtype: str, save: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 out_dtype: str, save: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor, torch.Tensor, torch.Tensor]:
     return _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
                      patch_size, frame_patch_size, dilations, eps, compute_dtype, out_dtype, save)
 
@@ -554,23 +626,24 @@ def _(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
     n_out, D = pos.shape[0], w.shape[1]
     rows = B * (n_out - 1) if save else 0
     return (video.new_empty(B, n_out, D, dtype=_DTYPES[out_dtype]), video.new_empty(rows, D, dtype=_DTYPES[compute_dtype]),
-            video.new_empty(rows, dtype=torch.float32), video.new_empty(rows, dtype=torch.float32))
+            video.new_empty(rows, dtype=torch.float32), video.new_empty(rows, dtype=torch.float32),
+            w.new_empty(w.shape, dtype=_DTYPES[compute_dtype]), torch.empty_like(w_in), torch.empty_like(b_in))
 
 
 @torch.library.custom_op("fmfast::multiscale_tokenize_backward", mutates_args=())
 def _tokenize_bwd_op(grad: torch.Tensor, video: torch.Tensor, frame_index: Optional[torch.Tensor],
-                     z: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                     cls: torch.Tensor, pos: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor,
+                     z: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, w_c: torch.Tensor,
+                     w_in_k: torch.Tensor, b_in_k: torch.Tensor, cls: torch.Tensor, pos: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor,
                      w: torch.Tensor, bp: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor,
                      patch_size: int, frame_patch_size: int, dilations: List[int], eps: float,
                      compute_dtype: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                   torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(grad, video, frame_index, z, mean, rstd, cls, pos, w_in, b_in, w, bp, w_out, b_out,
-                     patch_size, frame_patch_size, dilations, eps, compute_dtype)
+    return _bwd_impl(grad, video, frame_index, z, mean, rstd, w_c, w_in_k, b_in_k, cls, pos, w_in, b_in, w, bp,
+                     w_out, b_out, patch_size, frame_patch_size, dilations, eps, compute_dtype)
 
 
 @_tokenize_bwd_op.register_fake
-def _(grad, video, frame_index, z, mean, rstd, cls, pos, w_in, b_in, w, bp, w_out, b_out,
+def _(grad, video, frame_index, z, mean, rstd, w_c, w_in_k, b_in_k, cls, pos, w_in, b_in, w, bp, w_out, b_out,
       patch_size, frame_patch_size, dilations, eps, compute_dtype):
     return tuple(torch.empty_like(t) for t in (cls, pos, w_in, b_in, w, bp, w_out, b_out))
 
@@ -578,9 +651,10 @@ def _(grad, video, frame_index, z, mean, rstd, cls, pos, w_in, b_in, w, bp, w_ou
 def _setup_context(ctx, inputs, output):
     (video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
      patch_size, frame_patch_size, dilations, eps, compute_dtype, _, save) = inputs
-    _, z, mean, rstd = output
-    ctx.mark_non_differentiable(z, mean, rstd)
-    ctx.save_for_backward(video, frame_index, z, mean, rstd, cls, pos, w_in, b_in, w, bp, w_out, b_out)
+    _, z, mean, rstd, w_c, w_in_k, b_in_k = output
+    ctx.mark_non_differentiable(z, mean, rstd, w_c, w_in_k, b_in_k)
+    ctx.save_for_backward(video, frame_index, z, mean, rstd, w_c, w_in_k, b_in_k, cls, pos, w_in, b_in, w, bp, w_out,
+                          b_out)
     ctx.args = (patch_size, frame_patch_size, dilations, eps, compute_dtype)
     ctx.saved = save
 
@@ -646,7 +720,7 @@ def multiscale_tokenize(video: torch.Tensor, cls_token: torch.Tensor, scales: Se
                         patch_size: int, frame_patch_size: int, dilations: Sequence[int],
                         frame_index: Optional[torch.Tensor] = None, eps: float = 1e-5,
                         out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Triton fused tokenizer, one launch forward (three backward).
+    """Triton fused tokenizer, one kernel launch forward (three backward).
 
     ``scales[i]`` = (norm_in_weight [K], norm_in_bias [K], proj_weight [D, K], proj_bias [D],
     norm_out_weight [D], norm_out_bias [D], pos_embedding [1, n_i, D]), scale 0's pos_embedding

@@ -16,7 +16,7 @@ B = 256
 VIDEO = dict(C=3, T=10, H=64, W=64, p=8, pf=2, dilations=(1, 2))
 DIM, HEADS, DIM_HEAD = 96, 3, 32
 SEGMENTS = (401, 241)  # video tokens, current tokens (cls each)
-TOK_KERNELS = ("_tokenize_fwd", "_tokenize_bwd_tok", "_tokenize_bwd_w")
+TOK_KERNELS = ("_tokenize_fwd", "_tokenize_bwd_tok", "_tokenize_bwd_w", "_tokenize_bwd_sum")
 ATT_KERNELS = ("_fwd_kernel", "_bwd_kernel")
 _NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -46,14 +46,19 @@ def tokenizer(dtype: str, frame_store: bool, b: int = B, dim: int = DIM) -> list
     tk._gpu_sms, tk._check_device = (lambda device: sm90.SMS), (lambda t: None)
     try:
         with sm90.capture(tk, TOK_KERNELS) as launches:
-            out, z, mean, rstd = tk._fwd_impl(video, index, *params, *geo, dtype, "float32", True)
-            tk._bwd_impl(torch.zeros_like(out), video, index, z, mean, rstd, *params, *geo, dtype)
+            out, *for_bwd = tk._fwd_impl(video, index, *params, *geo, dtype, "float32", True)
+            tk._bwd_impl(torch.zeros_like(out), video, index, *for_bwd, *params, *geo, dtype)
     finally:
         tk._gpu_sms, tk._check_device = saved
     src = "store" if frame_store else "clip"
     shape = f"B={b} D={dim} {src}"
+    grids = {L.name: L.grid for L in launches}
+    # the partial buffers the last launch reduces: batch slices and token blocks of bwd_tok, row
+    # splits of bwd_w
+    plan = dict(n_bs=grids["_tokenize_bwd_tok"][1], nblk=grids["_tokenize_bwd_tok"][0],
+                n_split=grids["_tokenize_bwd_w"][1])
     return [dict(kernel="tokenize" + L.name.removeprefix("_tokenize"), variant=f"{_NAMES[dtype]} {shape}",
-                 dtype=_NAMES[dtype], shape=dict(batch=b, dim=dim, source=src), grid=list(L.grid),
+                 dtype=_NAMES[dtype], shape=dict(batch=b, dim=dim, source=src, **plan), grid=list(L.grid),
                  launch=L) for L in launches]
 
 

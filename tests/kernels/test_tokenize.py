@@ -436,6 +436,13 @@ for fn, store_mode, cdt in [(tk._tokenize_fwd, False, tl.float32), (tk._tokenize
     k = compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
     assert k.asm.get("cubin"), fn.__name__
     print(fn.__name__, "ok", k.metadata.shared, "bytes shared")
+# the reduction launch: fp32 partials in, bf16 gradients out (parameters of any float dtype)
+fn = tk._tokenize_bwd_sum
+sig = {a: ("*i64" if a == "order_ptr" else "*bf16" if a.startswith("g_") else "*fp32") if a.endswith("_ptr")
+       else ("constexpr" if a in ("BD", "BK") else "i32") for a in fn.arg_names}
+k = compile(ASTSource(fn, sig, dict(BD=128, BK=512)), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+assert k.asm.get("cubin"), fn.__name__
+print(fn.__name__, "ok", k.metadata.shared, "bytes shared")
 """
 
 
@@ -445,7 +452,7 @@ def test_kernels_lower_to_sm90_cubin(lower_in_subprocess):
     """Compile the kernels for an H100/H200 (sm_90) down to cubin with Triton's bundled ptxas: the
     GPU compiler rejects things the interpreter accepts (tl.dot shapes and dtypes, scalar types)."""
     out = lower_in_subprocess(_LOWER_TO_SM90)
-    assert out.count(" ok ") == 3, out
+    assert out.count(" ok ") == 4, out
 
 
 # ---- bad input ------------------------------------------------------------------------------------
