@@ -2,7 +2,10 @@
 
 ``q, k, v: [B, H, N, Dh]`` share one block layout (see ``fmfast.kernels.layout.BlockLayout``): query
 block m attends the key blocks ``kv_indices[m, :kv_num_blocks[m]]``; the backward walks the
-transpose (``q_indices``/``q_num_blocks``) for dk/dv. Inside a block, elements are masked by
+transpose (``q_indices``/``q_num_blocks``) for dk/dv. Block i holds tokens
+``[starts[i], starts[i+1])`` (``q_starts``/``k_starts``: every ``block_m`` tokens from 0, or
+restarting at each segment), so every row and key mask is by its own block's end: a short
+block's padding may hold the next block's tokens. Inside a block, elements are masked by
 segment ids (query i sees key j iff bit ``k_seg[j]`` of ``q_bits[i]`` is set), an optional local
 window over grid coordinates and an optional exact element bitmask, so segment lengths need not
 be multiples of the block size.
@@ -34,10 +37,11 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # ---- Triton ------------------------------------------------------------------------------------
 @triton.jit
-def _visible(qbits, qc, offs_m, kseg, kc, offs_n, N, EBITS, ebits_stride, RT, RH, RW,
+def _visible(qbits, qc, offs_m, kseg, kc, offs_n, in_n, N, EBITS, ebits_stride, RT, RH, RW,
              HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr):
-    """Element mask for pre-broadcast 2D operands ([M,1] x [1,N] or the transpose)."""
-    vis = (((qbits >> kseg) & 1) != 0) & (offs_n < N)
+    """Element mask for pre-broadcast 2D operands ([M,1] x [1,N] or the transpose); ``in_n``: the
+    key lies in its block (a block's padding may hold the next block's tokens)."""
+    vis = (((qbits >> kseg) & 1) != 0) & in_n
     if HAS_WINDOW:
         # coords pack t << 20 | y << 10 | x; -1 marks non-grid tokens (never windowed)
         near = (tl.abs((qc >> 20) - (kc >> 20)) <= RT) \
@@ -51,14 +55,15 @@ def _visible(qbits, qc, offs_m, kseg, kc, offs_n, N, EBITS, ebits_stride, RT, RH
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, j0, j1,
+def _fwd_inner(acc, l_i, m_i, q, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, KS, j0, j1,
                KSEG, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for j in range(j0, j1):
-        offs_n = tl.load(KV_ROW + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_n = offs_n < N
+        kb = tl.load(KV_ROW + j)
+        offs_n = tl.load(KS + kb) + tl.arange(0, BLOCK_N)
+        in_n = offs_n < tl.load(KS + kb + 1)
         kT = tl.load(K + offs_n[None, :] * skn + offs_d[:, None], mask=in_n[None, :], other=0.0)
         v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=in_n[:, None], other=0.0)
         s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
@@ -68,7 +73,8 @@ def _fwd_inner(acc, l_i, m_i, q, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, j0, 
             if HAS_WINDOW:
                 kc = tl.load(COORDS + offs_n, mask=in_n, other=-1)
             vis = _visible(qbits[:, None], qc[:, None], offs_m[:, None], kseg[None, :], kc[None, :],
-                           offs_n[None, :], N, EBITS, ebits_stride, RT, RH, RW, HAS_WINDOW, HAS_EBITS)
+                           offs_n[None, :], in_n[None, :], N, EBITS, ebits_stride, RT, RH, RW, HAS_WINDOW,
+                           HAS_EBITS)
             s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with nothing visible yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
@@ -84,12 +90,12 @@ def _fwd_inner(acc, l_i, m_i, q, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, j0, 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                KV_NUM, KV_FULL, KV_IDX, kv_idx_stride, QBITS, KSEG, COORDS, EBITS, ebits_stride,
-                N, H, qk_scale, RT, RH, RW,
+                KV_NUM, KV_FULL, KV_IDX, kv_idx_stride, QBITS, KSEG, COORDS, EBITS, ebits_stride, QS, KS,
+                N, H, NUM_QB, qk_scale, RT, RH, RW,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr):
     # one grid axis (2^31 programs): axis 1 stops at 65535, i.e. B*H >= 65536 would not launch
-    n_qb = tl.cdiv(N, BLOCK_M)
+    n_qb = NUM_QB
     pid_m = tl.program_id(0) % n_qb
     bh = tl.program_id(0) // n_qb
     b = (bh // H).to(tl.int64)
@@ -100,9 +106,9 @@ def _fwd_kernel(Q, K, V, O, LSE,
     O += b * sob + h * soh
     LSE += bh.to(tl.int64) * N
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.load(QS + pid_m) + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    in_m = offs_m < N
+    in_m = offs_m < tl.load(QS + pid_m + 1)
     q = tl.load(Q + offs_m[:, None] * sqn + offs_d[None, :], mask=in_m[:, None], other=0.0)
     qbits = tl.load(QBITS + offs_m, mask=in_m, other=0)  # padding rows see nothing
     qc = qbits
@@ -116,10 +122,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
     n_full = tl.load(KV_FULL + pid_m)
     n_all = tl.load(KV_NUM + pid_m)
     # full blocks first (no element mask), then the partial ones
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, 0, n_full,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, KS, 0, n_full,
                                KSEG, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
                                BLOCK_N, HEAD_DIM, False, HAS_WINDOW, HAS_EBITS, DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, n_full, n_all,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, KS, n_full, n_all,
                                KSEG, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
                                BLOCK_N, HEAD_DIM, True, HAS_WINDOW, HAS_EBITS, DOT_PREC)
 
@@ -132,15 +138,16 @@ def _fwd_kernel(Q, K, V, O, LSE,
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, kseg, kc, offs_n, Q, DO, LSE, DELTA, sqn, sdon, Q_ROW, i0, i1,
+def _bwd_dkdv_inner(dk, dv, k, v, kseg, kc, offs_n, in_n, Q, DO, LSE, DELTA, sqn, sdon, Q_ROW, QS, i0, i1,
                     QBITS, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr):
     """dk, dv of one key block over the query blocks Q_ROW[i0:i1], in transposed tiles."""
     offs_d = tl.arange(0, HEAD_DIM)
     for i in range(i0, i1):
-        offs_m = tl.load(Q_ROW + i) * BLOCK_M + tl.arange(0, BLOCK_M)
-        in_m = offs_m < N
+        qb = tl.load(Q_ROW + i)
+        offs_m = tl.load(QS + qb) + tl.arange(0, BLOCK_M)
+        in_m = offs_m < tl.load(QS + qb + 1)
         qT = tl.load(Q + offs_m[None, :] * sqn + offs_d[:, None], mask=in_m[None, :], other=0.0)
         do = tl.load(DO + offs_m[:, None] * sdon + offs_d[None, :], mask=in_m[:, None], other=0.0)
         # empty rows store lse = -inf: use +inf so every p of the row is exp2(-inf) = 0
@@ -154,7 +161,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, kseg, kc, offs_n, Q, DO, LSE, DELTA, sqn, sdon
             if HAS_WINDOW:
                 qc = tl.load(COORDS + offs_m, mask=in_m, other=-1)
             vis = _visible(qbits[None, :], qc[None, :], offs_m[None, :], kseg[:, None], kc[:, None],
-                           offs_n[:, None], N, EBITS, ebits_stride, RT, RH, RW, HAS_WINDOW, HAS_EBITS)
+                           offs_n[:, None], in_n[:, None], N, EBITS, ebits_stride, RT, RH, RW, HAS_WINDOW,
+                           HAS_EBITS)
             pT = tl.where(vis, pT, 0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -164,15 +172,16 @@ def _bwd_dkdv_inner(dk, dv, k, v, kseg, kc, offs_n, Q, DO, LSE, DELTA, sqn, sdon
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, m2, di, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, j0, j1,
+def _bwd_dq_inner(dq, q, do, m2, di, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, KS, j0, j1,
                   KSEG, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                   HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr):
     """dq of one query block over the key blocks KV_ROW[j0:j1]."""
     offs_d = tl.arange(0, HEAD_DIM)
     for j in range(j0, j1):
-        offs_n = tl.load(KV_ROW + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_n = offs_n < N
+        kb = tl.load(KV_ROW + j)
+        offs_n = tl.load(KS + kb) + tl.arange(0, BLOCK_N)
+        in_n = offs_n < tl.load(KS + kb + 1)
         kT = tl.load(K + offs_n[None, :] * skn + offs_d[:, None], mask=in_n[None, :], other=0.0)
         vT = tl.load(V + offs_n[None, :] * svn + offs_d[:, None], mask=in_n[None, :], other=0.0)
         p = tl.math.exp2(tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale - m2[:, None])
@@ -182,7 +191,8 @@ def _bwd_dq_inner(dq, q, do, m2, di, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, 
             if HAS_WINDOW:
                 kc = tl.load(COORDS + offs_n, mask=in_n, other=-1)
             vis = _visible(qbits[:, None], qc[:, None], offs_m[:, None], kseg[None, :], kc[None, :],
-                           offs_n[None, :], N, EBITS, ebits_stride, RT, RH, RW, HAS_WINDOW, HAS_EBITS)
+                           offs_n[None, :], in_n[None, :], N, EBITS, ebits_stride, RT, RH, RW, HAS_WINDOW,
+                           HAS_EBITS)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, vT, input_precision=DOT_PREC)
         ds = p * (dp - di[:, None])
@@ -195,8 +205,8 @@ def _bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
                 sdqb, sdqh, sdqn, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                 KV_NUM, KV_FULL, KV_IDX, kv_idx_stride, Q_NUM, Q_FULL, Q_IDX, q_idx_stride,
-                QBITS, KSEG, COORDS, EBITS, ebits_stride,
-                N, H, NUM_KB, sm_scale, qk_scale, RT, RH, RW,
+                QBITS, KSEG, COORDS, EBITS, ebits_stride, QS, KS,
+                N, H, NUM_QB, NUM_KB, sm_scale, qk_scale, RT, RH, RW,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, HAS_EBITS: tl.constexpr, DOT_PREC: tl.constexpr,
                 DKDV: tl.constexpr):
@@ -204,7 +214,7 @@ def _bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA,
     its rows' ``delta = rowsum(dO * O)`` (stored for the dk/dv launch, which runs second: no
     separate pass over O and dO). The two roles are two launches, so each is compiled with its own
     register budget (one kernel holding both took the dk/dv role's 175 registers: 2 blocks/SM)."""
-    n_prog = NUM_KB if DKDV else tl.cdiv(N, BLOCK_M)  # per (batch, head): one grid axis, as in the forward
+    n_prog = NUM_KB if DKDV else NUM_QB  # per (batch, head): one grid axis, as in the forward
     pid = tl.program_id(0) % n_prog
     bh = tl.program_id(0) // n_prog
     b = (bh // H).to(tl.int64)
@@ -218,8 +228,8 @@ def _bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA,
     offs_d = tl.arange(0, HEAD_DIM)
 
     if DKDV:
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_n = offs_n < N
+        offs_n = tl.load(KS + pid) + tl.arange(0, BLOCK_N)
+        in_n = offs_n < tl.load(KS + pid + 1)
         k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :], mask=in_n[:, None], other=0.0)
         v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=in_n[:, None], other=0.0)
         kseg = tl.load(KSEG + offs_n, mask=in_n, other=0)
@@ -231,11 +241,12 @@ def _bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA,
         Q_ROW = Q_IDX + pid * q_idx_stride
         n_full = tl.load(Q_FULL + pid)
         n_all = tl.load(Q_NUM + pid)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kseg, kc, offs_n, Q, DO, LSE, DELTA, sqn, sdon, Q_ROW, 0, n_full,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kseg, kc, offs_n, in_n, Q, DO, LSE, DELTA, sqn, sdon, Q_ROW, QS, 0,
+                                 n_full,
                                  QBITS, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
                                  BLOCK_M, HEAD_DIM, False, HAS_WINDOW, HAS_EBITS, DOT_PREC)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kseg, kc, offs_n, Q, DO, LSE, DELTA, sqn, sdon, Q_ROW, n_full,
-                                 n_all, QBITS, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kseg, kc, offs_n, in_n, Q, DO, LSE, DELTA, sqn, sdon, Q_ROW, QS,
+                                 n_full, n_all, QBITS, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
                                  BLOCK_M, HEAD_DIM, True, HAS_WINDOW, HAS_EBITS, DOT_PREC)
         dk *= sm_scale
         DK += b * sdkb + h * sdkh
@@ -244,8 +255,8 @@ def _bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA,
         tl.store(DV + offs_n[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=in_n[:, None])
     else:
         pid_m = pid
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        in_m = offs_m < N
+        offs_m = tl.load(QS + pid_m) + tl.arange(0, BLOCK_M)
+        in_m = offs_m < tl.load(QS + pid_m + 1)
         q = tl.load(Q + offs_m[:, None] * sqn + offs_d[None, :], mask=in_m[:, None], other=0.0)
         do = tl.load(DO + offs_m[:, None] * sdon + offs_d[None, :], mask=in_m[:, None], other=0.0)
         qbits = tl.load(QBITS + offs_m, mask=in_m, other=0)
@@ -261,10 +272,10 @@ def _bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA,
         KV_ROW = KV_IDX + pid_m * kv_idx_stride
         n_full = tl.load(KV_FULL + pid_m)
         n_all = tl.load(KV_NUM + pid_m)
-        dq = _bwd_dq_inner(dq, q, do, m2, di, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, 0, n_full,
+        dq = _bwd_dq_inner(dq, q, do, m2, di, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, KS, 0, n_full,
                            KSEG, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
                            BLOCK_N, HEAD_DIM, False, HAS_WINDOW, HAS_EBITS, DOT_PREC)
-        dq = _bwd_dq_inner(dq, q, do, m2, di, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, n_full, n_all,
+        dq = _bwd_dq_inner(dq, q, do, m2, di, qbits, qc, offs_m, K, V, skn, svn, KV_ROW, KS, n_full, n_all,
                            KSEG, COORDS, EBITS, ebits_stride, N, qk_scale, RT, RH, RW,
                            BLOCK_N, HEAD_DIM, True, HAS_WINDOW, HAS_EBITS, DOT_PREC)
         dq *= sm_scale
@@ -291,6 +302,15 @@ def _stages(dtype: torch.dtype, head_dim: int) -> int:
     return 1 if dtype == torch.float32 and head_dim >= 128 else 2
 
 
+def _reg_cap(q: Tensor, dkdv: bool, head_dim: int) -> dict:
+    """16-bit dq programs at head dim 32 took 130 registers, 2 over the 128 that fit 4 blocks of 4
+    warps per SM: capped there (ptxas: no spills; tools/kernel_report.py). The dk/dv role's 188
+    stay: capped at 168 (3 blocks/SM) it spilled 108 bytes."""
+    if not dkdv and head_dim <= 32 and q.dtype != torch.float32:
+        return {"maxnreg": 128}
+    return {}
+
+
 def _like_bnhd(q: Tensor) -> Tensor:
     """An empty [B, H, N, D] tensor stored as [B, N, H, D], so 'b h n d -> b n (h d)' is free."""
     b, h, n, d = q.shape
@@ -307,14 +327,15 @@ def _fwd_impl(q, k, v, t, sm_scale, block_m, block_n, radius):
     lse = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
     rt, rh, rw = radius
     elem_bits, coords = t.elem_bits, t.coords
-    grid = (triton.cdiv(n, block_m) * bsz * heads,)
+    num_qb = t.q_starts.numel() - 1
+    grid = (num_qb * bsz * heads,)
     _fwd_kernel[grid](
         q, k, v, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         t.kv_num_blocks, t.kv_num_full, t.kv_indices, t.kv_indices.stride(0), t.q_bits, t.k_seg,
         _dummy(coords, t.k_seg), _dummy(elem_bits, t.k_seg), 0 if elem_bits is None else elem_bits.stride(0),
-        n, heads, sm_scale * _LOG2E, rt, rh, rw,
+        t.q_starts, t.k_starts, n, heads, num_qb, sm_scale * _LOG2E, rt, rh, rw,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, HAS_WINDOW=coords is not None,
         HAS_EBITS=elem_bits is not None, DOT_PREC=_dot_precision(q.dtype),
         num_warps=_warps(d, block_m, block_n), num_stages=_stages(q.dtype, d))
@@ -329,9 +350,9 @@ def _bwd_impl(do, q, k, v, o, lse, t, sm_scale, block_m, block_n, radius):
     dq, dk, dv = _like_bnhd(q), _like_bnhd(k), _like_bnhd(v)
     rt, rh, rw = radius
     elem_bits, coords = t.elem_bits, t.coords
-    num_kb = triton.cdiv(n, block_n)
+    num_qb, num_kb = t.q_starts.numel() - 1, t.k_starts.numel() - 1
     # dq first: its programs also write delta, which the dk/dv programs read
-    for dkdv, grid in ((False, triton.cdiv(n, block_m) * bsz * heads), (True, num_kb * bsz * heads)):
+    for dkdv, grid in ((False, num_qb * bsz * heads), (True, num_kb * bsz * heads)):
         _bwd_kernel[(grid,)](
             q, k, v, o, do, dq, dk, dv, lse, delta,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -341,11 +362,11 @@ def _bwd_impl(do, q, k, v, o, lse, t, sm_scale, block_m, block_n, radius):
             dv.stride(0), dv.stride(1), dv.stride(2),
             t.kv_num_blocks, t.kv_num_full, t.kv_indices, t.kv_indices.stride(0), t.q_num_blocks, t.q_num_full,
             t.q_indices, t.q_indices.stride(0), t.q_bits, t.k_seg, _dummy(coords, t.k_seg), _dummy(elem_bits, t.k_seg),
-            0 if elem_bits is None else elem_bits.stride(0),
-            n, heads, num_kb, sm_scale, sm_scale * _LOG2E, rt, rh, rw,
+            0 if elem_bits is None else elem_bits.stride(0), t.q_starts, t.k_starts,
+            n, heads, num_qb, num_kb, sm_scale, sm_scale * _LOG2E, rt, rh, rw,
             BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, HAS_WINDOW=coords is not None,
             HAS_EBITS=elem_bits is not None, DOT_PREC=_dot_precision(q.dtype), DKDV=dkdv,
-            num_warps=_warps(d, block_m, block_n), num_stages=_stages(q.dtype, d))
+            num_warps=_warps(d, block_m, block_n), num_stages=_stages(q.dtype, d), **_reg_cap(q, dkdv, d))
     return dq, dk, dv
 
 
@@ -462,9 +483,9 @@ def element_mask(layout, device=None) -> Tensor:
     """[N, N] bool mask the kernel applies, rebuilt from its own int32 inputs (query i sees key j)."""
     layout = lookup_layout(layout) if isinstance(layout, int) else layout
     t = layout.device_tensors(device or "cpu")
-    n, bm, bn = layout.seq_len, layout.block_m, layout.block_n
+    n = layout.seq_len
     dev = t.k_seg.device
-    qb, kb = t.kv_num_blocks.numel(), -(-n // bn)
+    qb, kb = t.kv_num_blocks.numel(), t.k_starts.numel() - 1
     blocks = torch.zeros(qb, kb + 1, dtype=torch.bool, device=dev)
     valid = torch.arange(t.kv_indices.shape[1], device=dev)[None, :] < t.kv_num_blocks[:, None]
     blocks.scatter_(1, torch.where(valid, t.kv_indices.long(), kb), True)
@@ -472,7 +493,10 @@ def element_mask(layout, device=None) -> Tensor:
     valid = torch.arange(t.kv_indices.shape[1], device=dev)[None, :] < t.kv_num_full[:, None]
     full.scatter_(1, torch.where(valid, t.kv_indices.long(), kb), True)
     i = torch.arange(n, device=dev)
-    listed, unmasked = blocks[i[:, None] // bm, i[None, :] // bn], full[i[:, None] // bm, i[None, :] // bn]
+    # each token's block, from the block starts (uniform or segment-aligned)
+    qi = torch.searchsorted(t.q_starts[1:].long(), i, right=True)[:, None]
+    ki = torch.searchsorted(t.k_starts[1:].long(), i, right=True)[None, :]
+    listed, unmasked = blocks[qi, ki], full[qi, ki]
     vis = torch.ones(n, n, dtype=torch.bool, device=dev)
     vis &= ((t.q_bits[:, None] >> t.k_seg[None, :]) & 1) != 0
     if t.coords is not None:

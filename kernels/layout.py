@@ -14,6 +14,13 @@ alignment:
 - an optional exact element bitmask ``elem_bits`` (``[N, ceil(N/32)]`` int32), the fallback for
   ``mask_mod`` s that are not segment structured (e.g. causal).
 
+Blocks are ``block_m`` (``block_n``) consecutive tokens from token 0 -- or, in an *aligned*
+layout, from the start of each segment (``q_starts``/``k_starts``: block i holds tokens
+``[starts[i], starts[i+1])``, at most a block's size), so no block straddles two segments. At
+FmFormer's 401 + 241 tokens in 64-blocks that computes 121 blocks per phase pair instead of 142:
+the segment builders take whichever computes fewer (FlexAttention's ``BlockMask`` has uniform
+blocks only; ``to_block_mask`` converts).
+
 Query i sees key j iff j's block is listed for i's block and every rule above allows (i, j).
 The block lists of the builders below hold exactly the blocks with at least one visible pair;
 each list starts with its *full* blocks (``kv_num_full``/``q_num_full`` of them: every pair
@@ -49,6 +56,8 @@ class LayoutTensors(NamedTuple):
     k_seg: Tensor  # [N] segment id of each key
     coords: Tensor | None  # [N] packed (t, y, x) of grid tokens, -1 elsewhere
     elem_bits: Tensor | None  # [N, ceil(N/32)] exact element mask, bit j%32 of word j//32
+    q_starts: Tensor  # [Qb + 1] query block i holds tokens [q_starts[i], q_starts[i+1])
+    k_starts: Tensor  # [Kb + 1] the same for key blocks
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,6 +77,8 @@ class BlockLayout:
     elem_bits: Tensor | None = None
     kv_num_full: Tensor | None = None  # int32 [Qb]; None: no block is marked full
     q_num_full: Tensor | None = None  # int32 [Kb]
+    q_starts: Tensor | None = None  # int64 [Qb + 1] of an aligned layout; None: uniform blocks
+    k_starts: Tensor | None = None  # int64 [Kb + 1]
     # unique per layout: what the kernel's custom op carries instead of the layout itself
     key: int = field(default_factory=lambda: next(_KEYS), repr=False)
     _device_cache: dict = field(default_factory=dict, repr=False)
@@ -84,6 +95,16 @@ class BlockLayout:
     @property
     def radius(self) -> tuple[int, int, int] | None:
         return None if self.window is None else tuple(w // 2 for w in self.window)
+
+    @property
+    def aligned(self) -> bool:
+        """Blocks start at segment starts (not every ``block_m`` tokens from 0)."""
+        return self.q_starts is not None
+
+    def starts(self) -> tuple[Tensor, Tensor]:
+        """(q_starts [Qb+1], k_starts [Kb+1]) int64: block i holds tokens [starts[i], starts[i+1])."""
+        return (_uniform_starts(self.seq_len, self.block_m) if self.q_starts is None else self.q_starts,
+                _uniform_starts(self.seq_len, self.block_n) if self.k_starts is None else self.k_starts)
 
     @property
     def num_computed_blocks(self) -> int:
@@ -136,12 +157,14 @@ class BlockLayout:
     def dense_mask(self) -> Tensor:
         """[N, N] bool element mask: query i sees key j."""
         n = self.seq_len
-        blocks = self.block_dense().repeat_interleave(self.block_n, 1)[:, :n]
+        qs, ks = self.starts()
+        blocks = self.block_dense().repeat_interleave(ks.diff(), 1)  # [Qb, N]
+        row_block = torch.repeat_interleave(torch.arange(self.num_q_blocks), qs.diff())
         out = torch.empty(n, n, dtype=torch.bool)
         step = max(1, (1 << 24) // max(n, 1))  # row chunks keep the int64 temporaries small
         for r0 in range(0, n, step):
             rows = torch.arange(r0, min(r0 + step, n))
-            out[rows] = blocks[rows // self.block_m] & self.element_rule(rows)
+            out[rows] = blocks[row_block[rows]] & self.element_rule(rows)
         return out
 
     # ---- device tensors for the kernel -------------------------------------------------------
@@ -166,7 +189,7 @@ class BlockLayout:
         kv_full = torch.zeros_like(self.kv_num_blocks) if self.kv_num_full is None else self.kv_num_full
         q_full = torch.zeros_like(self.q_num_blocks) if self.q_num_full is None else self.q_num_full
         host = LayoutTensors(self.kv_num_blocks, kv_full, self.kv_indices, self.q_num_blocks, q_full,
-                             self.q_indices, q_bits, self.seg_ids, coords, self.elem_bits)
+                             self.q_indices, q_bits, self.seg_ids, coords, self.elem_bits, *self.starts())
         out = LayoutTensors(*(None if a is None else a.to(device=device, dtype=torch.int32).contiguous()
                               for a in host))
         self._device_cache[device] = out
@@ -204,6 +227,9 @@ class BlockLayout:
         from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
         n = self.seq_len
+        if self.aligned:  # FlexAttention's blocks are uniform: the same rules in uniform blocks
+            return _finish(n, self.block_m, self.block_n, self.seg_ids, self.seg_allowed, self.grid,
+                           self.grid_start, self.window, self.elem_bits).to_block_mask(device)
         if "seq_lengths" not in inspect.signature(BlockMask.from_kv_blocks).parameters:
             # older torch: let FlexAttention derive the (identical, exact) block lists itself
             return create_block_mask(self.mask_mod(device), None, None, n, n, device=device,
@@ -261,36 +287,54 @@ def _check_blocks(where: str, block_m: int, block_n: int):
             raise ValueError(f"{where}: {name} must be a power of two >= 16 (tl.dot tiles), got {b!r}")
 
 
+def _uniform_starts(n: int, blk: int) -> Tensor:
+    return torch.arange(0, -(-n // blk) * blk + 1, blk).clamp_(max=n)
+
+
+def _segment_starts(lengths: Sequence[int], blk: int) -> Tensor:
+    """Block starts that restart at every segment: no block holds two segments' tokens."""
+    starts, s0 = [], 0
+    for n in lengths:
+        starts += range(s0, s0 + n, blk)
+        s0 += n
+    return torch.tensor(starts + [s0], dtype=torch.int64)
+
+
 def _finish(seq_len, block_m, block_n, seg_ids, seg_allowed, grid=None, grid_start=0, window=None,
-            elem_bits=None, blocks: Tensor | None = None) -> BlockLayout:
+            elem_bits=None, blocks: Tensor | None = None, q_starts: Tensor | None = None,
+            k_starts: Tensor | None = None) -> BlockLayout:
     """Derive the block lists: exactly the blocks with a visible pair (unless ``blocks`` is given),
-    full blocks (every pair visible, no key padding) first."""
-    qb, kb = -(-seq_len // block_m), -(-seq_len // block_n)
+    full blocks (every pair visible, a whole ``block_n`` of keys) first. ``q_starts``/``k_starts``:
+    an aligned layout's block starts (None: uniform blocks from token 0)."""
+    qs = _uniform_starts(seq_len, block_m) if q_starts is None else q_starts
+    ks = _uniform_starts(seq_len, block_n) if k_starts is None else k_starts
+    qb, kb = qs.numel() - 1, ks.numel() - 1
     proto = BlockLayout(seq_len, block_m, block_n, torch.zeros(qb, dtype=torch.int32),
                         torch.zeros(qb, 1, dtype=torch.int32), torch.zeros(kb, dtype=torch.int32),
                         torch.zeros(kb, 1, dtype=torch.int32), seg_ids, seg_allowed, grid, grid_start,
                         window, elem_bits)
     any_vis = torch.zeros(qb, kb, dtype=torch.bool)
     all_vis = torch.zeros(qb, kb, dtype=torch.bool)
+    col_block = torch.repeat_interleave(torch.arange(kb), ks.diff())
+    # a key block shorter than block_n is never full (the kernel's unmasked path reads block_n keys)
+    whole = ks.diff() == block_n
     step = max(1, (1 << 24) // (block_m * max(seq_len, 1)))  # ~16M elements per chunk
     for b0 in range(0, qb, step):
-        rows = torch.arange(b0 * block_m, min((b0 + step) * block_m, seq_len))
-        nb = -(-rows.numel() // block_m)
+        b1 = min(qb, b0 + step)
+        rows = torch.arange(int(qs[b0]), int(qs[b1]))
         vis = proto.element_rule(rows)
-        # padded keys are never visible (so their block is never full); padded query rows are
-        # never stored, so they count as visible for fullness and invisible for presence
-        vis = torch.nn.functional.pad(vis, (0, kb * block_n - seq_len), value=False)
-        pad_rows = nb * block_m - rows.numel()
-        tiles = torch.nn.functional.pad(vis, (0, 0, 0, pad_rows), value=False).view(nb, block_m, kb, block_n)
-        any_vis[b0:b0 + nb] = tiles.any(3).any(1)
-        tiles = torch.nn.functional.pad(vis, (0, 0, 0, pad_rows), value=True).view(nb, block_m, kb, block_n)
-        all_vis[b0:b0 + nb] = tiles.all(3).all(1)
+        # visible keys per (row, key block), then per (query block, key block)
+        cnt = torch.zeros(rows.numel(), kb).index_add_(1, col_block, vis.float())
+        row_block = torch.repeat_interleave(torch.arange(b1 - b0), qs[b0 + 1:b1 + 1] - qs[b0:b1])
+        any_vis[b0:b1] = torch.zeros(b1 - b0, kb).index_add_(0, row_block, (cnt > 0).float()) > 0
+        rows_full = torch.zeros(b1 - b0, kb).index_add_(0, row_block, (cnt == ks.diff()[None, :]).float())
+        all_vis[b0:b1] = (rows_full == (qs[b0 + 1:b1 + 1] - qs[b0:b1])[:, None]) & whole[None, :]
     blocks = any_vis if blocks is None else blocks
     full = blocks & all_vis
     kv_num, kv_idx, kv_full = _dense_to_lists(blocks, full)
     q_num, q_idx, q_full = _dense_to_lists(blocks.t(), full.t())
     layout = BlockLayout(seq_len, block_m, block_n, kv_num, kv_idx, q_num, q_idx, seg_ids, seg_allowed,
-                         grid, grid_start, window, elem_bits, kv_full, q_full)
+                         grid, grid_start, window, elem_bits, kv_full, q_full, q_starts, k_starts)
     _register_with_kernel(layout)
     return layout
 
@@ -307,19 +351,24 @@ def _register_with_kernel(layout: BlockLayout) -> None:
 # ---- builders ----------------------------------------------------------------------------------
 def segment_layout(lengths: Sequence[int], allowed, block_m: int = 64, block_n: int = 64, *,
                    grid: tuple[int, int, int] | None = None, window: tuple[int, int, int] | None = None,
-                   grid_segment: int | None = None) -> BlockLayout:
+                   grid_segment: int | None = None, aligned: bool | None = None) -> BlockLayout:
     """Packed segments of ``lengths`` tokens; ``allowed[s][t]``: segment s's queries see segment
-    t's keys. With ``window``, segment ``grid_segment`` is a ``t*h*w`` grid with a local window."""
+    t's keys. With ``window``, segment ``grid_segment`` is a ``t*h*w`` grid with a local window.
+    ``aligned``: blocks restart at every segment (True), run from token 0 (False), or whichever
+    computes fewer blocks (None, the default; uniform on a tie)."""
     lengths = tuple(int(x) for x in lengths)
     allowed_t = tuple(tuple(bool(a) for a in row) for row in
                       (allowed.tolist() if isinstance(allowed, Tensor) else allowed))
     return _segment_layout(lengths, allowed_t, block_m, block_n,
                            None if grid is None else tuple(int(g) for g in grid),
-                           None if window is None else tuple(int(w) for w in window), grid_segment)
+                           None if window is None else tuple(int(w) for w in window), grid_segment, aligned)
 
 
 @functools.lru_cache(maxsize=64)
-def _segment_layout(lengths, allowed, block_m, block_n, grid, window, grid_segment) -> BlockLayout:
+def _segment_layout(lengths, allowed, block_m, block_n, grid, window, grid_segment, aligned) -> BlockLayout:
+    if aligned is None:
+        a, u = (_segment_layout(lengths, allowed, block_m, block_n, grid, window, grid_segment, x) for x in (True, False))
+        return a if a.num_computed_blocks < u.num_computed_blocks else u
     where = "segment_layout"
     _check_blocks(where, block_m, block_n)
     s = len(lengths)
@@ -343,20 +392,25 @@ def _segment_layout(lengths, allowed, block_m, block_n, grid, window, grid_segme
         if len(window) != 3 or any(w < 1 or w % 2 == 0 for w in window):
             raise ValueError(f"{where}: window must be 3 odd positive sizes (wt, wh, ww), got {window}")
         start = sum(lengths[:grid_segment])
+    starts = (_segment_starts(lengths, block_m), _segment_starts(lengths, block_n)) if aligned else (None, None)
     return _finish(sum(lengths), block_m, block_n, seg_ids, torch.tensor(allowed, dtype=torch.bool),
-                   grid, start, window)
+                   grid, start, window, q_starts=starts[0], k_starts=starts[1])
 
 
-def self_attention_layout(lengths: Sequence[int], block_m: int = 64, block_n: int = 64) -> BlockLayout:
-    """Each segment attends itself only (block diagonal)."""
+def self_attention_layout(lengths: Sequence[int], block_m: int = 64, block_n: int = 64,
+                          aligned: bool | None = None) -> BlockLayout:
+    """Each segment attends itself only (block diagonal). ``aligned``: see ``segment_layout``."""
     s = len(lengths)
-    return segment_layout(lengths, [[i == j for j in range(s)] for i in range(s)], block_m, block_n)
+    return segment_layout(lengths, [[i == j for j in range(s)] for i in range(s)], block_m, block_n,
+                          aligned=aligned)
 
 
-def cross_attention_layout(lengths: Sequence[int], block_m: int = 64, block_n: int = 64) -> BlockLayout:
-    """Each segment attends every other segment (off-diagonal)."""
+def cross_attention_layout(lengths: Sequence[int], block_m: int = 64, block_n: int = 64,
+                           aligned: bool | None = None) -> BlockLayout:
+    """Each segment attends every other segment (off-diagonal). ``aligned``: see ``segment_layout``."""
     s = len(lengths)
-    return segment_layout(lengths, [[i != j for j in range(s)] for i in range(s)], block_m, block_n)
+    return segment_layout(lengths, [[i != j for j in range(s)] for i in range(s)], block_m, block_n,
+                          aligned=aligned)
 
 
 def local_window_layout(grid: tuple[int, int, int], window: tuple[int, int, int], num_before: int = 1,

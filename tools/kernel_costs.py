@@ -118,7 +118,7 @@ def attention_layer_peers(b: int = 256, heads: int = 3, dh: int = 32, segs=(401,
     from fmfast.kernels.layout import cross_attention_layout, self_attention_layout
     fl = []
     for make in (self_attention_layout, cross_attention_layout):
-        lay = make(segs, 128, 128)
+        lay = make(segs, 128, 128, aligned=False)  # FlexAttention's blocks run from token 0
         fl += list(cm.flex(lay.num_computed_blocks * 128 * 128, lay.seq_len, bh, dh))
     eager = [w for q, k in pairs for w in cm.attention_eager(q, k, bh, dh, 2, cm.MMA_BF16)]
     eager32 = [w for q, k in pairs for w in cm.attention_eager(q, k, bh, dh, 4, cm.FMA_FP32)]

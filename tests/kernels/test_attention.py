@@ -41,9 +41,16 @@ def assert_matches_ref(lay, b=2, h=1, d=32, sm_scale=None, tol=2e-5, seed=0):
 
 # ---- layouts the kernel must honour -----------------------------------------------------------
 LAYOUTS = {
-    "self_ragged": lambda: L.self_attention_layout((37, 27), 16, 16),
-    "cross_ragged": lambda: L.cross_attention_layout((37, 27), 16, 16),
+    "self_ragged": lambda: L.self_attention_layout((37, 27), 16, 16, aligned=False),
+    "cross_ragged": lambda: L.cross_attention_layout((37, 27), 16, 16, aligned=False),
+    # blocks restart at each segment: short blocks whose padding holds the next block's tokens
+    "self_aligned": lambda: L.self_attention_layout((37, 27), 16, 16, aligned=True),
+    "cross_aligned": lambda: L.cross_attention_layout((37, 27), 16, 16, aligned=True),
     "mix_3seg_rect_blocks": lambda: L.segment_layout((5, 30, 29), [[1, 0, 0], [0, 1, 1], [1, 0, 1]], 16, 32),
+    "mix_3seg_rect_aligned": lambda: L.segment_layout((5, 30, 29), [[1, 0, 0], [0, 1, 1], [1, 0, 1]], 16, 32,
+                                                      aligned=True),
+    "window_aligned": lambda: L.segment_layout((1, 60, 6), [[True] * 3] * 3, 16, 16, grid=(3, 4, 5),
+                                               window=(3, 3, 3), grid_segment=1, aligned=True),
     "window": lambda: L.local_window_layout((3, 4, 5), (3, 3, 3), 1, 6, 16, 16),
     "causal_bits": lambda: L.from_mask_mod(_causal, 45, 16, 16),
     "block_mask": lambda: L.from_block_mask(torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 0]], dtype=torch.bool),
@@ -127,7 +134,7 @@ def test_fp16_interpreter():
 def test_hypothesis_segment_layouts(lengths, data, h, d):
     s = len(lengths)
     allowed = data.draw(st.lists(st.lists(st.booleans(), min_size=s, max_size=s), min_size=s, max_size=s))
-    lay = L.segment_layout(lengths, allowed, 16, 16)
+    lay = L.segment_layout(lengths, allowed, 16, 16, aligned=data.draw(st.sampled_from([None, True, False])))
     assert_matches_ref(lay, b=1, h=h, d=d, seed=data.draw(st.integers(0, 100)))
 
 
@@ -344,7 +351,7 @@ import fmfast.kernels.attention as ka
 
 FLOATS = ("qk_scale", "sm_scale")
 F32_PTRS = ("LSE", "DELTA")
-INT_PTRS = ("KV_NUM", "KV_FULL", "KV_IDX", "Q_NUM", "Q_FULL", "Q_IDX", "QBITS", "KSEG", "COORDS", "EBITS")
+INT_PTRS = ("KV_NUM", "KV_FULL", "KV_IDX", "Q_NUM", "Q_FULL", "Q_IDX", "QBITS", "KSEG", "COORDS", "EBITS", "QS", "KS")
 # the paper's shape: 64 x 64 blocks, head_dim 32; bf16 and fp32 (3xTF32 dots); both backward roles
 for lo, prec in (("bf16", "tf32"), ("fp32", "tf32x3")):
     for fn, role in ((ka._fwd_kernel, None), (ka._bwd_kernel, True), (ka._bwd_kernel, False)):

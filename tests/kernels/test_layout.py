@@ -27,27 +27,35 @@ def brute_window(grid, window, before, after):
 
 
 def check_blocks_exact(lay: L.BlockLayout):
-    """Listed blocks hold a visible pair, unlisted ones none; q lists are the transpose."""
-    n, bm, bn = lay.seq_len, lay.block_m, lay.block_n
+    """Listed blocks hold a visible pair, unlisted ones none; q lists are the transpose; full
+    blocks have every pair visible and a whole block_n of keys. Blocks by their starts (uniform
+    from token 0, or restarting at each segment in an aligned layout)."""
+    qs, ks = lay.starts()
     rule = lay.element_rule()
-    rule = torch.nn.functional.pad(rule, (0, -n % bn, 0, -n % bm))
-    any_vis = rule.view(lay.num_q_blocks, bm, lay.num_kv_blocks, bn).any(3).any(1)
+    assert qs[0] == ks[0] == 0 and qs[-1] == ks[-1] == lay.seq_len
+    assert (qs.diff() > 0).all() and (qs.diff() <= lay.block_m).all()
+    assert (ks.diff() > 0).all() and (ks.diff() <= lay.block_n).all()
+    tiles = [[rule[qs[i]:qs[i + 1], ks[j]:ks[j + 1]] for j in range(len(ks) - 1)] for i in range(len(qs) - 1)]
+    any_vis = torch.tensor([[bool(t.any()) for t in row] for row in tiles])
+    all_vis = torch.tensor([[bool(t.all()) and t.shape[1] == lay.block_n for t in row] for row in tiles])
     assert torch.equal(lay.block_dense(), any_vis)
     qt = L._lists_to_dense(lay.q_num_blocks, lay.q_indices, lay.num_q_blocks)
     assert torch.equal(qt, any_vis.t())
-    # full blocks: every pair visible on the real rows and no padded key
-    vis = torch.nn.functional.pad(lay.element_rule(), (0, -n % bn), value=False)
-    vis = torch.nn.functional.pad(vis, (0, 0, 0, -n % bm), value=True)
-    all_vis = vis.view(lay.num_q_blocks, bm, lay.num_kv_blocks, bn).all(3).all(1)
     assert torch.equal(lay.full_block_dense(), all_vis & any_vis)
     assert torch.equal(L._lists_to_dense(lay.q_num_full, lay.q_indices, lay.num_q_blocks), (all_vis & any_vis).t())
     for r in range(lay.num_q_blocks):  # full entries first, each group ascending
         nf, na = int(lay.kv_num_full[r]), int(lay.kv_num_blocks[r])
         for idx in (lay.kv_indices[r, :nf], lay.kv_indices[r, nf:na]):
             assert torch.all(idx[1:] > idx[:-1])
+    if lay.aligned:  # no block holds two segments' tokens
+        for st in (qs, ks):
+            for a, b in zip(st[:-1], st[1:]):
+                assert lay.seg_ids[a:b].unique().numel() == 1
 
 
 def test_fmformer_self_and_cross_layouts():
+    """The model's 401 video + 241 current tokens: blocks restart at the current segment (aligned),
+    121 computed blocks for both phases instead of 142 from token 0."""
     lengths = (401, 241)
     sa = L.self_attention_layout(lengths)
     ca = L.cross_attention_layout(lengths)
@@ -55,14 +63,37 @@ def test_fmformer_self_and_cross_layouts():
     assert torch.equal(ca.dense_mask(), brute_segments(lengths, [[0, 1], [1, 0]]))
     for lay in (sa, ca):
         check_blocks_exact(lay)
-    # 642 tokens in 11 blocks of 64; the boundary 401 lies in block 6, which both segments touch
-    assert sa.num_q_blocks == 11
-    assert sa.kv_num_blocks.tolist() == [7] * 6 + [11] + [5] * 4
-    assert ca.kv_num_blocks.tolist() == [5] * 6 + [11] + [7] * 4
-    # full blocks skip masking: video x video blocks 0-5, current x current blocks 7-9 (10 has
-    # padding); nothing touching the boundary block 6 is full
-    assert sa.kv_num_full.tolist() == [6] * 6 + [0] + [3] * 4
-    assert ca.kv_num_full.tolist() == [3] * 6 + [0] + [6] * 4
+        assert lay.aligned
+        assert lay.starts()[0].tolist() == [0, 64, 128, 192, 256, 320, 384, 401, 465, 529, 593, 642]
+    # 7 video blocks (the last of 17 tokens) and 4 current ones (the last of 49)
+    assert sa.kv_num_blocks.tolist() == [7] * 7 + [4] * 4
+    assert ca.kv_num_blocks.tolist() == [4] * 7 + [7] * 4
+    assert sa.num_computed_blocks + ca.num_computed_blocks == 121
+    # full blocks skip masking: all but each segment's short last key block
+    assert sa.kv_num_full.tolist() == [6] * 7 + [3] * 4
+    assert ca.kv_num_full.tolist() == [3] * 7 + [6] * 4
+    # from token 0 instead: the boundary 401 lies in block 6, which both segments touch
+    su = L.self_attention_layout(lengths, aligned=False)
+    cu = L.cross_attention_layout(lengths, aligned=False)
+    for lay in (su, cu):
+        check_blocks_exact(lay)
+        assert not lay.aligned
+        assert torch.equal(lay.dense_mask(), (sa if lay is su else ca).dense_mask())
+    assert su.kv_num_blocks.tolist() == [7] * 6 + [11] + [5] * 4
+    assert cu.kv_num_blocks.tolist() == [5] * 6 + [11] + [7] * 4
+    assert su.kv_num_full.tolist() == [6] * 6 + [0] + [3] * 4
+    assert cu.kv_num_full.tolist() == [3] * 6 + [0] + [6] * 4
+    assert su.num_computed_blocks + cu.num_computed_blocks == 142
+
+
+def test_auto_alignment_takes_the_layout_with_fewer_blocks():
+    for lengths, blk in (((401, 241), 64), ((5, 30, 29), 16), ((37, 27), 16), ((64, 64), 64)):
+        auto = L.self_attention_layout(lengths, blk, blk)
+        a, u = (L.self_attention_layout(lengths, blk, blk, aligned=x) for x in (True, False))
+        assert auto is (a if a.num_computed_blocks < u.num_computed_blocks else u)
+        assert torch.equal(a.dense_mask(), u.dense_mask())
+    # segments on block boundaries: the same blocks either way, uniform kept
+    assert not L.self_attention_layout((64, 64), 64, 64).aligned
 
 
 def test_layouts_are_cached_per_shape():
@@ -76,7 +107,7 @@ def test_layouts_are_cached_per_shape():
 def test_segment_layout_matches_brute_force(lengths, data, bm, bn):
     s = len(lengths)
     allowed = data.draw(st.lists(st.lists(st.booleans(), min_size=s, max_size=s), min_size=s, max_size=s))
-    lay = L.segment_layout(lengths, allowed, bm, bn)
+    lay = L.segment_layout(lengths, allowed, bm, bn, aligned=data.draw(st.sampled_from([None, True, False])))
     assert torch.equal(lay.dense_mask(), brute_segments(lengths, allowed))
     check_blocks_exact(lay)
 
@@ -137,7 +168,9 @@ def test_from_mask_mod_document_and_causal():
 
 @pytest.mark.parametrize("make", [
     lambda: L.self_attention_layout((37, 27), 16, 16),
+    lambda: L.self_attention_layout((37, 27), 16, 16, aligned=True),
     lambda: L.cross_attention_layout((30, 21, 13), 16, 32),
+    lambda: L.cross_attention_layout((401, 241)),  # aligned: FlexAttention gets uniform blocks
     lambda: L.local_window_layout((3, 4, 5), (3, 3, 1), 1, 6, 16, 16),
     lambda: L.from_mask_mod(lambda b, h, q, kv: (q >= kv) | (kv < 3), 45, 16, 16),
 ])
@@ -146,10 +179,15 @@ def test_to_flex_block_mask(make):
     bm = lay.to_block_mask()
     n = lay.seq_len
     assert tuple(bm.BLOCK_SIZE) == (lay.block_m, lay.block_n)
-    assert torch.equal(bm.to_dense()[0, 0].cpu(), lay.block_dense())
+    dense = bm.to_dense()[0, 0].cpu()
+    if lay.aligned:  # FlexAttention's uniform blocks: exactly those with a visible pair
+        vis = torch.nn.functional.pad(lay.dense_mask(), (0, -n % lay.block_n, 0, -n % lay.block_m))
+        assert torch.equal(dense, vis.view(dense.shape[0], lay.block_m, dense.shape[1], lay.block_n).any(3).any(1))
+    else:
+        assert torch.equal(dense, lay.block_dense())
     # independent check: FlexAttention's own mask of (blocks x mask_mod)
     elem = create_mask(bm.mask_mod, 1, 1, n, n, device="cpu")[0, 0]
-    blocks = lay.block_dense().repeat_interleave(lay.block_m, 0)[:n].repeat_interleave(lay.block_n, 1)[:, :n]
+    blocks = dense.repeat_interleave(lay.block_m, 0)[:n].repeat_interleave(lay.block_n, 1)[:, :n]
     assert torch.equal(elem & blocks, lay.dense_mask())
     # and a round trip through FlexAttention gives the same layout mask
     assert torch.equal(L.from_flex_block_mask(bm).dense_mask(), lay.dense_mask())
