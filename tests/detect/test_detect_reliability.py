@@ -148,15 +148,29 @@ def test_follow_survives_current_log_rotation(model, offline, tmp_path, capsys, 
         assert "truncated or replaced while followed" in err
 
 
-def test_follow_survives_the_video_being_replaced(model, offline, tmp_path, capsys):
+def test_follow_survives_the_video_being_replaced(model, offline, tmp_path, capsys, monkeypatch):
+    from fmfast.detect.follow import FollowFeed
+
     video, ref = offline
     live, cur = tmp_path / "live.mkv", tmp_path / "cur.csv"
     full = video.read_bytes()
     live.write_bytes(full[: len(full) // 2])
     cur.write_text("time,A,B,C\n" + rows(-5, 4))
+    # replace the file only once the follower has read the half of it (on a loaded machine,
+    # detect's start-up can take longer than any fixed delay), and fresh, so it is not yet settled
+    seen, poll = threading.Event(), FollowFeed.poll_frames
+
+    def first_poll(self, final):
+        if not seen.is_set():
+            os.utime(live)
+        got = poll(self, final)
+        seen.set()
+        return got
+    monkeypatch.setattr(FollowFeed, "poll_frames", first_poll)
 
     def writer():
-        time.sleep(0.5)
+        assert seen.wait(60)
+        time.sleep(0.3)
         tmp = tmp_path / ".live.tmp"
         tmp.write_bytes(full)  # rewritten complete (a remux), moved over the growing file
         os.replace(tmp, live)
