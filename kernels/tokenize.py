@@ -1,4 +1,4 @@
-"""Fused multiscale video tokenization: video -> cls + tubelet tokens of every scale, one launch.
+"""Fused multiscale video tokenization: video -> cls + tubelet tokens of every scale in one launch.
 
 For each scale (dilation d = 1, 2, ...) the clip is read at rows/cols 0, d, 2d, ... (a strided read,
 the same pixels as nearest-neighbour downsampling by d), cut into tubelets of pf frames x p x p,
@@ -12,8 +12,10 @@ reads frame ``i``, entry ``~i`` (= -1-i) reads frame ``i`` mirrored along W (tra
 no flipped copy of the store); frames are clamped into ``[0, N-1]``. Each program gathers its
 tubelets' pixels straight from that memory.
 
-Kernels (one launch forward, three backward; blocks never span scales; a block's scale and
+Kernels (two launches forward, three backward; blocks never span scales; a block's scale and
 geometry come from its program id):
+  ``_tokenize_prep``    one program per weight row and column chunk: W (in the compute dtype) and
+                        the patch-LN parameters gathered into kernel column order (below).
   ``_tokenize_fwd``     grid = token blocks of all scales (64 tokens on GPU) x batch: gather,
                         LN(patch) in fp32, tl.dot with the projection, LN(D), + pos, store in the
                         final row; the first block also writes the cls row. When a backward can
@@ -359,70 +361,97 @@ _TL = {"float32": tl.float32, "float16": tl.float16, "bfloat16": tl.bfloat16}
 
 
 @triton.jit
+def _tokenize_prep(w_ptr, win_ptr, bin_ptr, order_ptr, wk_ptr, wink_ptr, bink_ptr, S, D, K,
+                   BK: tl.constexpr):
+    """W [S, D, K] (cast to the compute dtype) and the patch-LN weight and bias [S, K] gathered into
+    kernel column order, one launch: program = (row, column chunk); rows [0, S*D) of W, then the
+    S weight rows and the S bias rows."""
+    pid = tl.program_id(0)
+    nkc = tl.cdiv(K, BK)
+    row = pid // nkc
+    kk = (pid % nkc) * BK + tl.arange(0, BK)
+    km = kk < K
+    src = tl.load(order_ptr + kk, mask=km, other=0)
+    if row < S * D:
+        x = tl.load(w_ptr + row.to(tl.int64) * K + src, mask=km, other=0.0)
+        tl.store(wk_ptr + row.to(tl.int64) * K + kk, x.to(wk_ptr.dtype.element_ty), mask=km)
+    elif row < S * D + S:
+        r = row - S * D
+        x = tl.load(win_ptr + r * K + src, mask=km, other=0.0)
+        tl.store(wink_ptr + r * K + kk, x.to(wink_ptr.dtype.element_ty), mask=km)
+    else:
+        r = row - S * D - S
+        x = tl.load(bin_ptr + r * K + src, mask=km, other=0.0)
+        tl.store(bink_ptr + r * K + kk, x.to(bink_ptr.dtype.element_ty), mask=km)
+
+
+@triton.jit
 def _tokenize_bwd_sum(part_d_ptr, part_pos_ptr, part_k_ptr, part_w_ptr, order_ptr,
                       g_cls_ptr, g_pos_ptr, g_win_ptr, g_bin_ptr, g_w_ptr, g_bp_ptr, g_wout_ptr, g_bout_ptr,
                       S, D, K, N_OUT, N_BS, NBLK, N_SPLIT, e0, e1, e2, e3, e4,
                       BD: tl.constexpr, BK: tl.constexpr):
     """Every reduction after the backward kernels in one launch, each in a fixed order
-    (deterministic). Programs, in ranges: [0, S*D) row (s, d) of dW, summed over row splits and
-    scattered back to reference column order; the next N_OUT, row r of dpos summed over batch
-    slices (row 0 also dcls); the next 2*S, the patch-LN weight / bias of scale s over row splits,
-    scattered; the last 3*S, norm_out weight, norm_out bias, proj bias of scale s over batch
-    slices and the scale's token blocks [e_s, e_{s+1})."""
+    (deterministic). Programs, in ranges (NKC = cdiv(K, BK) column chunks): [0, S*D*NKC) a
+    chunk of row (s, d) of dW, summed over row splits and scattered back to reference column
+    order; the next N_OUT, row r of dpos summed over batch slices (row 0 also dcls); the next
+    2*S*NKC, a chunk of the patch-LN weight / bias of scale s over row splits, scattered; the
+    last 3*S, norm_out weight, norm_out bias, proj bias of scale s over batch slices and the
+    scale's token blocks [e_s, e_{s+1})."""
     pid = tl.program_id(0)
     nn = tl.arange(0, BD)
     nm = nn < D
-    a1 = S * D
+    nkc = tl.cdiv(K, BK)
+    a1 = S * D * nkc
     a2 = a1 + N_OUT
-    a3 = a2 + 2 * S
+    a3 = a2 + 2 * S * nkc
     if pid < a1:  # part_w [S, N_SPLIT, D, K]
-        s = pid // D
-        base = part_w_ptr + (s * N_SPLIT * D + pid % D).to(tl.int64) * K
-        for k0 in range(0, K, BK):
-            kk = k0 + tl.arange(0, BK)
-            km = kk < K
-            acc = tl.zeros([BK], dtype=tl.float32)
-            for sp in range(N_SPLIT):
-                acc += tl.load(base + sp * D * K + kk, mask=km, other=0.0)
-            col = tl.load(order_ptr + kk, mask=km, other=0)
-            tl.store(g_w_ptr + pid.to(tl.int64) * K + col, acc.to(g_w_ptr.dtype.element_ty), mask=km)
+        row = pid // nkc
+        s = row // D
+        base = part_w_ptr + (s * N_SPLIT * D + row % D).to(tl.int64) * K
+        kk = (pid % nkc) * BK + tl.arange(0, BK)
+        km = kk < K
+        acc_w = tl.zeros([BK], dtype=tl.float32)
+        for sp in range(N_SPLIT):
+            acc_w += tl.load(base + sp * D * K + kk, mask=km, other=0.0)
+        col = tl.load(order_ptr + kk, mask=km, other=0)
+        tl.store(g_w_ptr + row.to(tl.int64) * K + col, acc_w.to(g_w_ptr.dtype.element_ty), mask=km)
     elif pid < a2:  # part_pos [N_BS, N_OUT, D]
         r = pid - a1
-        acc = tl.zeros([BD], dtype=tl.float32)
+        acc_p = tl.zeros([BD], dtype=tl.float32)
         for b in range(N_BS):
-            acc += tl.load(part_pos_ptr + (b * N_OUT + r).to(tl.int64) * D + nn, mask=nm, other=0.0)
-        tl.store(g_pos_ptr + r * D + nn, acc.to(g_pos_ptr.dtype.element_ty), mask=nm)
+            acc_p += tl.load(part_pos_ptr + (b * N_OUT + r).to(tl.int64) * D + nn, mask=nm, other=0.0)
+        tl.store(g_pos_ptr + r * D + nn, acc_p.to(g_pos_ptr.dtype.element_ty), mask=nm)
         if r == 0:
-            tl.store(g_cls_ptr + nn, acc.to(g_cls_ptr.dtype.element_ty), mask=nm)
+            tl.store(g_cls_ptr + nn, acc_p.to(g_cls_ptr.dtype.element_ty), mask=nm)
     elif pid < a3:  # part_k [2, S, N_SPLIT, K]: j = 0 patch-LN weight, 1 its bias
-        j = (pid - a2) // S
-        s = (pid - a2) % S
-        for k0 in range(0, K, BK):
-            kk = k0 + tl.arange(0, BK)
-            km = kk < K
-            acc = tl.zeros([BK], dtype=tl.float32)
-            for sp in range(N_SPLIT):
-                acc += tl.load(part_k_ptr + ((j * S + s) * N_SPLIT + sp) * K + kk, mask=km, other=0.0)
-            col = tl.load(order_ptr + kk, mask=km, other=0)
-            if j == 0:
-                tl.store(g_win_ptr + s * K + col, acc.to(g_win_ptr.dtype.element_ty), mask=km)
-            else:
-                tl.store(g_bin_ptr + s * K + col, acc.to(g_bin_ptr.dtype.element_ty), mask=km)
+        row = (pid - a2) // nkc
+        j = row // S
+        s = row % S
+        kk = ((pid - a2) % nkc) * BK + tl.arange(0, BK)
+        km = kk < K
+        acc_k = tl.zeros([BK], dtype=tl.float32)
+        for sp in range(N_SPLIT):
+            acc_k += tl.load(part_k_ptr + ((j * S + s) * N_SPLIT + sp) * K + kk, mask=km, other=0.0)
+        col = tl.load(order_ptr + kk, mask=km, other=0)
+        if j == 0:
+            tl.store(g_win_ptr + s * K + col, acc_k.to(g_win_ptr.dtype.element_ty), mask=km)
+        else:
+            tl.store(g_bin_ptr + s * K + col, acc_k.to(g_bin_ptr.dtype.element_ty), mask=km)
     else:  # part_d [3, N_BS, NBLK, D]: j = 0 norm_out weight, 1 norm_out bias, 2 proj bias
         j = (pid - a3) // S
         s = (pid - a3) % S
         lo = tl.where(s == 0, e0, tl.where(s == 1, e1, tl.where(s == 2, e2, e3)))
         hi = tl.where(s == 0, e1, tl.where(s == 1, e2, tl.where(s == 2, e3, e4)))
-        acc = tl.zeros([BD], dtype=tl.float32)
+        acc_d = tl.zeros([BD], dtype=tl.float32)
         for b in range(N_BS):
             for blk in range(lo, hi):
-                acc += tl.load(part_d_ptr + ((j * N_BS + b) * NBLK + blk).to(tl.int64) * D + nn, mask=nm, other=0.0)
+                acc_d += tl.load(part_d_ptr + ((j * N_BS + b) * NBLK + blk).to(tl.int64) * D + nn, mask=nm, other=0.0)
         if j == 0:
-            tl.store(g_wout_ptr + s * D + nn, acc.to(g_wout_ptr.dtype.element_ty), mask=nm)
+            tl.store(g_wout_ptr + s * D + nn, acc_d.to(g_wout_ptr.dtype.element_ty), mask=nm)
         elif j == 1:
-            tl.store(g_bout_ptr + s * D + nn, acc.to(g_bout_ptr.dtype.element_ty), mask=nm)
+            tl.store(g_bout_ptr + s * D + nn, acc_d.to(g_bout_ptr.dtype.element_ty), mask=nm)
         else:
-            tl.store(g_bp_ptr + s * D + nn, acc.to(g_bp_ptr.dtype.element_ty), mask=nm)
+            tl.store(g_bp_ptr + s * D + nn, acc_d.to(g_bp_ptr.dtype.element_ty), mask=nm)
 
 
 def _gpu_sms(device: torch.device) -> Optional[int]:
@@ -526,8 +555,15 @@ def _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
     BM, BK, BD, nw = _blocks(D, K, video.device)
     n_out = 1 + sum(n)
     order = _internal_order(C, p, pf, video.device)
-    # once here, not per program: halves W's L2 traffic in 16-bit, and rows load contiguously
-    w, w_in, b_in = w[..., order].to(_DTYPES[compute_dtype]), w_in[:, order], b_in[:, order]
+    # once here, not per program: halves W's L2 traffic in 16-bit, and rows load contiguously;
+    # one launch for the three (it was four torch ops)
+    S = w.shape[0]
+    w_k = torch.empty(w.shape, device=w.device, dtype=_DTYPES[compute_dtype])
+    w_in_k, b_in_k = torch.empty_like(w_in), torch.empty_like(b_in)
+    BKP = 128 if _gpu_sms(video.device) else 16
+    _tokenize_prep[((S * D + 2 * S) * triton.cdiv(K, BKP),)](
+        w.contiguous(), w_in.contiguous(), b_in.contiguous(), order, w_k, w_in_k, b_in_k, S, D, K, BK=BKP, num_warps=4)
+    w, w_in, b_in = w_k, w_in_k, b_in_k
     out = torch.empty(B, n_out, D, device=video.device, dtype=_DTYPES[out_dtype])
     rows = B * (n_out - 1) if save else 0
     z = torch.empty(rows, D, device=video.device, dtype=_DTYPES[compute_dtype])
@@ -599,9 +635,13 @@ def _bwd_impl(grad, video, frame_index, z, mean, rstd, w_c, w_in_k, b_in_k, cls,
     for x in nblk_s:
         starts.append(starts[-1] + x)
     starts += [starts[-1]] * (MAX_SCALES + 1 - len(starts))
-    _tokenize_bwd_sum[(S * D + n_out + 2 * S + 3 * S,)](
+    # column chunks of 128 on the GPU (enough programs to fill the SMs); 16 in the interpreter, so
+    # the tests' small patch widths still cover several chunks and a ragged last one
+    BKS = 128 if sms else 16
+    nkc = triton.cdiv(K, BKS)
+    _tokenize_bwd_sum[(S * D * nkc + n_out + 2 * S * nkc + 3 * S,)](
         part_d, part_pos, part_k, part_w, order, *outs, S, D, K, n_out, n_bs, nblk, n_split, *starts,
-        BD=BD, BK=min(1024, triton.next_power_of_2(K)), num_warps=4)
+        BD=BD, BK=BKS, num_warps=4)
     return outs
 
 
@@ -720,7 +760,8 @@ def multiscale_tokenize(video: torch.Tensor, cls_token: torch.Tensor, scales: Se
                         patch_size: int, frame_patch_size: int, dilations: Sequence[int],
                         frame_index: Optional[torch.Tensor] = None, eps: float = 1e-5,
                         out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Triton fused tokenizer, one kernel launch forward (three backward).
+    """Triton fused tokenizer: two kernel launches forward (weights into kernel order, then the
+    fused tokenization), three backward.
 
     ``scales[i]`` = (norm_in_weight [K], norm_in_bias [K], proj_weight [D, K], proj_bias [D],
     norm_out_weight [D], norm_out_bias [D], pos_embedding [1, n_i, D]), scale 0's pos_embedding

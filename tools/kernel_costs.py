@@ -51,6 +51,10 @@ def our_work(row: dict) -> Work:
         if k == "tokenize_bwd_w":  # one gather pass per patch-column chunk; dz read as dz and dz^T
             return Work(4.0 * m * K * d, px + m * (d * e + 8) + programs * d * 32 * 4, 0,
                         m * K * (ops + 3) + 2 * m * d * grid[0], rate)
+        if k == "tokenize_prep":  # W (fp32 in, compute dtype out) and the patch-LN parameters, gathered;
+            # every row also reads the int64 column order
+            S, rows = len(N_TOK), len(N_TOK) * (d + 2)
+            return Work(0.0, S * d * K * (4 + e) + 2 * S * K * 8 + 8 * K * rows, 0, K * rows, rate)
         if k == "tokenize_bwd_sum":  # reads every partial once (one add each), writes the 8 gradients
             S = len(N_TOK)
             partials = (S * sh["n_split"] * d * K + sh["n_bs"] * N_OUT * d + 2 * S * sh["n_split"] * K
@@ -76,12 +80,11 @@ def our_work(row: dict) -> Work:
 
 
 def tokenizer_glue(b: int = 256, d: int = 96, S: int = 2) -> list[Work]:
-    """The torch ops around our tokenizer's kernels, launch by launch as kernels/tokenize.py makes
-    them: the forward permutes W (+ cast) and the patch-LN parameters into kernel order (4
-    launches); the backward reuses them and reduces its partials in its own kernel
-    (tokenize_bwd_sum, priced as a kernel). Not counted, as before: the wrapper's stacking of
-    the per-scale parameters (7 small launches forward, their views backward)."""
-    return [cm.ew(S * K * d, 4, 2, kernels=4)]
+    """The torch ops around our tokenizer's kernels as kernels/tokenize.py makes them: none left.
+    The forward's weight permutation (tokenize_prep) and the backward's reductions
+    (tokenize_bwd_sum) are kernels, priced as such. Not counted, as before: the wrapper's stacking
+    of the per-scale parameters (7 small launches forward, their views backward)."""
+    return []
 
 
 def tokenizer_reference(b: int = 256, d: int = 96, dtype: str = "bf16") -> list[Work]:

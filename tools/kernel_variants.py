@@ -16,7 +16,7 @@ B = 256
 VIDEO = dict(C=3, T=10, H=64, W=64, p=8, pf=2, dilations=(1, 2))
 DIM, HEADS, DIM_HEAD = 96, 3, 32
 SEGMENTS = (401, 241)  # video tokens, current tokens (cls each)
-TOK_KERNELS = ("_tokenize_fwd", "_tokenize_bwd_tok", "_tokenize_bwd_w", "_tokenize_bwd_sum")
+TOK_KERNELS = ("_tokenize_prep", "_tokenize_fwd", "_tokenize_bwd_tok", "_tokenize_bwd_w", "_tokenize_bwd_sum")
 ATT_KERNELS = ("_fwd_kernel", "_bwd_kernel")
 _NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
