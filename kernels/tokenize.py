@@ -560,7 +560,7 @@ def _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
     S = w.shape[0]
     w_k = torch.empty(w.shape, device=w.device, dtype=_DTYPES[compute_dtype])
     w_in_k, b_in_k = torch.empty_like(w_in), torch.empty_like(b_in)
-    BKP = 128 if _gpu_sms(video.device) else 16
+    BKP = 128 if _gpu_sms(video.device) else 64
     _tokenize_prep[((S * D + 2 * S) * triton.cdiv(K, BKP),)](
         w.contiguous(), w_in.contiguous(), b_in.contiguous(), order, w_k, w_in_k, b_in_k, S, D, K, BK=BKP, num_warps=4)
     w, w_in, b_in = w_k, w_in_k, b_in_k
@@ -635,9 +635,9 @@ def _bwd_impl(grad, video, frame_index, z, mean, rstd, w_c, w_in_k, b_in_k, cls,
     for x in nblk_s:
         starts.append(starts[-1] + x)
     starts += [starts[-1]] * (MAX_SCALES + 1 - len(starts))
-    # column chunks of 128 on the GPU (enough programs to fill the SMs); 16 in the interpreter, so
+    # column chunks of 128 on the GPU (enough programs to fill the SMs); 64 in the interpreter, so
     # the tests' small patch widths still cover several chunks and a ragged last one
-    BKS = 128 if sms else 16
+    BKS = 128 if sms else 64
     nkc = triton.cdiv(K, BKS)
     _tokenize_bwd_sum[(S * D * nkc + n_out + 2 * S * nkc + 3 * S,)](
         part_d, part_pos, part_k, part_w, order, *outs, S, D, K, n_out, n_bs, nblk, n_split, *starts,
