@@ -158,8 +158,8 @@ class BlockLayout:
         """[N, N] bool element mask: query i sees key j."""
         n = self.seq_len
         qs, ks = self.starts()
-        blocks = self.block_dense().repeat_interleave(ks.diff(), 1)  # [Qb, N]
-        row_block = torch.repeat_interleave(torch.arange(self.num_q_blocks), qs.diff())
+        blocks = self.block_dense()[:, _token_blocks(ks)]  # [Qb, N]
+        row_block = _token_blocks(qs)
         out = torch.empty(n, n, dtype=torch.bool)
         step = max(1, (1 << 24) // max(n, 1))  # row chunks keep the int64 temporaries small
         for r0 in range(0, n, step):
@@ -196,6 +196,12 @@ class BlockLayout:
         return out
 
     # ---- FlexAttention -----------------------------------------------------------------------
+    @functools.cached_property
+    def _uniform_twin(self) -> "BlockLayout":
+        """The same element rules in uniform blocks from token 0 (built once per layout)."""
+        return _finish(self.seq_len, self.block_m, self.block_n, self.seg_ids, self.seg_allowed, self.grid,
+                       self.grid_start, self.window, self.elem_bits)
+
     def mask_mod(self, device: torch.device | str = "cpu") -> Callable:
         """A FlexAttention ``mask_mod`` of the element rules (block structure not included)."""
         n = self.seq_len
@@ -228,8 +234,7 @@ class BlockLayout:
 
         n = self.seq_len
         if self.aligned:  # FlexAttention's blocks are uniform: the same rules in uniform blocks
-            return _finish(n, self.block_m, self.block_n, self.seg_ids, self.seg_allowed, self.grid,
-                           self.grid_start, self.window, self.elem_bits).to_block_mask(device)
+            return self._uniform_twin.to_block_mask(device)
         if "seq_lengths" not in inspect.signature(BlockMask.from_kv_blocks).parameters:
             # older torch: let FlexAttention derive the (identical, exact) block lists itself
             return create_block_mask(self.mask_mod(device), None, None, n, n, device=device,
@@ -291,6 +296,11 @@ def _uniform_starts(n: int, blk: int) -> Tensor:
     return torch.arange(0, -(-n // blk) * blk + 1, blk).clamp_(max=n)
 
 
+def _token_blocks(starts: Tensor) -> Tensor:
+    """[N] the block of each token, from block starts [nb + 1]."""
+    return torch.repeat_interleave(torch.arange(starts.numel() - 1), starts.diff())
+
+
 def _segment_starts(lengths: Sequence[int], blk: int) -> Tensor:
     """Block starts that restart at every segment: no block holds two segments' tokens."""
     starts, s0 = [], 0
@@ -309,15 +319,16 @@ def _finish(seq_len, block_m, block_n, seg_ids, seg_allowed, grid=None, grid_sta
     qs = _uniform_starts(seq_len, block_m) if q_starts is None else q_starts
     ks = _uniform_starts(seq_len, block_n) if k_starts is None else k_starts
     qb, kb = qs.numel() - 1, ks.numel() - 1
+    q_len, k_len = qs.diff(), ks.diff()
     proto = BlockLayout(seq_len, block_m, block_n, torch.zeros(qb, dtype=torch.int32),
                         torch.zeros(qb, 1, dtype=torch.int32), torch.zeros(kb, dtype=torch.int32),
                         torch.zeros(kb, 1, dtype=torch.int32), seg_ids, seg_allowed, grid, grid_start,
                         window, elem_bits)
     any_vis = torch.zeros(qb, kb, dtype=torch.bool)
     all_vis = torch.zeros(qb, kb, dtype=torch.bool)
-    col_block = torch.repeat_interleave(torch.arange(kb), ks.diff())
+    col_block = _token_blocks(ks)
     # a key block shorter than block_n is never full (the kernel's unmasked path reads block_n keys)
-    whole = ks.diff() == block_n
+    whole = k_len == block_n
     step = max(1, (1 << 24) // (block_m * max(seq_len, 1)))  # ~16M elements per chunk
     for b0 in range(0, qb, step):
         b1 = min(qb, b0 + step)
@@ -325,10 +336,10 @@ def _finish(seq_len, block_m, block_n, seg_ids, seg_allowed, grid=None, grid_sta
         vis = proto.element_rule(rows)
         # visible keys per (row, key block), then per (query block, key block)
         cnt = torch.zeros(rows.numel(), kb).index_add_(1, col_block, vis.float())
-        row_block = torch.repeat_interleave(torch.arange(b1 - b0), qs[b0 + 1:b1 + 1] - qs[b0:b1])
+        row_block = _token_blocks(qs[b0:b1 + 1] - qs[b0])
         any_vis[b0:b1] = torch.zeros(b1 - b0, kb).index_add_(0, row_block, (cnt > 0).float()) > 0
-        rows_full = torch.zeros(b1 - b0, kb).index_add_(0, row_block, (cnt == ks.diff()[None, :]).float())
-        all_vis[b0:b1] = (rows_full == (qs[b0 + 1:b1 + 1] - qs[b0:b1])[:, None]) & whole[None, :]
+        rows_full = torch.zeros(b1 - b0, kb).index_add_(0, row_block, (cnt == k_len[None, :]).float())
+        all_vis[b0:b1] = (rows_full == q_len[b0:b1, None]) & whole[None, :]
     blocks = any_vis if blocks is None else blocks
     full = blocks & all_vis
     kv_num, kv_idx, kv_full = _dense_to_lists(blocks, full)
