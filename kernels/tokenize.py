@@ -26,8 +26,8 @@ geometry come from its program id):
                         cls) over its slice (no gather, no GEMM).
   ``_tokenize_bwd_w``   grid = patch-dim chunks x row splits x scales: dW = dz^T @ LN(patch) and the
                         norm_in gradients, each program a deterministic partial.
-  ``_tokenize_bwd_sum`` one program per gradient row: sums the partials in a fixed order and
-                        writes the eight gradients, in reference column order.
+  ``_tokenize_bwd_sum`` one program per gradient row (and column chunk): sums the partials in a
+                        fixed order and writes the eight gradients, in reference column order.
 The gradient with respect to the video is NOT computed (video is data, not a parameter).
 Precision: LayerNorm statistics and accumulation in fp32 always; the GEMMs in the autocast dtype
 when autocast is on, else in the parameters' dtype -- fp32 as 3xTF32 (near-fp32 on tensor cores;
@@ -386,6 +386,16 @@ def _tokenize_prep(w_ptr, win_ptr, bin_ptr, order_ptr, wk_ptr, wink_ptr, bink_pt
 
 
 @triton.jit
+def _split_sum_scatter(src, split_stride, n_split, kk, km, order_ptr, dst, BK: tl.constexpr):
+    """dst[order[kk]] = sum over s < n_split of src[s * split_stride + kk] (fp32, in order)."""
+    acc = tl.zeros([BK], dtype=tl.float32)
+    for sp in range(n_split):
+        acc += tl.load(src + sp * split_stride + kk, mask=km, other=0.0)
+    col = tl.load(order_ptr + kk, mask=km, other=0)
+    tl.store(dst + col, acc.to(dst.dtype.element_ty), mask=km)
+
+
+@triton.jit
 def _tokenize_bwd_sum(part_d_ptr, part_pos_ptr, part_k_ptr, part_w_ptr, order_ptr,
                       g_cls_ptr, g_pos_ptr, g_win_ptr, g_bin_ptr, g_w_ptr, g_bp_ptr, g_wout_ptr, g_bout_ptr,
                       S, D, K, N_OUT, N_BS, NBLK, N_SPLIT, e0, e1, e2, e3, e4,
@@ -407,14 +417,9 @@ def _tokenize_bwd_sum(part_d_ptr, part_pos_ptr, part_k_ptr, part_w_ptr, order_pt
     if pid < a1:  # part_w [S, N_SPLIT, D, K]
         row = pid // nkc
         s = row // D
-        base = part_w_ptr + (s * N_SPLIT * D + row % D).to(tl.int64) * K
         kk = (pid % nkc) * BK + tl.arange(0, BK)
-        km = kk < K
-        acc_w = tl.zeros([BK], dtype=tl.float32)
-        for sp in range(N_SPLIT):
-            acc_w += tl.load(base + sp * D * K + kk, mask=km, other=0.0)
-        col = tl.load(order_ptr + kk, mask=km, other=0)
-        tl.store(g_w_ptr + row.to(tl.int64) * K + col, acc_w.to(g_w_ptr.dtype.element_ty), mask=km)
+        _split_sum_scatter(part_w_ptr + (s * N_SPLIT * D + row % D).to(tl.int64) * K, D * K, N_SPLIT, kk, kk < K,
+                           order_ptr, g_w_ptr + row.to(tl.int64) * K, BK)
     elif pid < a2:  # part_pos [N_BS, N_OUT, D]
         r = pid - a1
         acc_p = tl.zeros([BD], dtype=tl.float32)
@@ -428,15 +433,11 @@ def _tokenize_bwd_sum(part_d_ptr, part_pos_ptr, part_k_ptr, part_w_ptr, order_pt
         j = row // S
         s = row % S
         kk = ((pid - a2) % nkc) * BK + tl.arange(0, BK)
-        km = kk < K
-        acc_k = tl.zeros([BK], dtype=tl.float32)
-        for sp in range(N_SPLIT):
-            acc_k += tl.load(part_k_ptr + ((j * S + s) * N_SPLIT + sp) * K + kk, mask=km, other=0.0)
-        col = tl.load(order_ptr + kk, mask=km, other=0)
+        src = part_k_ptr + (j * S + s) * N_SPLIT * K
         if j == 0:
-            tl.store(g_win_ptr + s * K + col, acc_k.to(g_win_ptr.dtype.element_ty), mask=km)
+            _split_sum_scatter(src, K, N_SPLIT, kk, kk < K, order_ptr, g_win_ptr + s * K, BK)
         else:
-            tl.store(g_bin_ptr + s * K + col, acc_k.to(g_bin_ptr.dtype.element_ty), mask=km)
+            _split_sum_scatter(src, K, N_SPLIT, kk, kk < K, order_ptr, g_bin_ptr + s * K, BK)
     else:  # part_d [3, N_BS, NBLK, D]: j = 0 norm_out weight, 1 norm_out bias, 2 proj bias
         j = (pid - a3) // S
         s = (pid - a3) % S
@@ -480,6 +481,13 @@ def _blocks(D: int, K: int, device: torch.device, backward: bool = False) -> tup
     if backward:
         return (32 if BD <= 256 else 16), BK, BD, (8 if BD <= 256 else 16)
     return (32 if BD <= 256 else 16), BK, BD, 8
+
+
+def _col_chunk(device: torch.device) -> int:
+    """Column chunk of the weight-sized launches (_tokenize_prep, _tokenize_bwd_sum): 128 on the
+    GPU, enough programs to spread over the SMs; 64 in the interpreter, so the tests' small patch
+    widths still cover several chunks and a ragged last one."""
+    return 128 if _gpu_sms(device) else 64
 
 
 _ORDERS: dict = {}
@@ -560,7 +568,7 @@ def _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
     S = w.shape[0]
     w_k = torch.empty(w.shape, device=w.device, dtype=_DTYPES[compute_dtype])
     w_in_k, b_in_k = torch.empty_like(w_in), torch.empty_like(b_in)
-    BKP = 128 if _gpu_sms(video.device) else 64
+    BKP = _col_chunk(video.device)
     _tokenize_prep[((S * D + 2 * S) * triton.cdiv(K, BKP),)](
         w.contiguous(), w_in.contiguous(), b_in.contiguous(), order, w_k, w_in_k, b_in_k, S, D, K, BK=BKP, num_warps=4)
     w, w_in, b_in = w_k, w_in_k, b_in_k
@@ -635,9 +643,7 @@ def _bwd_impl(grad, video, frame_index, z, mean, rstd, w_c, w_in_k, b_in_k, cls,
     for x in nblk_s:
         starts.append(starts[-1] + x)
     starts += [starts[-1]] * (MAX_SCALES + 1 - len(starts))
-    # column chunks of 128 on the GPU (enough programs to fill the SMs); 64 in the interpreter, so
-    # the tests' small patch widths still cover several chunks and a ragged last one
-    BKS = 128 if sms else 64
+    BKS = _col_chunk(dev)
     nkc = triton.cdiv(K, BKS)
     _tokenize_bwd_sum[(S * D * nkc + n_out + 2 * S * nkc + 3 * S,)](
         part_d, part_pos, part_k, part_w, order, *outs, S, D, K, n_out, n_bs, nblk, n_split, *starts,

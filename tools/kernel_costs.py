@@ -79,14 +79,6 @@ def our_work(row: dict) -> Work:
     raise KeyError(f"tools/kernel_costs.py: no cost model for kernel {k}")
 
 
-def tokenizer_glue(b: int = 256, d: int = 96, S: int = 2) -> list[Work]:
-    """The torch ops around our tokenizer's kernels as kernels/tokenize.py makes them: none left.
-    The forward's weight permutation (tokenize_prep) and the backward's reductions
-    (tokenize_bwd_sum) are kernels, priced as such. Not counted, as before: the wrapper's stacking
-    of the per-scale parameters (7 small launches forward, their views backward)."""
-    return []
-
-
 def tokenizer_reference(b: int = 256, d: int = 96, dtype: str = "bf16") -> list[Work]:
     """multiscale_tokenize_ref under bf16 autocast (or fp32), forward and backward, op by op:
     video -> fp32, per scale a strided patch copy, LayerNorm, cast, GEMM, LayerNorm, + pos, cat."""
