@@ -14,18 +14,24 @@ tubelets' pixels straight from that memory.
 
 Kernels (two launches forward, three backward; blocks never span scales; a block's scale and
 geometry come from its program id):
-  ``_tokenize_prep``    one program per weight row and column chunk: W (in the compute dtype) and
-                        the patch-LN parameters gathered into kernel column order (below).
-  ``_tokenize_fwd``     grid = token blocks of all scales (64 tokens on GPU) x batch: gather,
-                        LN(patch) in fp32, tl.dot with the projection, LN(D), + pos, store in the
-                        final row; the first block also writes the cls row. When a backward can
-                        follow (SAVE) it also stores z (= pre-LN(D) activations, in the GEMM's
-                        dtype) and the patch LN stats, so the backward recomputes nothing.
+  ``_tokenize_prep``    one program per weight row: W and W' = patch-LN weight * W (in the compute
+                        dtype), W's row sums c1 = sum_k W'[k] and c2 = sum_k patch-LN bias[k] W[k],
+                        and the patch-LN parameters, all in kernel column order (below).
+  ``_tokenize_fwd``     grid = token blocks of all scales (64 tokens on GPU) x batch: ONE gather
+                        pass, since Linear(LN(x)) = rstd * (x @ W'^T - mean * c1) + c2 + bias: each
+                        chunk of pixels feeds the LN sums and the tl.dot at once (shifted by the
+                        row's first pixel, so nothing large cancels; uint8 stays exact in 16 bits);
+                        then LN(D), + pos, store in the final row; the first block also writes the
+                        cls row. When a backward can follow (SAVE) it also stores z (= pre-LN(D)
+                        activations, in the GEMM's dtype) and the patch LN stats, so the backward
+                        recomputes nothing.
   ``_tokenize_bwd_tok`` grid = token blocks (32) x batch slices: from the saved z, writes dL/dz and
                         per-program partials of the D-sized gradients (norm_out, proj bias, pos,
                         cls) over its slice (no gather, no GEMM).
-  ``_tokenize_bwd_w``   grid = patch-dim chunks x row splits x scales: dW = dz^T @ LN(patch) and the
-                        norm_in gradients, each program a deterministic partial.
+  ``_tokenize_bwd_w``   grid = patch-dim chunks x batch slices x scales: G = dz^T @ LN(patch)
+                        without its affine, one GEMM, from which dW = G * gamma + colsum(dz) beta^T
+                        and the norm_in gradients colsum(W * G), colsum(W * colsum(dz)) follow (all
+                        linear in G: each program a deterministic partial; no dz @ W GEMM).
   ``_tokenize_bwd_sum`` one program per gradient row (and column chunk): sums the partials in a
                         fixed order and writes the eight gradients, in reference column order.
 The gradient with respect to the video is NOT computed (video is data, not a parameter).
@@ -35,9 +41,10 @@ IEEE FMA dots ran on scalar FFMA at a twelfth of the rate).
 
 Internally the patch dimension is walked in the memory-friendly order (c, f, p1, p2) (p2 fastest,
 so a warp reads contiguous pixel rows); LayerNorm and the dot product do not care about the order:
-the host hands the kernels W and the patch-LayerNorm parameters permuted into it (``_internal_order``,
-so weight tiles load as contiguous rows, not 2-byte gathers; once per forward, saved for the
-backward), and ``_tokenize_bwd_sum`` writes their gradients back in reference order.
+the host hands the kernels W, W' and the patch-LayerNorm parameters permuted into it
+(``_internal_order``, so weight tiles load as contiguous rows, not 2-byte gathers; once per forward,
+W and the LN parameters saved for the backward), and ``_tokenize_bwd_sum`` writes their gradients
+back in reference order.
 
 Supported: 1-4 scales, D <= 1024, T % pf == 0, H and W divisible by d and H/d, W/d by p.
 """
@@ -143,51 +150,71 @@ def _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, m, k0, n_store, W,
 
 
 @triton.jit
+def _fwd_chunk(x, xr, m, km, K, sx, sxx, acc, wg_ptr, nn, nm, kk,
+               CDT: tl.constexpr, SPLIT_X: tl.constexpr):
+    """One patch-column chunk of the single pass: shift the pixels [BM, BK] by each row's first
+    pixel ``xr``, add them and their squares into per-element sums (reduced over columns once,
+    after the last chunk: no cross-thread reduction per chunk) and accumulate (x - xr) @ W'^T."""
+    xs = tl.where(m, x - xr[:, None], 0.0)
+    sx += xs
+    sxx += xs * xs
+    wt = tl.load(wg_ptr + nn[None, :] * K + kk[:, None], mask=km[:, None] & nm[None, :], other=0.0)  # W'^T [BK, BD]
+    if CDT == tl.float32:  # near-fp32 on tensor cores (3xTF32); "ieee" was scalar FFMA
+        acc = tl.dot(xs, wt.to(tl.float32), acc, input_precision="tf32x3")
+    else:
+        hi = xs.to(CDT)
+        acc = tl.dot(hi, wt.to(CDT), acc)
+        if SPLIT_X:  # float pixels: the shifted values are not exact in 16 bits, so add the rest
+            acc = tl.dot((xs - hi.to(tl.float32)).to(CDT), wt.to(CDT), acc)
+    return sx, sxx, acc
+
+
+@triton.jit
 def _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c, s_t, s_h, s_w, s_it,
-                     win_ptr, bin_ptr, w_ptr, bp_ptr, s, eps, D,
+                     wg_ptr, c1_ptr, c2_ptr, bp_ptr, s, eps, D,
                      C: tl.constexpr, P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr,
-                     BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr):
-    """LN(patch) -> Linear for a block of tokens. Returns z [BM, BD] (fp32, zero past D) and the
-    patch LN mean and rstd [BM]."""
+                     BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr,
+                     SPLIT_X: tl.constexpr):
+    """LN(patch) -> Linear for a block of tokens, in ONE pass over the pixels. With xh = (x - mu) *
+    rstd and W' = gamma * W (the prep kernel's), Linear(LN(x)) = rstd * (x @ W'^T - mu * c1) + c2 +
+    bias, c1 = rowsum(W'), c2 = W @ beta: the stats and the dot come from the same gathered chunk.
+    The pixels are shifted by each row's first pixel first, so the subtraction cancels nothing
+    large: a flat (e.g. saturated) patch gives exactly 0 before the dot, and uint8 pixels shifted
+    stay integers in [-255, 255], exact in bf16 and fp16. Returns z [BM, BD] (fp32, zero past D)
+    and the patch LN mean and rstd [BM]."""
     K: tl.constexpr = C * P * P * PF
-    # pass 1: patch LN stats, chunk by chunk (Chan's parallel mean/M2 merge, stable in fp32)
-    mean = tl.zeros([BM], dtype=tl.float32)
-    m2 = tl.zeros([BM], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        km = kk < K
-        cpx, cix, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
-        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, rm[:, None] & km[None, :], k0, n_store, W, s_b,
-                    s_w, s_it, P, PF, FRAME_STORE, (P * P) % BK == 0)
-        na = k0 * 1.0
-        nb = tl.minimum(K - k0, BK) * 1.0
-        cm = tl.sum(x, axis=1) / nb
-        dx = tl.where(km[None, :], x - cm[:, None], 0.0)
-        delta = cm - mean
-        mean += delta * (nb / (na + nb))
-        m2 += tl.sum(dx * dx, axis=1) + delta * delta * (na * nb / (na + nb))
-    rstd = 1.0 / tl.sqrt(m2 / K + eps)
-    # pass 2: normalise and project (the pixels come back from L1/L2, not DRAM)
     nn = tl.arange(0, BD)
     nm = nn < D
+    wg_ptr += s * D * K
+    kk = tl.arange(0, BK)
+    km = kk < K
+    cpx, cix, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
+    m = rm[:, None] & km[None, :]
+    x = _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, m, 0, n_store, W, s_b, s_w, s_it,
+                P, PF, FRAME_STORE, (P * P) % BK == 0)
+    xr = tl.sum(tl.where(kk[None, :] == 0, x, 0.0), axis=1)  # each row's first pixel: the shift
+    sx = tl.zeros([BM, BK], dtype=tl.float32)
+    sxx = tl.zeros([BM, BK], dtype=tl.float32)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    sx, sxx, acc = _fwd_chunk(x, xr, m, km, K, sx, sxx, acc, wg_ptr, nn, nm, kk, CDT, SPLIT_X)
+    for k0 in range(BK, K, BK):
         kk = k0 + tl.arange(0, BK)
         km = kk < K
         cpx, cix, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
-        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, rm[:, None] & km[None, :], k0, n_store, W, s_b,
-                    s_w, s_it, P, PF, FRAME_STORE, (P * P) % BK == 0)
-        g = tl.load(win_ptr + s * K + kk, mask=km, other=0.0).to(tl.float32)
-        be = tl.load(bin_ptr + s * K + kk, mask=km, other=0.0).to(tl.float32)
-        xn = (x - mean[:, None]) * rstd[:, None] * g[None, :] + be[None, :]
-        wt = tl.load(w_ptr + s * D * K + nn[None, :] * K + kk[:, None],
-                     mask=km[:, None] & nm[None, :], other=0.0)  # W^T chunk [BK, BD]
-        if CDT == tl.float32:  # near-fp32 on tensor cores (3xTF32); "ieee" was scalar FFMA
-            acc = tl.dot(xn, wt.to(tl.float32), acc, input_precision="tf32x3")
-        else:
-            acc = tl.dot(xn.to(CDT), wt.to(CDT), acc)
+        m = rm[:, None] & km[None, :]
+        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, m, k0, n_store, W, s_b, s_w, s_it,
+                    P, PF, FRAME_STORE, (P * P) % BK == 0)
+        sx, sxx, acc = _fwd_chunk(x, xr, m, km, K, sx, sxx, acc, wg_ptr, nn, nm, kk, CDT, SPLIT_X)
+    # shifted sums: the shift is one of the row's own pixels, so mean^2 is at most ~K times the
+    # variance and fp32 keeps it (a flat patch sums exact zeros)
+    mean = tl.sum(sx, axis=1) / K
+    var = tl.maximum(tl.sum(sxx, axis=1) / K - mean * mean, 0.0)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    c1 = tl.load(c1_ptr + s * D + nn, mask=nm, other=0.0)
+    c2 = tl.load(c2_ptr + s * D + nn, mask=nm, other=0.0)
     bp = tl.load(bp_ptr + s * D + nn, mask=nm, other=0.0).to(tl.float32)
-    return acc + bp[None, :], mean, rstd
+    z = rstd[:, None] * (acc - mean[:, None] * c1[None, :]) + (c2 + bp)[None, :]
+    return z, mean + xr, rstd
 
 
 @triton.jit
@@ -200,12 +227,12 @@ def _ln_d(z, nm, D, eps):
 
 @triton.jit
 def _tokenize_fwd(src_ptr, idx_ptr, out_ptr, cls_ptr, pos_ptr, z_ptr, mean_ptr, rstd_ptr,
-                  win_ptr, bin_ptr, w_ptr, bp_ptr, wout_ptr, bout_ptr,
+                  wg_ptr, c1_ptr, c2_ptr, bp_ptr, wout_ptr, bout_ptr,
                   H, W, TG, D, N_OUT, n_store, d0, d1, d2, d3, eps,
                   s_b, s_c, s_t, s_h, s_w, s_ib, s_it,
                   C: tl.constexpr, P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr,
                   BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr,
-                  SAVE: tl.constexpr):
+                  SAVE: tl.constexpr, SPLIT_X: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1)
     s, blk0, d, gh, gw, n_tok, row0 = _scale(pid, H, W, TG, d0, d1, d2, d3, P, BM, True)
@@ -214,8 +241,8 @@ def _tokenize_fwd(src_ptr, idx_ptr, out_ptr, cls_ptr, pos_ptr, z_ptr, mean_ptr, 
     bb = tl.zeros([BM], dtype=tl.int64) + b
     rpx, rix, rw = _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
     z, mu, rs = _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c, s_t, s_h, s_w, s_it,
-                                 win_ptr, bin_ptr, w_ptr, bp_ptr, s, eps, D,
-                                 C, P, PF, FRAME_STORE, BM, BK, BD, CDT)
+                                 wg_ptr, c1_ptr, c2_ptr, bp_ptr, s, eps, D,
+                                 C, P, PF, FRAME_STORE, BM, BK, BD, CDT, SPLIT_X)
     nn = tl.arange(0, BD)
     nm = nn < D
     rows = row0 + tok
@@ -295,7 +322,7 @@ def _tokenize_bwd_tok(z_ptr, gout_ptr, dz_ptr, part_d_ptr, part_pos_ptr, wout_pt
 @triton.jit
 def _tokenize_bwd_w(src_ptr, idx_ptr, dz_ptr, mean_ptr, rstd_ptr, part_w_ptr, part_k_ptr,
                     win_ptr, bin_ptr, w_ptr,
-                    B, H, W, TG, D, N_OUT, n_store, d0, d1, d2, d3,
+                    B, B_CHUNK, H, W, TG, D, N_OUT, n_store, d0, d1, d2, d3,
                     s_b, s_c, s_t, s_h, s_w, s_ib, s_it,
                     C: tl.constexpr, P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr,
                     BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr):
@@ -309,42 +336,47 @@ def _tokenize_bwd_w(src_ptr, idx_ptr, dz_ptr, mean_ptr, rstd_ptr, part_w_ptr, pa
     cpx, cix, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
     nn = tl.arange(0, BD)
     nm = nn < D
+    acc_w = tl.zeros([BD, BK], dtype=tl.float32)  # G = dz^T @ xh over this program's rows
+    acc_s = tl.zeros([BD], dtype=tl.float32)  # column sums of dz over them
+    # rows: this program's batch slice x every token of the scale, token blocks outside, batch
+    # inside, so the token geometry (integer divisions) is worked out once per block, not per row
+    b_lo = sp * B_CHUNK
+    b_hi = tl.minimum(b_lo + B_CHUNK, B)
+    for t0 in range(0, n_tok, BM):
+        tok = t0 + tl.arange(0, BM)
+        rm = tok < n_tok
+        zero = tl.zeros([BM], dtype=tl.int64)
+        rpx0, rix0, rw = _rows(zero, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
+        r_tok = (row0 - 1 + tok).to(tl.int64)
+        m = rm[:, None] & km[None, :]
+        for b in range(b_lo, b_hi):
+            bb = zero + b
+            rpx = rpx0
+            if not FRAME_STORE:
+                rpx = rpx0 + bb * s_b
+            x = _gather(src_ptr, idx_ptr, rpx, rix0 + bb * s_ib, rw, rm, cpx, cix, cw, m, pk * BK, n_store, W,
+                        s_b, s_w, s_it, P, PF, FRAME_STORE, (P * P) % BK == 0)
+            rr = bb * (N_OUT - 1) + r_tok
+            mu = tl.load(mean_ptr + rr, mask=rm, other=0.0)
+            rs = tl.load(rstd_ptr + rr, mask=rm, other=0.0)
+            xh = tl.where(m, (x - mu[:, None]) * rs[:, None], 0.0)
+            dzt = tl.load(dz_ptr + rr[None, :] * D + nn[:, None], mask=nm[:, None] & rm[None, :], other=0.0)
+            if CDT == tl.float32:
+                # 3xTF32 (near-fp32, tensor cores): the fp32 FMA dot here makes ptxas spill kilobytes
+                acc_w = tl.dot(dzt, xh, acc_w, input_precision="tf32x3")  # [BD, BK]
+            else:
+                acc_w = tl.dot(dzt.to(CDT), xh.to(CDT), acc_w)
+            acc_s += tl.sum(dzt.to(tl.float32), axis=1)
+    # With xn = xh * gamma + beta and dy = dz @ W, every gradient here is linear in G and s, so
+    # each program's partial is exact and the dz @ W GEMM is not needed:
+    #   dW = G * gamma + s beta^T,  dgamma = colsum(W * G),  dbeta = colsum(W * s)
     g = tl.load(win_ptr + s * K + kk, mask=km, other=0.0).to(tl.float32)
     be = tl.load(bin_ptr + s * K + kk, mask=km, other=0.0).to(tl.float32)
     wc = tl.load(w_ptr + s * D * K + nn[:, None] * K + kk[None, :],
-                 mask=nm[:, None] & km[None, :], other=0.0).to(CDT)  # W chunk [BD, BK]
-    acc_w = tl.zeros([BD, BK], dtype=tl.float32)
-    acc_g = tl.zeros([BK], dtype=tl.float32)
-    acc_b = tl.zeros([BK], dtype=tl.float32)
-    # rows of this scale, flattened over (batch, token), split evenly in whole blocks
-    M = B * n_tok
-    chunk = tl.cdiv(tl.cdiv(M, BM), n_split) * BM
-    r_lo = sp * chunk
-    r_hi = tl.minimum(r_lo + chunk, M)
-    for r0 in range(r_lo, r_hi, BM):
-        r = r0 + tl.arange(0, BM)
-        rm = r < r_hi
-        bb = (r // n_tok).to(tl.int64)
-        tok = r % n_tok
-        rpx, rix, rw = _rows(bb, tok, gh, gw, d, s_b, s_t, s_h, s_w, s_ib, s_it, P, PF, FRAME_STORE)
-        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, rm[:, None] & km[None, :], pk * BK, n_store, W,
-                    s_b, s_w, s_it, P, PF, FRAME_STORE, (P * P) % BK == 0)
-        rr = bb * (N_OUT - 1) + (row0 - 1 + tok)
-        mu = tl.load(mean_ptr + rr, mask=rm, other=0.0)
-        rs = tl.load(rstd_ptr + rr, mask=rm, other=0.0)
-        xh = tl.where(rm[:, None] & km[None, :], (x - mu[:, None]) * rs[:, None], 0.0)
-        xn = xh * g[None, :] + be[None, :]
-        dz = tl.load(dz_ptr + rr[:, None] * D + nn[None, :], mask=rm[:, None] & nm[None, :], other=0.0)
-        dzt = tl.load(dz_ptr + rr[None, :] * D + nn[:, None], mask=nm[:, None] & rm[None, :], other=0.0)
-        if CDT == tl.float32:
-            # 3xTF32 (near-fp32, tensor cores): the fp32 FMA dot here makes ptxas spill kilobytes
-            acc_w = tl.dot(dzt, xn, acc_w, input_precision="tf32x3")  # [BD, BK]
-            dxn = tl.dot(dz, wc, input_precision="tf32x3")  # [BM, BK]
-        else:
-            acc_w = tl.dot(dzt.to(CDT), xn.to(CDT), acc_w)
-            dxn = tl.dot(dz.to(CDT), wc)
-        acc_g += tl.sum(dxn * xh, axis=0)
-        acc_b += tl.sum(dxn, axis=0)
+                 mask=nm[:, None] & km[None, :], other=0.0).to(tl.float32)  # W chunk [BD, BK]
+    acc_g = tl.sum(wc * acc_w, axis=0)
+    acc_b = tl.sum(wc * acc_s[:, None], axis=0)
+    acc_w = acc_w * g[None, :] + acc_s[:, None] * be[None, :]
     pw = part_w_ptr + (s * n_split + sp).to(tl.int64) * D * K
     tl.store(pw + nn[:, None] * K + kk[None, :], acc_w, mask=nm[:, None] & km[None, :])
     # part_k: [2, S, n_split, K] -> norm_in weight, norm_in bias
@@ -361,28 +393,45 @@ _TL = {"float32": tl.float32, "float16": tl.float16, "bfloat16": tl.bfloat16}
 
 
 @triton.jit
-def _tokenize_prep(w_ptr, win_ptr, bin_ptr, order_ptr, wk_ptr, wink_ptr, bink_ptr, S, D, K,
-                   BK: tl.constexpr):
-    """W [S, D, K] (cast to the compute dtype) and the patch-LN weight and bias [S, K] gathered into
-    kernel column order, one launch: program = (row, column chunk); rows [0, S*D) of W, then the
-    S weight rows and the S bias rows."""
-    pid = tl.program_id(0)
-    nkc = tl.cdiv(K, BK)
-    row = pid // nkc
-    kk = (pid % nkc) * BK + tl.arange(0, BK)
-    km = kk < K
-    src = tl.load(order_ptr + kk, mask=km, other=0)
+def _tokenize_prep(w_ptr, win_ptr, bin_ptr, order_ptr, wk_ptr, wgk_ptr, wink_ptr, bink_ptr, c1_ptr, c2_ptr,
+                   S, D, K, BK: tl.constexpr):
+    """The parameters in kernel column order, one launch, one program per row, the row walked in
+    BK-column chunks. Rows [0, S*D) are rows of W [S, D, K]; each writes W (compute dtype) for the
+    backward, W' = patch-LN weight * W (compute dtype) for the forward's single pass, and the two
+    row sums the forward's single pass needs, c1 = sum_k W'[k] (of the rounded values it
+    multiplies) and c2 = sum_k patch-LN bias[k] * W[k] (fp32). Then the S patch-LN weight rows and
+    the S bias rows."""
+    row = tl.program_id(0)
     if row < S * D:
-        x = tl.load(w_ptr + row.to(tl.int64) * K + src, mask=km, other=0.0)
-        tl.store(wk_ptr + row.to(tl.int64) * K + kk, x.to(wk_ptr.dtype.element_ty), mask=km)
-    elif row < S * D + S:
-        r = row - S * D
-        x = tl.load(win_ptr + r * K + src, mask=km, other=0.0)
-        tl.store(wink_ptr + r * K + kk, x.to(wink_ptr.dtype.element_ty), mask=km)
+        s = row // D
+        a1 = tl.zeros([BK], dtype=tl.float32)
+        a2 = tl.zeros([BK], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            km = kk < K
+            src = tl.load(order_ptr + kk, mask=km, other=0)
+            x = tl.load(w_ptr + row.to(tl.int64) * K + src, mask=km, other=0.0).to(tl.float32)
+            g = tl.load(win_ptr + s * K + src, mask=km, other=0.0).to(tl.float32)
+            be = tl.load(bin_ptr + s * K + src, mask=km, other=0.0).to(tl.float32)
+            tl.store(wk_ptr + row.to(tl.int64) * K + kk, x.to(wk_ptr.dtype.element_ty), mask=km)
+            wg = (x * g).to(wgk_ptr.dtype.element_ty)
+            tl.store(wgk_ptr + row.to(tl.int64) * K + kk, wg, mask=km)
+            a1 += wg.to(tl.float32)
+            a2 += be * x
+        tl.store(c1_ptr + row, tl.sum(a1, axis=0))
+        tl.store(c2_ptr + row, tl.sum(a2, axis=0))
     else:
-        r = row - S * D - S
-        x = tl.load(bin_ptr + r * K + src, mask=km, other=0.0)
-        tl.store(bink_ptr + r * K + kk, x.to(bink_ptr.dtype.element_ty), mask=km)
+        r = row - S * D
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            km = kk < K
+            src = tl.load(order_ptr + kk, mask=km, other=0)
+            if r < S:
+                x = tl.load(win_ptr + r * K + src, mask=km, other=0.0)
+                tl.store(wink_ptr + r * K + kk, x.to(wink_ptr.dtype.element_ty), mask=km)
+            else:
+                x = tl.load(bin_ptr + (r - S) * K + src, mask=km, other=0.0)
+                tl.store(bink_ptr + (r - S) * K + kk, x.to(bink_ptr.dtype.element_ty), mask=km)
 
 
 @triton.jit
@@ -505,8 +554,9 @@ def _internal_order(C: int, P: int, PF: int, device: torch.device) -> torch.Tens
 
 def _bwd_w_stages(BM: int, BK: int, BD: int, elem: int) -> int:
     """Software-pipelining depth of ``_tokenize_bwd_w`` that fits sm_90's 227 KB of shared memory:
-    each stage buffers the dz tile twice ([BM, BD] and its transpose), the W chunk once (ptxas
-    -v: fp32 at D = 1024 takes 131 KB a stage, so 3 stages asked for 395 KB and could not launch)."""
+    each stage buffers the dz^T tile [BD, BM] and the xh operand [BM, BK] (BK <= BD: counted as two
+    dz-sized tiles, an upper bound), the W chunk once (an earlier design at fp32, D = 1024 asked
+    for 395 KB with 3 stages and could not launch)."""
     per_stage = 2 * BM * BD * elem
     return max(1, min(3, (SMEM_BUDGET - BD * BK * elem) // per_stage))
 
@@ -563,15 +613,15 @@ def _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
     BM, BK, BD, nw = _blocks(D, K, video.device)
     n_out = 1 + sum(n)
     order = _internal_order(C, p, pf, video.device)
-    # once here, not per program: halves W's L2 traffic in 16-bit, and rows load contiguously;
-    # one launch for the three (it was four torch ops)
+    # once here, not per program: W (for the backward) and W' in the compute dtype and kernel
+    # order (rows load contiguously, half the L2 traffic in 16-bit) and the single pass's row sums
     S = w.shape[0]
-    w_k = torch.empty(w.shape, device=w.device, dtype=_DTYPES[compute_dtype])
+    w_k, wg_k = (torch.empty(w.shape, device=w.device, dtype=_DTYPES[compute_dtype]) for _ in range(2))
     w_in_k, b_in_k = torch.empty_like(w_in), torch.empty_like(b_in)
-    BKP = _col_chunk(video.device)
-    _tokenize_prep[((S * D + 2 * S) * triton.cdiv(K, BKP),)](
-        w.contiguous(), w_in.contiguous(), b_in.contiguous(), order, w_k, w_in_k, b_in_k, S, D, K, BK=BKP, num_warps=4)
-    w, w_in, b_in = w_k, w_in_k, b_in_k
+    c1, c2 = (torch.empty(S, D, device=w.device, dtype=torch.float32) for _ in range(2))
+    _tokenize_prep[(S * D + 2 * S,)](
+        w.contiguous(), w_in.contiguous(), b_in.contiguous(), order, w_k, wg_k, w_in_k, b_in_k, c1, c2, S, D, K,
+        BK=_col_chunk(video.device), num_warps=4)
     out = torch.empty(B, n_out, D, device=video.device, dtype=_DTYPES[out_dtype])
     rows = B * (n_out - 1) if save else 0
     z = torch.empty(rows, D, device=video.device, dtype=_DTYPES[compute_dtype])
@@ -580,11 +630,11 @@ def _fwd_impl(video, frame_index, cls, pos, w_in, b_in, w, bp, w_out, b_out,
     nblk = sum(triton.cdiv(x, BM) for x in n)
     idx = frame_index if frame_index is not None else video
     _tokenize_fwd[(nblk, B)](
-        video, idx, out, cls, pos, z, mean, rstd, w_in, b_in, w, bp, w_out, b_out,
+        video, idx, out, cls, pos, z, mean, rstd, wg_k, c1, c2, bp, w_out, b_out,
         H, W, T // pf, D, n_out, n_store, *_pad4(dilations), eps, *strides,
         C=C, P=p, PF=pf, FRAME_STORE=frame_index is not None,
-        BM=BM, BK=BK, BD=BD, CDT=_TL[compute_dtype], SAVE=save, num_warps=nw)
-    return out, z, mean, rstd, w, w_in, b_in
+        BM=BM, BK=BK, BD=BD, CDT=_TL[compute_dtype], SAVE=save, SPLIT_X=video.dtype != torch.uint8, num_warps=nw)
+    return out, z, mean, rstd, w_k, w_in_k, b_in_k
 
 
 def _bwd_impl(grad, video, frame_index, z, mean, rstd, w_c, w_in_k, b_in_k, cls, pos, w_in, b_in, w, bp, w_out,
@@ -626,15 +676,16 @@ def _bwd_impl(grad, video, frame_index, z, mean, rstd, w_c, w_in_k, b_in_k, cls,
         P=p, BM=BT, BD=BD, num_warps=nw)
     # patch-dim chunks x row splits x scales for the [D, K] weight gradient
     n_k = triton.cdiv(K, BK)
-    max_rows = B * max(n)
-    # one full wave: these tiles hold 2 blocks/SM (tools/kernel_report.py); a partial second wave
-    # costs as much as the first
-    n_split = min(triton.cdiv(max_rows, BM), max(1, 2 * sms // (n_k * S)) if sms else 2)
+    # batch slices: one full wave, these tiles hold 3 blocks/SM (tools/kernel_report.py); a partial
+    # second wave costs as much as the first
+    n_split = min(B, max(1, 3 * sms // (n_k * S)) if sms else 2)
+    w_chunk = triton.cdiv(B, n_split)
+    n_split = triton.cdiv(B, w_chunk)
     part_w = torch.empty(S, n_split, D, K, device=dev, dtype=torch.float32)
     part_k = torch.empty(2, S, n_split, K, device=dev, dtype=torch.float32)
     _tokenize_bwd_w[(n_k, n_split, S)](
         video, idx, dz, mean, rstd, part_w, part_k, w_in_k, b_in_k, w_c,
-        B, H, W, T // pf, D, n_out, n_store, *_pad4(dilations), *strides, **meta,
+        B, w_chunk, H, W, T // pf, D, n_out, n_store, *_pad4(dilations), *strides, **meta,
         num_stages=_bwd_w_stages(BM, BK, BD, dz.element_size()))
     # every reduction of the partials, the scatter back to reference order and the outputs: one
     # launch (it was ~17 small torch ops)

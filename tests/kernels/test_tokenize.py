@@ -166,6 +166,53 @@ def test_flat_and_saturated_patches(kind):
         assert _err(a, e) <= 2 * _err(lo, e) + floor, name
 
 
+def _single_pass_16bit(x, g, b, w, bp, lo, split):
+    """The forward kernel's arithmetic in torch, rounding where it rounds: pixels shifted by each
+    row's first one, LN sums of the shifted values, (x - xr) @ (gamma * W)^T with 16-bit operands
+    and fp32 accumulation (``split``: float pixels as a hi + lo pair), then rstd * (acc - mean *
+    c1) + c2 + bias. (The interpreter computes bf16 wrongly, so the 16-bit path is checked here.)"""
+    xs = x.float() - x.float()[:, :1]
+    mean = xs.mean(1, keepdim=True)
+    rstd = 1 / torch.sqrt((xs * xs).mean(1, keepdim=True) - mean * mean + 1e-5)
+    wg = (g.float() * w.float()).to(lo)
+    hi = xs.to(lo)
+    acc = hi.float() @ wg.float().T
+    if split:
+        acc += (xs - hi.float()).to(lo).float() @ wg.float().T
+    return rstd * (acc - mean * wg.float().sum(1)) + (w.float() @ b.float() + bp.float())
+
+
+@pytest.mark.parametrize("lo", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["uint8", "saturated", "channels_apart", "float_narrow"])
+def test_single_pass_algebra_in_16_bit_is_as_accurate_as_autocast(kind, lo):
+    """|single pass - float64| <= 2 |reference under autocast (LN fp32, Linear in 16 bits) - float64|
+    at the patch width of the paper (K = 384), on pixels that stress the algebra: saturated and
+    nearly flat patches (the shift must cancel exactly), channels far apart (large shifts), and
+    float pixels of small spread (inexact in 16 bits: the hi + lo pair)."""
+    gen = torch.Generator().manual_seed(0)
+    M, K, D = 2048, 384, 96
+    if kind == "uint8":
+        x = torch.randint(0, 256, (M, K), generator=gen).double()
+    elif kind == "saturated":
+        x = torch.full((M, K), 255.0, dtype=torch.float64)
+        x[: M // 2, ::7] = 254
+        x[M // 4:, 5] = 0  # one dark pixel
+    elif kind == "channels_apart":
+        x = torch.cat([torch.full((M, K // 3), v) for v in (250.0, 120.0, 30.0)], 1).double()
+        x += torch.randint(0, 5, (M, K), generator=gen).double()
+    else:
+        x = 0.5 + 0.01 * torch.randn(M, K, generator=gen, dtype=torch.float64)
+    g = 1 + 0.1 * torch.randn(K, generator=gen, dtype=torch.float64)
+    b = 0.1 * torch.randn(K, generator=gen, dtype=torch.float64)
+    w = torch.randn(D, K, generator=gen, dtype=torch.float64) / K ** 0.5
+    bp = 0.02 * torch.randn(D, generator=gen, dtype=torch.float64)
+    truth = F.linear(F.layer_norm(x, (K,), g, b, 1e-5), w, bp)
+    xn = F.layer_norm(x.float(), (K,), g.float(), b.float(), 1e-5)
+    autocast = xn.to(lo).float() @ w.to(lo).float().T + bp.float()
+    got = _single_pass_16bit(x, g, b, w, bp, lo, split=kind == "float_narrow")
+    assert _err(got, truth) <= 2 * _err(autocast, truth) + 1e-4
+
+
 def test_non_contiguous_permuted_video():
     B, C, T, H, W, p, pf, D, dil = 2, 3, 4, 16, 8, 4, 2, 24, (1, 2)
     base = make_video((B, T, H, W, C), torch.uint8)  # channels-last storage
@@ -430,7 +477,7 @@ for fn, store_mode, cdt in [(tk._tokenize_fwd, False, tl.float32), (tk._tokenize
         elif a.endswith("_ptr"):
             lo = "*bf16" if cdt == tl.bfloat16 else "*fp32"
             sig[a] = {"src_ptr": "*u8", "idx_ptr": "*i64" if store_mode else "*u8", "out_ptr": lo, "dz_ptr": lo,
-                      "z_ptr": lo, "w_ptr": lo}.get(a, "*fp32")
+                      "z_ptr": lo, "w_ptr": lo, "wg_ptr": lo}.get(a, "*fp32")
         else:
             sig[a] = "fp32" if a == "eps" else "i32"
     k = compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
@@ -445,7 +492,7 @@ assert k.asm.get("cubin"), fn.__name__
 print(fn.__name__, "ok", k.metadata.shared, "bytes shared")
 # the weight permutation: fp32 parameters in, bf16 W out
 fn = tk._tokenize_prep
-sig = {a: ("*i64" if a == "order_ptr" else "*bf16" if a == "wk_ptr" else "*fp32") if a.endswith("_ptr")
+sig = {a: ("*i64" if a == "order_ptr" else "*bf16" if a in ("wk_ptr", "wgk_ptr") else "*fp32") if a.endswith("_ptr")
        else ("constexpr" if a == "BK" else "i32") for a in fn.arg_names}
 k = compile(ASTSource(fn, sig, dict(BK=128)), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 assert k.asm.get("cubin"), fn.__name__
