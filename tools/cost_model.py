@@ -105,25 +105,28 @@ def _pad(n: int, blk: int) -> int:
     return -(-n // blk) * blk
 
 
-def sdpa_flash(nq: int, nk: int, bh: int, dh: int, tile: int = 128) -> list:
+def sdpa_flash(nq: int, nk: int, bh: int, dh: int, tile: int = 128, ipe=(5.0, 8.0)) -> list:
     """One SDPA flash call forward + backward (FlashAttention-2 on sm_90: mma.sync, 128 x 128
     tiles at head dim 32, one exp per element each way, dQ accumulated by fp32 atomics (counted
-    as DRAM-class traffic), padded to whole tiles)."""
+    as DRAM-class traffic), padded to whole tiles). ``ipe``: lane-instructions per element,
+    forward and backward."""
     el = bh * _pad(nq, tile) * _pad(nk, tile)
     io = bh * (nq + 2 * nk) * dh * 2
-    fwd = Work(4.0 * dh * el, io + bh * nq * (dh * 2 + 4), el, 5.0 * el, MMA_HMMA, 1)
-    bwd = Work(10.0 * dh * el, 2 * io + bh * nq * (dh * 6 + 8) + 4.0 * dh * el / tile, el, 8.0 * el, MMA_HMMA, 3)
+    fwd = Work(4.0 * dh * el, io + bh * nq * (dh * 2 + 4), el, ipe[0] * el, MMA_HMMA, 1)
+    bwd = Work(10.0 * dh * el, 2 * io + bh * nq * (dh * 6 + 8) + 4.0 * dh * el / tile, el, ipe[1] * el, MMA_HMMA, 3)
     return [fwd, bwd]
 
 
-def flex(elements: int, seq_len: int, bh: int, dh: int, masked: int = 0) -> tuple:
+def flex(elements: int, seq_len: int, bh: int, dh: int, masked: int = 0, ipe=((5.0, 13.0), (12.0, 28.0))) -> tuple:
     """FlexAttention forward + backward over a packed sequence (Triton, wgmma): ``elements``
     computed per head (whole blocks), ``masked`` of them in partial blocks that run the mask_mod;
-    the backward recomputes P in its dq and its dk/dv loops (two exps per element)."""
+    the backward recomputes P in its dq and its dk/dv loops (two exps per element). ``ipe``:
+    lane-instructions per element (full block, partial block), forward and backward."""
     el, em = bh * elements, bh * masked
     io = bh * seq_len * dh * 2 * 3
-    fwd = Work(4.0 * dh * el, io + bh * seq_len * (dh * 2 + 4), el, 5.0 * el + 8.0 * em, MMA_BF16, 1)
-    bwd = Work(14.0 * dh * el, 2 * io + bh * seq_len * (dh * 6 + 8), 2 * el, 12.0 * el + 16.0 * em, MMA_BF16, 2)
+    (ff, fm), (bf, bm) = ipe
+    fwd = Work(4.0 * dh * el, io + bh * seq_len * (dh * 2 + 4), el, ff * (el - em) + fm * em, MMA_BF16, 1)
+    bwd = Work(14.0 * dh * el, 2 * io + bh * seq_len * (dh * 6 + 8), 2 * el, bf * (el - em) + bm * em, MMA_BF16, 2)
     return fwd, bwd
 
 

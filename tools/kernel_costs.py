@@ -1,11 +1,13 @@
 """The work (tools/cost_model.Work) of each of fmfast's kernel launches, as the kernels are built,
 and of the peers at the paper shape: the tokenizer, one encoder layer, the whole training step.
 
-Issue-slot counts per gathered pixel are this model's estimates from the kernels' code (int64
-offset adds, mask, load, convert, LayerNorm arithmetic: about 8 lane-instructions per pixel per
-pass from a clip; a frame-store gather adds the per-pixel index load, its flip/clamp and the
-mirrored column, about 8 more, or about 4 where the chunk lies in one frame and the index is
-decoded per row). Every formula names what it counts.
+Issue slots (``ops``, lane-instructions) of our kernels are read off their SASS: each loop body's
+instruction count (tools/sm90.loop_bodies) times its trips, which the launch's shape gives, plus
+the rest of the code once per program. (Hand counts, about 8 lane-instructions per gathered pixel,
+were 3-4x short of the SASS: the gathers' address arithmetic, layout conversions and row
+reductions cost more than the arithmetic they feed.) The attention peers' per-element issue slots
+are taken from our own kernels' loops (the same online-softmax code per element); their FLOPs,
+bytes and exps are their own. Every formula names what it counts.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ C, T, H, W, P, PF = 3, 10, 64, 64, 8, 2
 K = C * P * P * PF  # patch dim 384
 N_TOK = (320, 80)  # tokens per scale (dilations 1, 2)
 N_OUT = 1 + sum(N_TOK)
-OPS_PIXEL = {"clip": 8.0, "store": 16.0, "store_row": 12.0}  # store_row: frame index decoded per row
 DEPTH, MLP, CUR_LEN, CUR_CH = 6, 384, 240, 3
 
 
@@ -28,33 +29,53 @@ def _rate(dtype: str) -> float:
     return cm.MMA_TF32 / 3 if dtype == "fp32" else cm.MMA_BF16  # fp32 dots: 3xTF32 at best
 
 
-def our_work(row: dict) -> Work:
-    """Work of one captured launch (``row`` from tools/kernel_variants.py)."""
+def issue_ops(res: dict, trips: list, programs: int) -> float:
+    """Lane-instructions of one launch: loop body ``i`` (in the order of tools/sm90.loop_bodies)
+    runs ``trips[i]`` times in all, the rest of the code once per program; x warps x 32 lanes (an
+    SM issues 128 a clock). Where the compiler made a different number of loops (a width of the
+    sweep that it unrolled), every instruction is charged the most trips: an upper bound."""
+    bodies = res["loops"]
+    if len(bodies) != len(trips):
+        return 32.0 * res["num_warps"] * res["instrs"] * max(max(trips), programs)
+    warp_instrs = sum(b * t for b, t in zip(bodies, trips)) + (res["instrs"] - sum(bodies)) * programs
+    return 32.0 * res["num_warps"] * warp_instrs
+
+
+def _programs(grid) -> int:
+    n = 1
+    for g in grid:
+        n *= g
+    return n
+
+
+def our_work(row: dict, res: dict) -> Work:
+    """Work of one captured launch (``row`` from tools/kernel_variants.py, ``res`` its
+    tools/sm90.resources)."""
     k, dt, sh, grid = row["kernel"], row["dtype"], row["shape"], row["grid"]
     e, rate = _e(dt), _rate(dt)
+    meta = row["launch"].meta
+    programs = _programs(grid)
     if k.startswith("tokenize"):
         b, d = sh["batch"], sh["dim"]
         m = b * sum(N_TOK)
         px = b * C * T * H * W + (b * T * 8 if sh["source"] == "store" else 0)
-        ops = OPS_PIXEL[sh["source"]]
-        if sh["source"] == "store" and (P * P) % row["launch"].meta.get("BK", K) == 0:
-            ops = OPS_PIXEL["store_row"]  # ROW_FRAME: a 32-bit column mirror per pixel, the rest per row
-        programs = grid[0] * (grid[1] if len(grid) > 1 else 1) * (grid[2] if len(grid) > 2 else 1)
-        if k == "tokenize_fwd":  # 2 gather passes (stats, then normalise + dot); W^T streamed per program;
+        if k == "tokenize_fwd":  # one gather pass (the first chunk peeled, so K/BK - 1 trips);
             # with a backward to follow it also writes z and the patch LN stats (counted: training)
-            return Work(2.0 * m * K * d, px + b * N_OUT * d * 4 + m * (d * e + 8), 0,
-                        2 * m * K * ops + 2 * programs * K * d, rate)
-        if k == "tokenize_bwd_tok":  # reads the saved z and dL/dout, writes dz and per-slice partials;
-            # about 20 lane-ops per (token, channel): LN(D) again, its backward, four partial sums
-            return Work(0.0, m * d * e + b * N_OUT * d * 4 + m * d * e + grid[1] * N_OUT * d * 4, 0,
-                        20.0 * m * d, rate)
-        if k == "tokenize_bwd_w":  # one gather pass per patch-column chunk; dz read as dz and dz^T
-            return Work(4.0 * m * K * d, px + m * (d * e + 8) + programs * d * 32 * 4, 0,
-                        m * K * (ops + 3) + 2 * m * d * grid[0], rate)
-        if k == "tokenize_prep":  # W (fp32 in, compute dtype out) and the patch-LN parameters, gathered;
-            # every row also reads the int64 column order
+            ops = issue_ops(res, [programs * (-(-K // meta["BK"]) - 1)], programs)
+            return Work(2.0 * m * K * d, px + b * N_OUT * d * 4 + m * (d * e + 8), 0, ops, rate)
+        if k == "tokenize_bwd_tok":  # reads the saved z and dL/dout, writes dz and per-slice
+            # partials; one trip per (token block, batch row)
+            ops = issue_ops(res, [grid[0] * b], programs)
+            return Work(0.0, m * d * e + b * N_OUT * d * 4 + m * d * e + grid[1] * N_OUT * d * 4, 0, ops, rate)
+        if k == "tokenize_bwd_w":  # G = dz^T @ xh: one gather pass per patch-column chunk; loops:
+            # batch rows (inner) of each token block (outer) of a program's batch slice
+            blocks = grid[0] * sum(-(-n // meta["BM"]) for n in N_TOK)  # per batch slice
+            ops = issue_ops(res, [blocks * b, blocks * grid[1]], programs)
+            return Work(2.0 * m * K * d, px + m * (d * e + 8) + programs * d * 32 * 4, 0, ops, rate)
+        if k == "tokenize_prep":  # W, W' (compute dtype) and the patch-LN parameters, gathered, and
+            # W's two row sums; every row also reads the int64 column order (hand-counted: tiny)
             S, rows = len(N_TOK), len(N_TOK) * (d + 2)
-            return Work(0.0, S * d * K * (4 + e) + 2 * S * K * 8 + 8 * K * rows, 0, K * rows, rate)
+            return Work(0.0, S * d * K * (4 + 2 * e + 4) + 2 * S * K * 8 + 8 * K * rows, 0, 3 * K * rows, rate)
         if k == "tokenize_bwd_sum":  # reads every partial once (one add each), writes the 8 gradients
             S = len(N_TOK)
             partials = (S * sh["n_split"] * d * K + sh["n_bs"] * N_OUT * d + 2 * S * sh["n_split"] * K
@@ -66,16 +87,14 @@ def our_work(row: dict) -> Work:
         n, dh = sh["seq"], sh["head_dim"]
         el = sh["computed_blocks"] * sh["block_m"] * sh["block_n"] * bh
         io = bh * n * dh * e
+        # each kernel walks its full blocks (no element mask), then its partial ones
+        ops = issue_ops(res, [bh * sh["full_blocks"], bh * (sh["computed_blocks"] - sh["full_blocks"])], programs)
         if k == "attn_fwd":
-            return Work(4.0 * dh * el, 3 * io + io + bh * n * 4, el, 4.0 * el, rate)
-        if k == "attn_bwd_delta":
-            return Work(0, 2 * io + bh * n * 4, 0, 2.0 * bh * n * dh)
-        if k == "attn_bwd":  # dk/dv programs: 4 dots + 1 exp; dq programs: 3 dots + 1 exp
-            return Work(14.0 * dh * el, 7 * io + 2 * bh * n * 4, 2 * el, 8.0 * el, rate)
+            return Work(4.0 * dh * el, 3 * io + io + bh * n * 4, el, ops, rate)
         if k == "attn_bwd_dkdv":
-            return Work(8.0 * dh * el, 5 * io + 2 * bh * n * 4, el, 4.0 * el, rate)
+            return Work(8.0 * dh * el, 5 * io + 2 * bh * n * 4, el, ops, rate)
         if k == "attn_bwd_dq":  # also reads O for delta = rowsum(dO * O) and writes delta
-            return Work(6.0 * dh * el, 5 * io + 3 * bh * n * 4, el, 4.0 * el, rate)
+            return Work(6.0 * dh * el, 5 * io + 3 * bh * n * 4, el, ops, rate)
     raise KeyError(f"tools/kernel_costs.py: no cost model for kernel {k}")
 
 
@@ -105,16 +124,32 @@ def tokenizer_compiled(b: int = 256, d: int = 96) -> list[Work]:
     return fwd + bwd
 
 
-def attention_layer_peers(b: int = 256, heads: int = 3, dh: int = 32, segs=(401, 241)) -> dict:
-    """Fwd+bwd time of one encoder layer's four attentions (self x2, cross x2) by each peer."""
+def issue_per_element(rows: list[dict]) -> dict:
+    """Lane-instructions per attention element of our bf16 kernels' loops (measured rows of one
+    layout), full and partial blocks: {"fwd": (full, partial), "dq": ..., "dkdv": ...}."""
+    out = {}
+    for r in rows:
+        if r["kernel"].startswith("attn") and r["dtype"] == "bf16" and not r["shape"]["cross"]:
+            per = 32.0 * r["num_warps"] / (r["shape"]["block_m"] * r["shape"]["block_n"])
+            out[r["kernel"].removeprefix("attn_").removeprefix("bwd_")] = tuple(per * b for b in r["loops"])
+    return out
+
+
+def attention_layer_peers(ipe: dict, b: int = 256, heads: int = 3, dh: int = 32, segs=(401, 241)) -> dict:
+    """Fwd+bwd time of one encoder layer's four attentions (self x2, cross x2) by each peer;
+    ``ipe``: issue_per_element of our kernels, the peers' per-element issue slots (SDPA flash's
+    single-pass backward counted as our dk/dv loop, its tiles as full blocks)."""
     bh, (n1, n2) = b * heads, segs
     pairs = [(n1, n1), (n2, n2), (n1, n2), (n2, n1)]
-    sdpa = [w for q, k in pairs for w in cm.sdpa_flash(q, k, bh, dh)]
+    sdpa = [w for q, k in pairs for w in cm.sdpa_flash(q, k, bh, dh, ipe=(ipe["fwd"][0], ipe["dkdv"][0]))]
     from fmfast.kernels.layout import cross_attention_layout, self_attention_layout
     fl = []
+    bwd = tuple(a + b for a, b in zip(ipe["dq"], ipe["dkdv"]))
     for make in (self_attention_layout, cross_attention_layout):
         lay = make(segs, 128, 128, aligned=False)  # FlexAttention's blocks run from token 0
-        fl += list(cm.flex(lay.num_computed_blocks * 128 * 128, lay.seq_len, bh, dh))
+        full = 0 if lay.kv_num_full is None else int(lay.kv_num_full.sum())
+        masked = (lay.num_computed_blocks - full) * 128 * 128
+        fl += list(cm.flex(lay.num_computed_blocks * 128 * 128, lay.seq_len, bh, dh, masked, ipe=(ipe["fwd"], bwd)))
     eager = [w for q, k in pairs for w in cm.attention_eager(q, k, bh, dh, 2, cm.MMA_BF16)]
     eager32 = [w for q, k in pairs for w in cm.attention_eager(q, k, bh, dh, 4, cm.FMA_FP32)]
     return {"SDPA flash x4": cm.peer_us(sdpa), "FlexAttention x2": cm.peer_us(fl),

@@ -45,7 +45,7 @@ def measure(rows: list[dict]) -> list[dict]:
     out = []
     for r, x in zip(rows, res):
         g = sm90.grid_facts(r["grid"], x["blocks_per_sm"])
-        w = kc.our_work(r)
+        w = kc.our_work(r, x)
         est = cm.ours_us(w, x, g) if x["launches"] and g["grid_ok"] else float("inf")
         out.append({k: v for k, v in r.items() if k != "launch"} | x | g | dict(
             est_us=est, floor_us=w.floor_us(), bound=w.bound(), terms_us=w.terms_us()))
@@ -64,7 +64,7 @@ def components(rows: list[dict]) -> dict:
     stacking of the per-scale parameters, 7 small launches forward, their views backward)."""
     tok = _sum(rows, "bf16", "tokenize", source="store", batch=kc_b(rows))
     att = _sum(rows, "bf16", "attn", batch=kc_b(rows))
-    peers = kc.attention_layer_peers()
+    peers = kc.attention_layer_peers(kc.issue_per_element(rows))
     layer_ours = att + cm.peer_us(kc.layer_torch_ops(), cm.GAP_GRAPH_US)
     layer_ref32 = peers["reference eager fp32"] + cm.peer_us(kc.layer_torch_ops(dtype="fp32"))
     layer_comp = peers["SDPA flash x4"] + cm.peer_us(kc.layer_torch_ops(fused=True), cm.GAP_GRAPH_US)

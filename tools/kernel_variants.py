@@ -91,6 +91,7 @@ def attention(dtype: str, cross: bool, b: int = B, heads: int = HEADS, dh: int =
     return [dict(kernel=name(L), variant=f"{_NAMES[dtype]} {shape}",
                  dtype=_NAMES[dtype], shape=dict(batch=b, heads=heads, head_dim=dh, seq=n, cross=cross,
                                                  computed_blocks=lay.num_computed_blocks,
+                                                 full_blocks=0 if lay.kv_num_full is None else int(lay.kv_num_full.sum()),
                                                  block_m=lay.block_m, block_n=lay.block_n),
                  grid=list(L.grid), launch=L) for L in launches]
 

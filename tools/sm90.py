@@ -110,6 +110,24 @@ def _bin(tool: str) -> str:
 _MMA = ("HGMMA", "HMMA", "IMMA", "QGMMA", "DMMA")
 
 
+def loop_bodies(sass: str) -> list[int]:
+    """Instruction count of each loop body in the SASS, in the order of the loops' closing branches
+    (a loop is a backward ``BRA``; its body runs from the branch target to the branch). A nested
+    loop's instructions count for it alone, not for the loops around it, so a kernel's issue slots
+    are sum(body * trips) + the instructions in no loop once per program (warp-instructions; an SM
+    issues 4 a clock)."""
+    ins = [int(a, 16) for a in re.findall(r"^\s+/\*([0-9a-f]+)\*/\s+", sass, re.M)]
+    loops = [(int(m.group(2), 16), int(m.group(1), 16))
+             for m in re.finditer(r"^\s+/\*([0-9a-f]+)\*/\s+[^;]*?\bBRA\b[^;]*?0x([0-9a-f]+)", sass, re.M)
+             if int(m.group(2), 16) < int(m.group(1), 16)]
+    counts = [0] * len(loops)
+    for a in ins:  # each instruction belongs to the innermost (shortest) loop around it
+        inside = [i for i, (lo, hi) in enumerate(loops) if lo <= a <= hi]
+        if inside:
+            counts[min(inside, key=lambda i: loops[i][1] - loops[i][0])] += 1
+    return counts
+
+
 def resources(k, ptxas_log: str | None = None) -> dict:
     """ptxas -v and SASS facts of a compiled kernel, plus sm_90 occupancy. ``ptxas_log``: the log
     of Triton's own ptxas run (``Launch.meta``); without it ptxas runs again with Triton's flags."""
@@ -127,6 +145,7 @@ def resources(k, ptxas_log: str | None = None) -> dict:
     spill = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", v))
     stack = int(re.search(r"(\d+) bytes stack frame", v).group(1))
     ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass, re.M)
+    body = loop_bodies(sass)
     mma = sorted({o.split(".")[0] for o in ops if o.split(".")[0] in _MMA})
     ffma = sum(o.startswith("FFMA") for o in ops)
     loads: dict[str, int] = {}
@@ -139,7 +158,7 @@ def resources(k, ptxas_log: str | None = None) -> dict:
     warps = int(k.metadata.num_warps)
     return dict(regs=regs, spill_bytes=spill, stack_bytes=stack, smem_bytes=smem, num_warps=warps,
                 mma=mma, ffma=ffma, ldg=dict(sorted(loads.items(), key=lambda kv: int(kv[0][:-1]))),
-                local_ops=sum(o.startswith(("LDL", "STL")) for o in ops), arch=arch,
+                local_ops=sum(o.startswith(("LDL", "STL")) for o in ops), arch=arch, instrs=len(ops), loops=body,
                 **occupancy(regs, smem, warps))
 
 

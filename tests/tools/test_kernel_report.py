@@ -94,3 +94,31 @@ def test_every_promised_size_fits_shared_memory_and_launches(tmp_path):
     assert {r["dtype"] for r in rows} >= {"bf16", "fp32"}
     assert max(r["shape"].get("dim", 0) for r in rows) == 1024
     assert max(r["shape"]["batch"] * r["shape"].get("heads", 1) for r in rows) > 65535
+
+
+_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IMAD R2, R3, R4, R5 ;
+        /*0020*/                   FADD R6, R6, R7 ;
+        /*0030*/                   HGMMA.64x32x16.F32.BF16 R8, gdesc[UR4], R8 ;
+        /*0040*/               @P0 BRA 0x20 ;
+        /*0050*/                   IADD3 R9, R9, 0x1, RZ ;
+        /*0060*/              @!P1 BRA 0x10 ;
+        /*0070*/                   BRA 0x90 ;
+        /*0080*/                   NOP ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_loop_bodies_count_nested_loops_once_and_issue_slots_add_up():
+    """tools/sm90.loop_bodies on a hand-made SASS listing: an inner loop (0x20-0x40, 3
+    instructions) inside an outer one (0x10-0x60: 3 more of its own); a forward branch is no
+    loop. tools/kernel_costs.issue_ops: bodies x trips + the 4 instructions in no loop once per
+    program, x warps x 32 lanes."""
+    from tools import kernel_costs as kc
+    from tools import sm90
+    assert sm90.loop_bodies(_SASS) == [3, 3]
+    res = dict(loops=[3, 3], instrs=10, num_warps=4)
+    assert kc.issue_ops(res, [100, 10], 2) == 32 * 4 * (3 * 100 + 3 * 10 + 4 * 2)
+    # a kernel the compiler shaped differently: every instruction at the most trips (upper bound)
+    assert kc.issue_ops(dict(res, loops=[6]), [100, 10], 2) == 32 * 4 * 10 * 100
