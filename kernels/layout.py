@@ -111,6 +111,11 @@ class BlockLayout:
         return int(self.kv_num_blocks.sum())
 
     @property
+    def num_full_blocks(self) -> int:
+        """Computed blocks that skip the element mask."""
+        return 0 if self.kv_num_full is None else int(self.kv_num_full.sum())
+
+    @property
     def density(self) -> float:
         """Fraction of the (Qb x Kb) block grid that is computed."""
         return self.num_computed_blocks / (self.num_q_blocks * self.num_kv_blocks)

@@ -1,4 +1,4 @@
-"""Fused multiscale video tokenization: video -> cls + tubelet tokens of every scale in one launch.
+"""Fused multiscale video tokenization: video -> cls + tubelet tokens of every scale, one gather pass.
 
 For each scale (dilation d = 1, 2, ...) the clip is read at rows/cols 0, d, 2d, ... (a strided read,
 the same pixels as nearest-neighbour downsampling by d), cut into tubelets of pf frames x p x p,
@@ -150,6 +150,22 @@ def _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, m, k0, n_store, W,
 
 
 @triton.jit
+def _chunk_pixels(src_ptr, idx_ptr, rpx, rix, rw, rm, k0, d, n_store, W, s_b, s_c, s_t, s_h, s_w, s_it,
+                  C: tl.constexpr, P: tl.constexpr, PF: tl.constexpr, FRAME_STORE: tl.constexpr,
+                  BK: tl.constexpr):
+    """Patch columns [k0, k0 + BK) of the block's rows: (kk, column mask, element mask, pixels
+    [BM, BK] as fp32)."""
+    K: tl.constexpr = C * P * P * PF
+    kk = k0 + tl.arange(0, BK)
+    km = kk < K
+    cpx, cix, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
+    m = rm[:, None] & km[None, :]
+    x = _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, m, k0, n_store, W, s_b, s_w, s_it,
+                P, PF, FRAME_STORE, (P * P) % BK == 0)
+    return kk, km, m, x
+
+
+@triton.jit
 def _fwd_chunk(x, xr, m, km, K, sx, sxx, acc, wg_ptr, nn, nm, kk,
                CDT: tl.constexpr, SPLIT_X: tl.constexpr):
     """One patch-column chunk of the single pass: shift the pixels [BM, BK] by each row's first
@@ -186,24 +202,16 @@ def _token_block_fwd(src_ptr, idx_ptr, rpx, rix, rw, rm, d, n_store, W, s_b, s_c
     nn = tl.arange(0, BD)
     nm = nn < D
     wg_ptr += s * D * K
-    kk = tl.arange(0, BK)
-    km = kk < K
-    cpx, cix, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
-    m = rm[:, None] & km[None, :]
-    x = _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, m, 0, n_store, W, s_b, s_w, s_it,
-                P, PF, FRAME_STORE, (P * P) % BK == 0)
+    kk, km, m, x = _chunk_pixels(src_ptr, idx_ptr, rpx, rix, rw, rm, 0, d, n_store, W, s_b, s_c, s_t, s_h, s_w, s_it,
+                                 C, P, PF, FRAME_STORE, BK)
     xr = tl.sum(tl.where(kk[None, :] == 0, x, 0.0), axis=1)  # each row's first pixel: the shift
     sx = tl.zeros([BM, BK], dtype=tl.float32)
     sxx = tl.zeros([BM, BK], dtype=tl.float32)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     sx, sxx, acc = _fwd_chunk(x, xr, m, km, K, sx, sxx, acc, wg_ptr, nn, nm, kk, CDT, SPLIT_X)
-    for k0 in range(BK, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        km = kk < K
-        cpx, cix, cw = _cols(kk, d, s_c, s_t, s_h, s_w, s_it, C, P, PF, FRAME_STORE)
-        m = rm[:, None] & km[None, :]
-        x = _gather(src_ptr, idx_ptr, rpx, rix, rw, rm, cpx, cix, cw, m, k0, n_store, W, s_b, s_w, s_it,
-                    P, PF, FRAME_STORE, (P * P) % BK == 0)
+    for k0 in range(BK, K, BK):  # (the first chunk, peeled, gave the shift)
+        kk, km, m, x = _chunk_pixels(src_ptr, idx_ptr, rpx, rix, rw, rm, k0, d, n_store, W, s_b, s_c, s_t, s_h, s_w,
+                                     s_it, C, P, PF, FRAME_STORE, BK)
         sx, sxx, acc = _fwd_chunk(x, xr, m, km, K, sx, sxx, acc, wg_ptr, nn, nm, kk, CDT, SPLIT_X)
     # shifted sums: the shift is one of the row's own pixels, so mean^2 is at most ~K times the
     # variance and fp32 keeps it (a flat patch sums exact zeros)
@@ -451,9 +459,9 @@ def _tokenize_bwd_sum(part_d_ptr, part_pos_ptr, part_k_ptr, part_w_ptr, order_pt
                       BD: tl.constexpr, BK: tl.constexpr):
     """Every reduction after the backward kernels in one launch, each in a fixed order
     (deterministic). Programs, in ranges (NKC = cdiv(K, BK) column chunks): [0, S*D*NKC) a
-    chunk of row (s, d) of dW, summed over row splits and scattered back to reference column
+    chunk of row (s, d) of dW, summed over batch slices and scattered back to reference column
     order; the next N_OUT, row r of dpos summed over batch slices (row 0 also dcls); the next
-    2*S*NKC, a chunk of the patch-LN weight / bias of scale s over row splits, scattered; the
+    2*S*NKC, a chunk of the patch-LN weight / bias of scale s over batch slices, scattered; the
     last 3*S, norm_out weight, norm_out bias, proj bias of scale s over batch slices and the
     scale's token blocks [e_s, e_{s+1})."""
     pid = tl.program_id(0)
@@ -533,9 +541,9 @@ def _blocks(D: int, K: int, device: torch.device, backward: bool = False) -> tup
 
 
 def _col_chunk(device: torch.device) -> int:
-    """Column chunk of the weight-sized launches (_tokenize_prep, _tokenize_bwd_sum): 128 on the
-    GPU, enough programs to spread over the SMs; 64 in the interpreter, so the tests' small patch
-    widths still cover several chunks and a ragged last one."""
+    """Column chunk of the weight-sized launches (the columns _tokenize_prep's row loop takes at a
+    time, and _tokenize_bwd_sum's programs per row): 128 on the GPU; 64 in the interpreter, so the
+    tests' small patch widths still cover several chunks and a ragged last one."""
     return 128 if _gpu_sms(device) else 64
 
 
@@ -674,7 +682,7 @@ def _bwd_impl(grad, video, frame_index, z, mean, rstd, w_c, w_in_k, b_in_k, cls,
     _tokenize_bwd_tok[(nblk, n_bs)](
         z, grad, dz, part_d, part_pos, w_out, B, b_chunk, nblk, H, W, T // pf, D, n_out, *_pad4(dilations), eps,
         P=p, BM=BT, BD=BD, num_warps=nw)
-    # patch-dim chunks x row splits x scales for the [D, K] weight gradient
+    # patch-dim chunks x batch slices x scales for the [D, K] weight gradient
     n_k = triton.cdiv(K, BK)
     # batch slices: one full wave, these tiles hold 3 blocks/SM (tools/kernel_report.py); a partial
     # second wave costs as much as the first

@@ -11,6 +11,8 @@ bytes and exps are their own. Every formula names what it counts.
 """
 from __future__ import annotations
 
+import math
+
 from tools import cost_model as cm
 from tools.cost_model import Work
 
@@ -41,20 +43,13 @@ def issue_ops(res: dict, trips: list, programs: int) -> float:
     return 32.0 * res["num_warps"] * warp_instrs
 
 
-def _programs(grid) -> int:
-    n = 1
-    for g in grid:
-        n *= g
-    return n
-
-
 def our_work(row: dict, res: dict) -> Work:
     """Work of one captured launch (``row`` from tools/kernel_variants.py, ``res`` its
     tools/sm90.resources)."""
     k, dt, sh, grid = row["kernel"], row["dtype"], row["shape"], row["grid"]
     e, rate = _e(dt), _rate(dt)
     meta = row["launch"].meta
-    programs = _programs(grid)
+    programs = math.prod(grid)
     if k.startswith("tokenize"):
         b, d = sh["batch"], sh["dim"]
         m = b * sum(N_TOK)
@@ -147,8 +142,7 @@ def attention_layer_peers(ipe: dict, b: int = 256, heads: int = 3, dh: int = 32,
     bwd = tuple(a + b for a, b in zip(ipe["dq"], ipe["dkdv"]))
     for make in (self_attention_layout, cross_attention_layout):
         lay = make(segs, 128, 128, aligned=False)  # FlexAttention's blocks run from token 0
-        full = 0 if lay.kv_num_full is None else int(lay.kv_num_full.sum())
-        masked = (lay.num_computed_blocks - full) * 128 * 128
+        masked = (lay.num_computed_blocks - lay.num_full_blocks) * 128 * 128
         fl += list(cm.flex(lay.num_computed_blocks * 128 * 128, lay.seq_len, bh, dh, masked, ipe=(ipe["fwd"], bwd)))
     eager = [w for q, k in pairs for w in cm.attention_eager(q, k, bh, dh, 2, cm.MMA_BF16)]
     eager32 = [w for q, k in pairs for w in cm.attention_eager(q, k, bh, dh, 4, cm.FMA_FP32)]

@@ -53,8 +53,8 @@ def tokenizer(dtype: str, frame_store: bool, b: int = B, dim: int = DIM) -> list
     src = "store" if frame_store else "clip"
     shape = f"B={b} D={dim} {src}"
     grids = {L.name: L.grid for L in launches}
-    # the partial buffers the last launch reduces: batch slices and token blocks of bwd_tok, row
-    # splits of bwd_w
+    # the partial buffers the last launch reduces: batch slices and token blocks of bwd_tok, batch
+    # slices of bwd_w
     plan = dict(n_bs=grids["_tokenize_bwd_tok"][1], nblk=grids["_tokenize_bwd_tok"][0],
                 n_split=grids["_tokenize_bwd_w"][1])
     return [dict(kernel="tokenize" + L.name.removeprefix("_tokenize"), variant=f"{_NAMES[dtype]} {shape}",
@@ -91,7 +91,7 @@ def attention(dtype: str, cross: bool, b: int = B, heads: int = HEADS, dh: int =
     return [dict(kernel=name(L), variant=f"{_NAMES[dtype]} {shape}",
                  dtype=_NAMES[dtype], shape=dict(batch=b, heads=heads, head_dim=dh, seq=n, cross=cross,
                                                  computed_blocks=lay.num_computed_blocks,
-                                                 full_blocks=0 if lay.kv_num_full is None else int(lay.kv_num_full.sum()),
+                                                 full_blocks=lay.num_full_blocks,
                                                  block_m=lay.block_m, block_n=lay.block_n),
                  grid=list(L.grid), launch=L) for L in launches]
 

@@ -145,7 +145,6 @@ def resources(k, ptxas_log: str | None = None) -> dict:
     spill = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", v))
     stack = int(re.search(r"(\d+) bytes stack frame", v).group(1))
     ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass, re.M)
-    body = loop_bodies(sass)
     mma = sorted({o.split(".")[0] for o in ops if o.split(".")[0] in _MMA})
     ffma = sum(o.startswith("FFMA") for o in ops)
     loads: dict[str, int] = {}
@@ -158,7 +157,7 @@ def resources(k, ptxas_log: str | None = None) -> dict:
     warps = int(k.metadata.num_warps)
     return dict(regs=regs, spill_bytes=spill, stack_bytes=stack, smem_bytes=smem, num_warps=warps,
                 mma=mma, ffma=ffma, ldg=dict(sorted(loads.items(), key=lambda kv: int(kv[0][:-1]))),
-                local_ops=sum(o.startswith(("LDL", "STL")) for o in ops), arch=arch, instrs=len(ops), loops=body,
+                local_ops=sum(o.startswith(("LDL", "STL")) for o in ops), arch=arch, instrs=len(ops), loops=loop_bodies(sass),
                 **occupancy(regs, smem, warps))
 
 

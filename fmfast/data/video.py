@@ -209,7 +209,6 @@ class VideoReader:
             self.truncated_at = k
             return
 
-
     def _truncated(self, allowed: bool, refusal: str, kept: str) -> None:
         """A video that holds fewer frames than it says: an error, or where ``allowed`` a warning."""
         if not allowed:

@@ -72,6 +72,7 @@ def test_fmformer_self_and_cross_layouts():
     # full blocks skip masking: all but each segment's short last key block
     assert sa.kv_num_full.tolist() == [6] * 7 + [3] * 4
     assert ca.kv_num_full.tolist() == [3] * 7 + [6] * 4
+    assert (sa.num_full_blocks, ca.num_full_blocks) == (6 * 7 + 3 * 4, 3 * 7 + 6 * 4)
     # from token 0 instead: the boundary 401 lies in block 6, which both segments touch
     su = L.self_attention_layout(lengths, aligned=False)
     cu = L.cross_attention_layout(lengths, aligned=False)
