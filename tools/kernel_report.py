@@ -24,10 +24,13 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # before anything defines a kernel: compile, not interpret
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fmfast.errors import OutputError  # noqa: E402
+from fmfast.files import atomic_write, check_output  # noqa: E402
 from tools import cost_model as cm  # noqa: E402
 from tools import kernel_costs as kc  # noqa: E402
 from tools import sm90  # noqa: E402
 
+DTYPES = ("bfloat16", "float32")  # the paper-shape dtypes the variants are built for
 EPOCH_SAMPLES = 2_200_000
 TARGETS = {  # name: (goal, compare)
     "tokenizer fwd+bwd vs reference eager bf16": 5.0,
@@ -150,16 +153,27 @@ def main(argv=None) -> int:
     ap.add_argument("--components", type=Path, help="write the components, ratios and targets as JSON")
     ap.add_argument("--markdown", type=Path, help="write the tables to this file too")
     a = ap.parse_args(argv)
-    rows, comp = report(a.sweep or a.sweep_only or a.full_sweep, not a.sweep_only, tuple(a.dtypes.split(",")),
-                        a.full_sweep)
+    dtypes = tuple(a.dtypes.split(","))
+    bad = [d for d in dtypes if d not in DTYPES]
+    outs = {"markdown": a.markdown, "json": a.json, "components": a.components}
+    try:
+        if bad:
+            raise OutputError(f"--dtypes: {', '.join(bad)} is not one of {', '.join(DTYPES)}")
+        for p in outs.values():  # before the compiling, which takes a while
+            if p:
+                check_output(p, kind="file")
+    except OutputError as e:
+        print(f"kernel_report: {e}", file=sys.stderr)
+        return 2
+    rows, comp = report(a.sweep or a.sweep_only or a.full_sweep, not a.sweep_only, dtypes, a.full_sweep)
     md = markdown(rows, comp)
     print(md, end="")
-    if a.markdown:
-        a.markdown.write_text(md)
-    if a.json:
-        a.json.write_text(json.dumps(rows, indent=1, default=str))
-    if a.components and comp:
-        a.components.write_text(json.dumps(comp | dict(targets=TARGETS), indent=1))
+    texts = {"markdown": md, "json": json.dumps(rows, indent=1, default=str),
+             "components": json.dumps(comp | dict(targets=TARGETS), indent=1) if comp else None}
+    for name, p in outs.items():
+        if p and texts[name] is not None:
+            with atomic_write(p) as tmp:
+                tmp.write_text(texts[name])
     return 0
 
 

@@ -122,3 +122,21 @@ def test_loop_bodies_count_nested_loops_once_and_issue_slots_add_up():
     assert kc.issue_ops(res, [100, 10], 2) == 32 * 4 * (3 * 100 + 3 * 10 + 4 * 2)
     # a kernel the compiler shaped differently: every instruction at the most trips (upper bound)
     assert kc.issue_ops(dict(res, loops=[6]), [100, 10], 2) == 32 * 4 * 10 * 100
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--dtypes", "float8"], "--dtypes: float8 is not one of bfloat16, float32"),
+    (["--json", "{file}/rows.json"], "is not a folder"),
+])
+def test_bad_arguments_fail_in_one_line_before_compiling(tmp_path, args, says):
+    """A wrong dtype, or an output under a file, is refused with one line and exit code 2 before
+    anything compiles (which takes a while), and nothing is written."""
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, str(ROOT / "tools/kernel_report.py"), *[a.format(file=f) for a in args]],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == "", (p.returncode, p.stdout[-500:])
+    assert p.stderr.strip().count("\n") == 0 and says in p.stderr, p.stderr
+    assert f.read_text() == "x"
