@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from fmfast.kernels import cpu_attention
+
 from fmfast.data.gather import gather_clip
 from fmfast.engine.device import auto_dtype, autocast, resolve_device
 from fmfast.engine.exported import ExportedModel
@@ -117,6 +119,9 @@ class Predictor:
     def path(self) -> str:
         prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
         backend = "triton kernels" if self.device.type == "cuda" else "fused SDPA"
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            ok, why = cpu_attention.available()
+            backend = "AMX attention" if ok else f"fused SDPA (AMX attention: {why})"
         if isinstance(self.model, ExportedModel):
             backend = self.model.runtime
         return f"{self.name} on {self.device.type}, {backend}, {prec}, {self.note}"

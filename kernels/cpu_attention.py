@@ -1,0 +1,158 @@
+"""Attention forward for x86 CPUs with AMX-BF16 tiles (Sapphire Rapids and later): the C kernel in
+``csrc/cpu_attention.c``, built once with the system C compiler, called through ctypes inside a
+custom op, and its plain-PyTorch ``cpu_attention_ref`` twin.
+
+``cpu_attention(q, k, v, scale) -> o``: q ``[B, H, N, D]``, k and v ``[B, H, M, D]``, bf16, CPU,
+D in ``HEAD_DIMS``; o ``[B, H, N, D]`` bf16 = ``softmax(q k^T * scale) v``, laid out as
+``[B, N, H, D]`` (``o.transpose(1, 2)`` is contiguous, so merging heads copies nothing). Any strides with a
+unit stride over D (the model's q, k, v are views of one qkv projection). Forward only: it serves
+inference; a caller that needs gradients uses PyTorch's SDPA.
+
+Why a kernel of our own: at head dim 32 PyTorch's CPU flash attention is most of a compiled bf16
+FmFormer forward (56% at B=32). Short segments let a 16-query block hold its logits over all keys
+in cache, so the softmax is exact in one AVX-512 pass between two AMX products, with no online
+rescaling (the C file says how). ``bench/test_bench_cpu.py -k attention_forward`` times it
+against SDPA.
+
+``available()`` says whether it can run here and, if not, why (no AMX, not Linux x86-64, no C
+compiler, a failed build); callers then use SDPA. The built library is cached under
+``$FMFAST_KERNEL_CACHE`` (default ``~/.cache/fmfast/kernels``), keyed by a hash of the source and
+the compiler command, and written by temp file and rename so concurrent first uses are safe.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+HEAD_DIMS = (32, 64)
+SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.c"
+FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl",
+         "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
+_ERRORS = {1: "unsupported head dim", 2: "the kernel refused AMX tile state (arch_prctl)", 3: "out of memory"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FMFAST_KERNEL_CACHE") or Path.home() / ".cache" / "fmfast" / "kernels")
+
+
+def _build(cc: str) -> Path:
+    """Compile SOURCE into the cache (once per source and command); returns the library's path."""
+    cmd = [cc, *FLAGS]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cmd).encode()).hexdigest()[:16]
+    out = cache_dir() / f"cpu_attention-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([*cmd, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(r.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded kernel, "") or (None, why it cannot run here)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"needs Linux on x86-64 (this is {platform.system()} {platform.machine()})"
+    cpu = getattr(torch, "cpu", None)
+    amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    bf16 = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+    if not (amx and bf16):
+        return None, "this CPU has no AMX-BF16 tiles"
+    if os.environ.get("FMFAST_CPU_ATTENTION") == "0":
+        return None, "turned off (FMFAST_CPU_ATTENTION=0)"
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        return None, "no C compiler (cc or gcc) to build it"
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
+        return None, f"its build failed: {e}"
+    if not lib.fmf_amx_init():
+        return None, "the OS refused AMX tile state (arch_prctl)"
+    i64p = ctypes.POINTER(ctypes.c_int64)
+    lib.fmf_attention_fwd.restype = ctypes.c_int
+    lib.fmf_attention_fwd.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [i64p] * 4 + [
+        ctypes.c_float, ctypes.c_int]
+    return lib, ""
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") where the kernel runs on this machine, else (False, the reason)."""
+    lib, why = _library()
+    return lib is not None, why
+
+
+def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``cpu_attention`` runs these inputs: bf16 on a CPU with the kernel available, head
+    dim in HEAD_DIMS, and no gradient wanted (the kernel has no backward)."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
+            and q.shape[-1] in HEAD_DIMS and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
+            and _available_constant())
+
+
+@torch.compiler.assume_constant_result
+def _available_constant() -> bool:
+    # a constant to torch.compile, which so never traces the build
+    return available()[0]
+
+
+def _strides(x: torch.Tensor):
+    return (ctypes.c_int64 * 3)(*x.stride()[:3])
+
+
+@torch.library.custom_op("fmfast::cpu_attention", mutates_args=())
+def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    lib, why = _library()
+    if lib is None:
+        raise RuntimeError(f"fmfast.kernels.cpu_attention: {why}")
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"cpu_attention: q [B, H, N, D] and k, v [B, H, M, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[3] not in HEAD_DIMS or k.shape[2] == 0:
+        raise ValueError(f"cpu_attention: head dim must be one of {HEAD_DIMS} and M >= 1, got {tuple(k.shape)}")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    b, h, n, d = q.shape
+    if (k.shape[2] + 16) * max(k.stride(2), v.stride(2)) >= 2 ** 32:  # the kernel gathers with 32-bit offsets
+        raise ValueError(f"cpu_attention: k and v rows too far apart (stride {k.stride(2)}, {k.shape[2]} keys)")
+    o = _output(q)
+    if n == 0 or b * h == 0:
+        return o
+    rc = lib.fmf_attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), None, b, h, n, k.shape[2], d,
+                               _strides(q), _strides(k), _strides(v), _strides(o), scale, torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"cpu_attention: {_ERRORS.get(rc, rc)} (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    return o
+
+
+@cpu_attention.register_fake
+def _(q, k, v, scale):
+    return _output(q)
+
+
+def _output(q: torch.Tensor) -> torch.Tensor:
+    # [B, H, N, D] as a view of [B, N, H, D]: merging the heads afterwards is then free
+    b, h, n, d = q.shape
+    return q.new_empty((b, n, h, d)).transpose(1, 2)
+
+
+def cpu_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The same attention in fp32 PyTorch, returned in q's dtype."""
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    return torch.matmul(s.softmax(-1), v.float()).to(q.dtype)

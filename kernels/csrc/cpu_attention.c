@@ -1,0 +1,290 @@
+// Attention forward on x86 CPUs with AMX-BF16 tiles: softmax(q k^T * scale) v for bf16 q, k, v.
+//
+// q [B, H, N, D], k and v [B, H, M, D], bf16 with unit stride over D and any strides over
+// (B, H, N); o [B, H, N, D] bf16 (any strides over B, H, N), lse [B, H, N] fp32 (natural log of
+// the softmax denominator plus the row max times scale; may be NULL). D in {32, 64}.
+//
+// Why not online softmax: FmFormer's segments are short (M <= a few thousand), so the logits of a
+// 16-row query block over all M keys (16 x M fp32) fit in L1/L2. Each block is then three
+// passes that each do one thing fast -- S = Q K^T on AMX tiles, an exact softmax in AVX-512 over
+// each row, O = P V on AMX tiles -- with no rescaling of accumulators. Products of bf16 are exact
+// in the fp32 tile accumulators; P is rounded to bf16 for the P V product, as flash attention does.
+//
+// Operand layouts AMX wants (VNNI: the K dimension in pairs):
+//   S = Q K^T:  A = Q block [16 q x 32 d] bf16; B = K^T in pairs, kv[d/2][Mp] uint32 with
+//               kv[p][j] = (k[j][2p], k[j][2p+1]) -- one 32-bit gather per 16 keys and pair;
+//   O = P V:    A = P [16 q x 32 keys] bf16;    B = V in key pairs, vv[Mp/2][D][2] with
+//               vv[r][e] = (v[2r][e], v[2r+1][e]) -- one 16-bit interleave per two keys.
+// Mp = M rounded up to 32 keys; padded keys have zero k and v and are masked out of the softmax.
+//
+// Threads: OpenMP over (b, h, query range); each work item repacks its (b, h)'s k and v into
+// per-thread buffers (cheap: O(M D) against the O(N M D) of the item) so any batch, B = 1
+// included, splits into enough items.
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define QB 16  // query rows per block: the AMX tile height
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+// Linux hands out AMX tile state only to a process that asks for it.
+int fmf_amx_init(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0; }
+
+static void configure_tiles(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; t++) {  // every tile 16 rows x 64 bytes
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+// 2^t for t <= 0 in three steps: f = t - floor(t) in [0, 1) (vreduceps), 2^f by a degree-3
+// minimax polynomial (relative error 7.6e-5, far below the 3.9e-3 of the bf16 P it feeds), times
+// 2^floor(t) (vscalefps: exact, and 0 for any t below the float range, so no clamp is needed).
+static inline __m512 exp2_neg(__m512 t) {
+    __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 p = _mm512_set1_ps(7.8022547e-2f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.2606564e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9583648e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9992466e-1f));
+    return _mm512_scalef_ps(p, t);
+}
+
+static inline uint16_t bf16_round(float x) {  // round to nearest even, as vcvtneps2bf16
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    u += 0x7fff + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+// r[i][j] <- r[j][i] for a 16 x 16 block of 32-bit words: the usual 4-stage unpack/shuffle.
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+    }
+}
+// k [M, D] (row stride sk) -> kv[D/2][Mp] key-pair columns; keys >= M are zero. Rows are loaded
+// whole (one cache line at D = 32) and transposed in registers: gathering the columns from the
+// model's strided rows cost 12% of the kernel.
+static void pack_k(const uint16_t *k, int64_t sk, int64_t m, int64_t mp, int64_t d, uint32_t *kv) {
+    __m512i r[16];
+    for (int64_t j0 = 0; j0 < mp; j0 += 16) {
+        for (int64_t c = 0; c < d / 32; c++) {
+            for (int64_t i = 0; i < 16; i++)
+                r[i] = j0 + i < m ? _mm512_loadu_si512(k + (j0 + i) * sk + 32 * c) : _mm512_setzero_si512();
+            transpose16(r);
+            for (int64_t p = 0; p < 16; p++) _mm512_storeu_si512(kv + (16 * c + p) * mp + j0, r[p]);
+        }
+    }
+}
+
+// v [M, D] (row stride sv) -> vv[Mp/2][D][2]: rows 2r and 2r+1 interleaved element by element.
+static void pack_v(const uint16_t *v, int64_t sv, int64_t m, int64_t mp, int64_t d, uint16_t *vv) {
+    __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                  39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (int64_t r = 0; r < mp / 2; r++) {
+        int64_t j = 2 * r;
+        for (int64_t c = 0; c < d; c += 32) {
+            __m512i a = j < m ? _mm512_loadu_si512(v + j * sv + c) : _mm512_setzero_si512();
+            __m512i b = j + 1 < m ? _mm512_loadu_si512(v + (j + 1) * sv + c) : _mm512_setzero_si512();
+            uint16_t *out = vv + (r * d + c) * 2;
+            _mm512_storeu_si512(out, _mm512_permutex2var_epi16(a, lo, b));       // elements c .. c+15
+            _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi16(a, hi, b));  // elements c+16 .. c+31
+        }
+    }
+}
+
+// One block of rows (nrows <= 16) of one (b, h): q rows qp (stride sq) -> o rows op (stride so).
+static void attend_block(const uint16_t *qp, int64_t sq, int64_t nrows, const uint32_t *kv, const uint16_t *vv,
+                         int64_t m, int64_t mp, int64_t d, float scale, float *sbuf, uint16_t *pbuf,
+                         uint16_t *qbuf, float *obuf, uint16_t *op, int64_t so, float *lse) {
+    // the block's queries, zero-padded to 16 rows (tile loads read all 16)
+    for (int64_t i = 0; i < QB; i++) {
+        if (i < nrows)
+            memcpy(qbuf + i * d, qp + i * sq, d * 2);
+        else
+            memset(qbuf + i * d, 0, d * 2);
+    }
+    // S = Q K^T, 16 keys per tile, two tiles per step in different registers so that one's
+    // load, product and store overlap the other's (tiles are not renamed)
+    _tile_loadd(1, qbuf, d * 2);
+    if (d == 64) _tile_loadd(2, qbuf + 32, d * 2);
+    for (int64_t j0 = 0; j0 < mp; j0 += 32) {
+        _tile_zero(0);
+        _tile_zero(4);
+        _tile_loadd(3, kv + j0, mp * 4);
+        _tile_loadd(5, kv + j0 + 16, mp * 4);
+        _tile_dpbf16ps(0, 1, 3);
+        _tile_dpbf16ps(4, 1, 5);
+        if (d == 64) {
+            _tile_loadd(3, kv + 16 * mp + j0, mp * 4);
+            _tile_loadd(5, kv + 16 * mp + j0 + 16, mp * 4);
+            _tile_dpbf16ps(0, 2, 3);
+            _tile_dpbf16ps(4, 2, 5);
+        }
+        _tile_stored(0, sbuf + j0, mp * 4);
+        _tile_stored(4, sbuf + j0 + 16, mp * 4);
+    }
+    // exact softmax per row: P = 2^((s - max) * scale * log2 e), rounded to bf16; keys >= M get 0
+    const float c = scale * 1.44269504088896341f;
+    float inv[QB], rowlse[QB];
+    int64_t full = m & ~(int64_t)15;
+    __mmask16 tail = (__mmask16)((1u << (m - full)) - 1);
+    for (int64_t i = 0; i < QB; i++) {
+        const float *s = sbuf + i * mp;
+        uint16_t *p = pbuf + i * mp;
+        // four running maxima: one chain would wait on vmaxps's latency at every vector
+        __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+        int64_t j = 0;
+        for (; j + 64 <= full; j += 64) {
+            m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + j));
+            m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + j + 16));
+            m2 = _mm512_max_ps(m2, _mm512_loadu_ps(s + j + 32));
+            m3 = _mm512_max_ps(m3, _mm512_loadu_ps(s + j + 48));
+        }
+        for (; j < full; j += 16) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + j));
+        if (tail) m1 = _mm512_mask_max_ps(m1, tail, m1, _mm512_maskz_loadu_ps(tail, s + full));
+        __m512 mx = _mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3));
+        float rmax = _mm512_reduce_max_ps(mx);
+        __m512 off = _mm512_set1_ps(rmax * c);
+        __m512 cc = _mm512_set1_ps(c);
+        __m512 sum = _mm512_setzero_ps(), sum1 = sum;
+        for (j = 0; j + 32 <= full; j += 32) {  // two vectors per step: one 64-byte store of bf16
+            __m512 e0 = exp2_neg(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), cc, off));
+            __m512 e1 = exp2_neg(_mm512_fmsub_ps(_mm512_loadu_ps(s + j + 16), cc, off));
+            sum = _mm512_add_ps(sum, e0);
+            sum1 = _mm512_add_ps(sum1, e1);
+            _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+        }
+        for (; j < full; j += 16) {
+            __m512 e = exp2_neg(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), cc, off));
+            sum = _mm512_add_ps(sum, e);
+            _mm256_storeu_si256((__m256i *)(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+        }
+        if (full < mp) {  // the ragged 16 keys, then zeros up to Mp
+            __m512 e = _mm512_maskz_mov_ps(tail, exp2_neg(_mm512_fmsub_ps(_mm512_loadu_ps(s + full), cc, off)));
+            sum = _mm512_add_ps(sum, e);
+            _mm256_storeu_si256((__m256i *)(p + full), (__m256i)_mm512_cvtneps_pbh(e));
+            for (j = full + 16; j < mp; j += 16) _mm256_storeu_si256((__m256i *)(p + j), _mm256_setzero_si256());
+        }
+        float rsum = _mm512_reduce_add_ps(_mm512_add_ps(sum, sum1));
+        inv[i] = 1.0f / rsum;
+        rowlse[i] = rmax * scale + logf(rsum);
+    }
+    // O = P V: D/16 accumulator tiles (4..7), 32 keys per step; P and V tiles alternate registers
+    _tile_zero(4);
+    _tile_zero(5);
+    if (d == 64) {
+        _tile_zero(6);
+        _tile_zero(7);
+    }
+    for (int64_t j0 = 0; j0 < mp; j0 += 32) {
+        const uint16_t *vr = vv + (j0 / 2) * d * 2;
+        _tile_loadd(0, pbuf + j0, mp * 2);
+        _tile_loadd(1, vr, d * 4);
+        _tile_loadd(2, vr + 32, d * 4);
+        _tile_dpbf16ps(4, 0, 1);
+        _tile_dpbf16ps(5, 0, 2);
+        if (d == 64) {
+            _tile_loadd(3, vr + 64, d * 4);
+            _tile_loadd(1, vr + 96, d * 4);
+            _tile_dpbf16ps(6, 0, 3);
+            _tile_dpbf16ps(7, 0, 1);
+        }
+    }
+    _tile_stored(4, obuf, d * 4);
+    _tile_stored(5, obuf + 16, d * 4);
+    if (d == 64) {
+        _tile_stored(6, obuf + 32, d * 4);
+        _tile_stored(7, obuf + 48, d * 4);
+    }
+    for (int64_t i = 0; i < nrows; i++) {
+        __m512 r = _mm512_set1_ps(inv[i]);
+        for (int64_t e = 0; e < d; e += 16)
+            _mm256_storeu_si256((__m256i *)(op + i * so + e),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(obuf + i * d + e), r)));
+        if (lse) lse[i] = rowlse[i];
+    }
+}
+
+// Returns 0 on success, 1 for an unsupported D, 2 when AMX is not granted, 3 out of memory.
+int fmf_attention_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, float *lse,
+                      int64_t B, int64_t H, int64_t n, int64_t m, int64_t d, const int64_t *sq,
+                      const int64_t *sk, const int64_t *sv, const int64_t *so, float scale, int nthreads) {
+    if (d != 32 && d != 64) return 1;
+    if (!fmf_amx_init()) return 2;
+    const int64_t mp = (m + 31) & ~(int64_t)31, nblocks = (n + QB - 1) / QB;
+    // split each (b, h) into query ranges so that small batches still feed every thread
+    int64_t splits = 1;
+    while (B * H * splits < 4 * (int64_t)nthreads && splits < nblocks) splits++;
+    const int64_t per = (nblocks + splits - 1) / splits, items = B * H * splits;
+    // per-thread buffers, one allocation: packed k and v, the block's logits, P, Q and O
+    const size_t kv_b = mp * d * 2, s_b = QB * mp * 4, p_b = QB * mp * 2, q_b = QB * d * 2, o_b = QB * d * 4;
+    const size_t per_thread = (kv_b * 2 + s_b + p_b + q_b + o_b + 5 * 63) & ~(size_t)63;
+    char *pool = aligned_alloc(64, per_thread * nthreads);
+    if (!pool) return 3;
+#pragma omp parallel num_threads(nthreads)
+    {
+        char *mine = pool + per_thread * omp_get_thread_num();
+        uint32_t *kv = (uint32_t *)mine;
+        uint16_t *vv = (uint16_t *)(mine + kv_b);
+        float *sbuf = (float *)(mine + 2 * kv_b);
+        uint16_t *pbuf = (uint16_t *)(mine + 2 * kv_b + s_b);
+        uint16_t *qbuf = (uint16_t *)(mine + 2 * kv_b + s_b + p_b);
+        float *obuf = (float *)(mine + ((2 * kv_b + s_b + p_b + q_b + 63) & ~(size_t)63));
+        configure_tiles();
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            int64_t bh = it / splits, part = it % splits, b = bh / H, h = bh % H;
+            int64_t blk0 = part * per, blk1 = blk0 + per < nblocks ? blk0 + per : nblocks;
+            if (blk0 >= blk1) continue;
+            pack_k(k + b * sk[0] + h * sk[1], sk[2], m, mp, d, kv);
+            pack_v(v + b * sv[0] + h * sv[1], sv[2], m, mp, d, vv);
+            for (int64_t blk = blk0; blk < blk1; blk++) {
+                int64_t i0 = blk * QB, rows = n - i0 < QB ? n - i0 : QB;
+                attend_block(q + b * sq[0] + h * sq[1] + i0 * sq[2], sq[2], rows, kv, vv, m, mp, d, scale, sbuf,
+                             pbuf, qbuf, obuf, o + b * so[0] + h * so[1] + i0 * so[2], so[2],
+                             lse ? lse + (b * H + h) * n + i0 : NULL);
+            }
+        }
+        _tile_release();
+    }
+    free(pool);
+    return 0;
+}

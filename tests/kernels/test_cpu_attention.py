@@ -1,0 +1,153 @@
+"""The AMX CPU attention kernel against float64 and PyTorch's own bf16 SDPA on the same inputs:
+ragged shapes (queries and keys not multiples of the 16-row tiles or 32-key steps, a single key,
+a single query), both head dims, the model's strided q/k/v views, large logits; its layout, the
+custom op's registration, torch.compile, and the dispatch and fallback decisions."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fmfast.kernels import cpu_attention as ca
+
+OK, WHY = ca.available()
+needs_kernel = pytest.mark.skipif(not OK, reason=f"AMX CPU attention unavailable here: {WHY}")
+
+
+def qkv(b, h, n, m, d, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, x, d, generator=g) for x in (n, m, m))
+    return (q * scale).bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+def errors(q, k, v):
+    """(ours, SDPA bf16) max abs error against float64 on the same bf16 inputs."""
+    sc = q.shape[-1] ** -0.5
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=sc)
+    ours = ca.cpu_attention(q, k, v, sc)
+    plain = F.scaled_dot_product_attention(q, k, v, scale=sc)
+    assert ours.dtype == torch.bfloat16 and ours.shape == q.shape
+    return (ours.double() - exact).abs().max().item(), (plain.double() - exact).abs().max().item()
+
+
+@needs_kernel
+@pytest.mark.parametrize("b, h, n, m, d", [
+    (2, 3, 401, 401, 32), (2, 3, 241, 401, 32), (2, 3, 401, 241, 32),  # FmFormer's four shapes
+    (1, 1, 1, 1, 32), (1, 2, 17, 5, 32), (3, 1, 33, 50, 64), (2, 2, 100, 300, 64), (1, 1, 3, 31, 64),
+    (1, 1, 16, 32, 32), (1, 1, 15, 33, 32), (4, 1, 64, 48, 32)])
+def test_matches_float64_as_well_as_sdpa(b, h, n, m, d):
+    ours, plain = errors(*qkv(b, h, n, m, d))
+    assert ours <= 2 * plain + 1e-3, (ours, plain)
+
+
+@needs_kernel
+@pytest.mark.parametrize("scale", [8.0, 30.0])
+def test_large_logits_stay_finite_and_exact(scale):
+    """Logits in the hundreds: the row max is subtracted before the exponential (no overflow),
+    and keys far below it get exactly 0 (no clamp is needed)."""
+    q, k, v = qkv(2, 2, 70, 90, 32, scale=scale)
+    ours, plain = errors(q, k, v)
+    assert ours <= 2 * plain + 1e-3, (ours, plain)
+    assert torch.isfinite(ca.cpu_attention(q, k, v, 32 ** -0.5)).all()
+
+
+@needs_kernel
+def test_the_models_strided_views_and_the_output_layout():
+    """q, k, v as FmFormer makes them (views of one [B, N, 3*H*D] projection) give what their
+    contiguous copies give, bit for bit; the output is [B, N, H, D] underneath."""
+    b, n, h, d = 3, 37, 3, 32
+    proj = torch.randn(b, n, 3 * h * d).bfloat16()
+    q, k, v = proj.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    o = ca.cpu_attention(q, k, v, 0.2)
+    assert torch.equal(o, ca.cpu_attention(q.contiguous(), k.contiguous(), v.contiguous(), 0.2))
+    assert o.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(o.float(), ca.cpu_attention_ref(q, k, v, 0.2).float(), atol=2e-2, rtol=2e-2)
+
+
+@needs_kernel
+def test_thread_counts_agree():
+    q, k, v = qkv(1, 3, 90, 70, 32)  # B*H = 3: the kernel splits queries to feed the threads
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(ca.cpu_attention(q, k, v, 0.2))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(*outs)
+
+
+@needs_kernel
+def test_bad_inputs_raise_in_words():
+    q, k, v = qkv(1, 1, 8, 8, 32)
+    with pytest.raises(ValueError, match="head dim"):
+        ca.cpu_attention(*qkv(1, 1, 8, 8, 48), 0.1)
+    with pytest.raises(ValueError, match="head dim"):
+        ca.cpu_attention(q, k[:, :, :0], v[:, :, :0], 0.1)
+    with pytest.raises(ValueError, match="k, v"):
+        ca.cpu_attention(q, k, v[:, :, :4], 0.1)
+
+
+@needs_kernel
+def test_custom_op_registration_and_compile():
+    q, k, v = qkv(2, 3, 20, 40, 32)
+    torch.library.opcheck(torch.ops.fmfast.cpu_attention.default, (q, k, v, 0.2),
+                          test_utils=("test_schema", "test_faketensor"))
+    fn = torch.compile(lambda q, k, v: ca.cpu_attention(q, k, v, 0.2) * 2, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(fn(q, k, v), ca.cpu_attention(q, k, v, 0.2) * 2)
+
+
+def test_takes_only_what_it_can_run():
+    q, k, v = qkv(1, 1, 8, 8, 32)
+    assert ca.takes(q, k, v) == OK
+    assert not ca.takes(q.float(), k.float(), v.float())  # fp32: SDPA
+    assert not ca.takes(*qkv(1, 1, 8, 8, 48))  # head dim
+    assert not ca.takes(q.requires_grad_(), k, v)  # a gradient wanted: no backward here
+    with torch.no_grad():
+        assert ca.takes(q, k, v) == OK
+
+
+def test_switched_off_or_unavailable_says_why_and_the_model_falls_back(tmp_path):
+    """FMFAST_CPU_ATTENTION=0 (as on a CPU without AMX or a machine without a C compiler): the
+    reason is given and a bf16 inference forward runs PyTorch's SDPA instead."""
+    script = (
+        "import torch\nfrom fmfast.kernels import cpu_attention as ca\nfrom fmfast.nn.attention import attend\n"
+        "ok, why = ca.available(); print(ok, why)\n"
+        "q = torch.randn(1, 2, 9, 32).bfloat16()\n"
+        "with torch.no_grad(): o = attend(q, q, q, 0.2, fused=True)\n"
+        "print(torch.allclose(o.float(), torch.nn.functional.scaled_dot_product_attention(q, q, q, scale=0.2).float()))\n")
+    env = dict(os.environ, FMFAST_CPU_ATTENTION="0", FMFAST_KERNEL_CACHE=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, second = out.stdout.splitlines()[-2:]
+    assert first.startswith("False") and "FMFAST_CPU_ATTENTION=0" in first
+    assert second == "True"
+
+
+@needs_kernel
+def test_build_is_cached_by_source_and_written_whole(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("FMFAST_KERNEL_CACHE", str(tmp_path))
+    cc = shutil.which("cc") or shutil.which("gcc")
+    lib = ca._build(cc)
+    assert lib.parent == tmp_path and lib.stat().st_size > 0
+    stamp = lib.stat().st_mtime_ns
+    assert ca._build(cc) == lib and lib.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [lib.name]  # no temp file left behind
+
+
+def test_a_failed_build_is_a_reason_not_a_crash(tmp_path, monkeypatch):
+    monkeypatch.setenv("FMFAST_KERNEL_CACHE", str(tmp_path))
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'cc: error: no such flag' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(RuntimeError, match="no such flag"):
+        ca._build(str(fake))
+    assert [p.name for p in tmp_path.iterdir()] == ["cc"]  # nothing half-written
