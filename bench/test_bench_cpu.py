@@ -11,7 +11,8 @@ tokens); the same weights everywhere. Inference peers (B=1 and B=32, 1 and 2 thr
 Training step (B=32): ours = what ``fmfast train`` runs on a CPU (the fused backend eager at
 ``--amp auto``: bf16 where the CPU has native bf16, the attention differentiated in fp32) and at
 ``--amp off`` (fp32), vs (a) and (b) in training mode (forward, cross-entropy, backward, Adam).
-Attention (forward + backward): PyTorch's CPU SDPA on bf16 inputs in bf16 vs in fp32, why the
+Attention forward: fmfast's AMX kernel vs PyTorch's SDPA on bf16 inputs. Attention (forward +
+backward): PyTorch's CPU SDPA on bf16 inputs in bf16 vs in fp32, why the
 training path differentiates it in fp32.
 
 Parity first: fp32 peers within 1e-4 of (a); bf16 ones within 2x plain PyTorch bf16 autocast's
@@ -192,6 +193,35 @@ def test_bench_cpu_training_step():
               f"native bf16: {native_bf16()}; ours: --amp auto = {amp or 'fp32'}", B, secs)
     c = check("training step: ours vs reference eager fp32", r["(a) reference eager fp32"], 3.0)
     print(f"  target {c['target']}: {c['value']:.2f} (goal {c['goal']}) -> {'met' if c['met'] else 'NOT met'}")
+
+
+@pytest.mark.parametrize("nq, nk", [(401, 401), (241, 241), (401, 241), (241, 401)])
+def test_bench_cpu_attention_forward(nq, nk):
+    """fmfast's AMX attention (``fmfast.kernels.cpu_attention``, what Predictor's bf16 forward
+    runs) against PyTorch's SDPA on the same bf16 inputs, laid out as in the model (views of one
+    [B, N, 3*H*D] projection), B=32, 3 heads x 32, 2 threads. Parity first: its max error against
+    float64 at most 2x SDPA bf16's + 1e-3."""
+    from fmfast.kernels import cpu_attention as ca
+
+    ok, why = ca.available()
+    if not ok:
+        pytest.skip(f"AMX CPU attention unavailable: {why}")
+    torch.set_num_threads(2)
+    B, H, D = 32, 3, 32
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, nq, 3, H, D, generator=g).bfloat16().permute(2, 0, 3, 1, 4)[0]
+    k, v = torch.randn(B, nk, 3, H, D, generator=g).bfloat16().permute(2, 0, 3, 1, 4)[1:]
+    sc = D ** -0.5
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=sc)
+    fns = {"ours (AMX)": lambda: ca.cpu_attention(q, k, v, sc),
+           "SDPA bf16": lambda: F.scaled_dot_product_attention(q, k, v, scale=sc)}
+    err = {n: (f().double() - exact).abs().max().item() for n, f in fns.items()}
+    assert err["ours (AMX)"] <= 2 * err["SDPA bf16"] + 1e-3, err
+    secs = interleaved(fns, rounds=9)
+    print(f"\nCPU attention forward, q [{B},{H},{nq},{D}] k/v [{B},{H},{nk},{D}] bf16 (strided views), 2 threads; "
+          f"max error vs float64: ours {err['ours (AMX)']:.1e}, SDPA {err['SDPA bf16']:.1e}")
+    for n, t in secs.items():
+        print(f"  {n:14s} {t * 1e3:8.2f} ms   ours x {t / secs['ours (AMX)']:4.2f}")
 
 
 @pytest.mark.parametrize("nq, nk", [(401, 401), (241, 241), (401, 241), (241, 401)])
