@@ -1,18 +1,20 @@
-"""Attention forward for x86 CPUs with AMX-BF16 tiles (Sapphire Rapids and later): the C kernel in
-``csrc/cpu_attention.c``, built once with the system C compiler, called through ctypes inside a
-custom op, and its plain-PyTorch ``cpu_attention_ref`` twin.
+"""Attention, forward and backward, for x86 CPUs with AMX-BF16 tiles (Sapphire Rapids and later):
+the C kernels in ``csrc/cpu_attention.c``, built once with the system C compiler, called through
+ctypes inside custom ops with a registered autograd, and the plain-PyTorch ``cpu_attention_ref``.
 
 ``cpu_attention(q, k, v, scale) -> o``: q ``[B, H, N, D]``, k and v ``[B, H, M, D]``, bf16, CPU,
 D in ``HEAD_DIMS``; o ``[B, H, N, D]`` bf16 = ``softmax(q k^T * scale) v``, laid out as
-``[B, N, H, D]`` (``o.transpose(1, 2)`` is contiguous, so merging heads copies nothing). Any strides with a
-unit stride over D (the model's q, k, v are views of one qkv projection). Forward only: it serves
-inference; a caller that needs gradients uses PyTorch's SDPA.
+``[B, N, H, D]`` (``o.transpose(1, 2)`` is contiguous, so merging heads copies nothing). Any
+strides with a unit stride over D (the model's q, k, v are views of one qkv projection).
+Gradients (dq, dk, dv, bf16) come from the backward kernel, which recomputes P from the
+forward's saved log-sum-exp, as flash attention does.
 
-Why a kernel of our own: at head dim 32 PyTorch's CPU flash attention is most of a compiled bf16
-FmFormer forward (56% at B=32). Short segments let a 16-query block hold its logits over all keys
-in cache, so the softmax is exact in one AVX-512 pass between two AMX products, with no online
-rescaling (the C file says how). ``bench/test_bench_cpu.py -k attention_forward`` times it
-against SDPA.
+Why kernels of our own: at head dim 32 PyTorch's CPU flash attention is most of a compiled bf16
+FmFormer forward (56% at B=32) and about half a training step. Short segments let a 16-query
+block hold its logits over all keys in cache, so the softmax is exact in one AVX-512 pass between
+two AMX products, with no online rescaling; the backward runs keys outside and all queries
+inside, key-major, so its softmax terms are per-lane vectors (the C file says how).
+``bench/test_bench_cpu.py -k "attention_forward or attention_backward"`` times them against SDPA.
 
 ``available()`` says whether it can run here and, if not, why (no AMX, not Linux x86-64, no C
 compiler, a failed build); callers then use SDPA. The built library is cached under
@@ -90,6 +92,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.fmf_attention_fwd.restype = ctypes.c_int
     lib.fmf_attention_fwd.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [i64p] * 4 + [
         ctypes.c_float, ctypes.c_int]
+    lib.fmf_attention_bwd.restype = ctypes.c_int
+    lib.fmf_attention_bwd.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5 + [i64p, ctypes.c_float, ctypes.c_int]
     return lib, ""
 
 
@@ -100,11 +104,10 @@ def available() -> tuple[bool, str]:
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether ``cpu_attention`` runs these inputs: bf16 on a CPU with the kernel available, head
-    dim in HEAD_DIMS, and no gradient wanted (the kernel has no backward)."""
+    """Whether ``cpu_attention`` runs these inputs: bf16 on a CPU with the kernel available and
+    head dim in HEAD_DIMS (forward and backward)."""
     return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
-            and q.shape[-1] in HEAD_DIMS and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
-            and _available_constant())
+            and q.shape[-1] in HEAD_DIMS and _available_constant())
 
 
 @torch.compiler.assume_constant_result
@@ -117,8 +120,13 @@ def _strides(x: torch.Tensor):
     return (ctypes.c_int64 * 3)(*x.stride()[:3])
 
 
-@torch.library.custom_op("fmfast::cpu_attention", mutates_args=())
-def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _output(q: torch.Tensor) -> torch.Tensor:
+    # [B, H, N, D] as a view of [B, N, H, D]: merging the heads afterwards is then free
+    b, h, n, d = q.shape
+    return q.new_empty((b, n, h, d)).transpose(1, 2)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> ctypes.CDLL:
     lib, why = _library()
     if lib is None:
         raise RuntimeError(f"fmfast.kernels.cpu_attention: {why}")
@@ -127,29 +135,83 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[3] not in HEAD_DIMS or k.shape[2] == 0:
         raise ValueError(f"cpu_attention: head dim must be one of {HEAD_DIMS} and M >= 1, got {tuple(k.shape)}")
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    b, h, n, d = q.shape
-    if (k.shape[2] + 16) * max(k.stride(2), v.stride(2)) >= 2 ** 32:  # the kernel gathers with 32-bit offsets
-        raise ValueError(f"cpu_attention: k and v rows too far apart (stride {k.stride(2)}, {k.shape[2]} keys)")
-    o = _output(q)
-    if n == 0 or b * h == 0:
-        return o
-    rc = lib.fmf_attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), None, b, h, n, k.shape[2], d,
-                               _strides(q), _strides(k), _strides(v), _strides(o), scale, torch.get_num_threads())
+    if (max(q.shape[2], k.shape[2]) + 32) * max(x.stride(2) for x in (q, k, v)) >= 2 ** 31:
+        raise ValueError("cpu_attention: rows too far apart for the kernel's 32-bit offsets")
+    return lib
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _raise(rc: int, q: torch.Tensor, k: torch.Tensor) -> None:
     if rc:
         raise RuntimeError(f"cpu_attention: {_ERRORS.get(rc, rc)} (q {tuple(q.shape)}, k {tuple(k.shape)})")
-    return o
 
 
-@cpu_attention.register_fake
-def _(q, k, v, scale):
-    return _output(q)
-
-
-def _output(q: torch.Tensor) -> torch.Tensor:
-    # [B, H, N, D] as a view of [B, N, H, D]: merging the heads afterwards is then free
+@torch.library.custom_op("fmfast::cpu_attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (o [B, H, N, D] over a [B, N, H, D] buffer, lse [B, H, N] fp32: the backward's input)."""
+    lib = _check(q, k, v)
+    q, k, v = _unit(q), _unit(k), _unit(v)
     b, h, n, d = q.shape
-    return q.new_empty((b, n, h, d)).transpose(1, 2)
+    o, lse = _output(q), q.new_empty((b, h, n), dtype=torch.float32)
+    if n and b * h:
+        _raise(lib.fmf_attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), b, h, n,
+                                     k.shape[2], d, _strides(q), _strides(k), _strides(v), _strides(o), scale,
+                                     torch.get_num_threads()), q, k)
+    return o, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, scale):
+    return _output(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fmfast::cpu_attention_bwd", mutates_args=())
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv), bf16, contiguous."""
+    lib = _check(q, k, v)
+    do, q, k, v, o = (_unit(x.to(torch.bfloat16)) for x in (do, q, k, v, o))
+    lse = lse.contiguous()
+    dq, dk, dv = (torch.empty(x.shape, dtype=torch.bfloat16) for x in (q, k, v))
+    b, h, n, d = q.shape
+    if n and b * h:
+        st = (ctypes.c_int64 * 24)(*[s for x in (q, k, v, o, do, dq, dk, dv) for s in x.stride()[:3]])
+        _raise(lib.fmf_attention_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), do.data_ptr(),
+                                     lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), b, h, n, k.shape[2],
+                                     d, st, scale, torch.get_num_threads()), q, k)
+    else:
+        dk.zero_(), dv.zero_()
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, scale):
+    return (torch.empty(q.shape, dtype=torch.bfloat16), torch.empty(k.shape, dtype=torch.bfloat16),
+            torch.empty(v.shape, dtype=torch.bfloat16))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(q k^T * scale) v``, differentiable (see the module docstring for shapes)."""
+    return _attention_fwd(q, k, v, scale)[0]
 
 
 def cpu_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

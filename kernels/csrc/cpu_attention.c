@@ -288,3 +288,197 @@ int fmf_attention_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, u
     free(pool);
     return 0;
 }
+
+// ---- backward -----------------------------------------------------------------------------
+// dq, dk, dv of o = softmax(q k^T * scale) v from o, do and the forward's lse. Per (b, h), keys
+// outer in chunks of 32, all queries inner (their packed operands stay in cache), everything
+// key-major so the softmax terms are per-lane vectors over 16 queries:
+//   S^T = K Q^T, dP^T = V dO^T   (A: key rows, B: Q^T / dO^T in d pairs)
+//   P^T = 2^(S^T scale log2e - lse log2e),  dS^T = P^T (dP^T - delta) scale
+//   dq^T += K^T dS^T             (A: K^T rows, B: dS^T in key pairs; fp32 in memory across chunks)
+//   dv = P^T dO, dk = dS^T Q     (over all queries at once: the chunk's rows are final)
+// Padded queries have zero q and do (so zero products) and finite lse and delta (0).
+static void split_pairs(const uint32_t *kv, int64_t mp, int64_t d, uint16_t *kt) {
+    // kv[d/2][Mp] pairs -> kt[D][Mp]: the low halves are even d, the high halves odd d
+    for (int64_t p = 0; p < d / 2; p++)
+        for (int64_t j = 0; j < mp; j += 16) {
+            __m512i w = _mm512_loadu_si512(kv + p * mp + j);
+            _mm256_storeu_si256((__m256i *)(kt + 2 * p * mp + j), _mm512_cvtepi32_epi16(w));
+            _mm256_storeu_si256((__m256i *)(kt + (2 * p + 1) * mp + j), _mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
+        }
+}
+
+static void pad_rows(const uint16_t *x, int64_t sx, int64_t m, int64_t mp, int64_t d, uint16_t *out) {
+    for (int64_t j = 0; j < mp; j++) {
+        if (j < m)
+            memcpy(out + j * d, x + j * sx, d * 2);
+        else
+            memset(out + j * d, 0, d * 2);
+    }
+}
+
+static inline __m512 load_bf16(const uint16_t *p) {  // 16 bf16 -> fp32
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+typedef struct {
+    uint32_t *qt, *dot;   // [D/2][Np] d-pair columns of q and do
+    uint16_t *qv, *dov;   // [Np/2][D][2] query pairs of q and do
+    uint16_t *kr, *vr;    // [Mp][D] zero-padded rows
+    uint32_t *kv;         // [D/2][Mp] (for kt)
+    uint16_t *kt;         // [D][Mp]
+    float *dqt;           // [D][Np]
+    float *lse2, *dlt;    // [Np]
+    uint16_t *pt, *dst;   // [32][Np]
+    float *sbuf, *dpbuf;  // [32][16]
+    uint16_t *dsv;        // [16][16][2]
+    float *ov, *ok;       // [16][D]
+} bwd_buffers;
+
+static void backward_one(const uint16_t *q, int64_t sq, const uint16_t *k, int64_t sk, const uint16_t *v, int64_t sv,
+                         const uint16_t *o, int64_t so, const uint16_t *dout, int64_t sdo, const float *lse,
+                         uint16_t *dq, int64_t sdq, uint16_t *dk, int64_t sdk, uint16_t *dv, int64_t sdv, int64_t n,
+                         int64_t m, int64_t d, float scale, const bwd_buffers *w) {
+    const int64_t np = (n + 31) & ~(int64_t)31, mp = (m + 31) & ~(int64_t)31;
+    const float log2e = 1.44269504088896341f, c = scale * log2e;
+    pack_k(q, sq, n, np, d, w->qt);
+    pack_k(dout, sdo, n, np, d, w->dot);
+    pack_v(q, sq, n, np, d, w->qv);
+    pack_v(dout, sdo, n, np, d, w->dov);
+    pad_rows(k, sk, m, mp, d, w->kr);
+    pad_rows(v, sv, m, mp, d, w->vr);
+    pack_k(k, sk, m, mp, d, w->kv);
+    split_pairs(w->kv, mp, d, w->kt);
+    memset(w->dqt, 0, d * np * 4);
+    for (int64_t i = 0; i < np; i++) {
+        float dl = 0.0f;
+        if (i < n) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t e = 0; e < d; e += 16)
+                acc = _mm512_fmadd_ps(load_bf16(dout + i * sdo + e), load_bf16(o + i * so + e), acc);
+            dl = _mm512_reduce_add_ps(acc);
+        }
+        w->lse2[i] = i < n ? lse[i] * log2e : 0.0f;
+        w->dlt[i] = dl * scale;
+    }
+    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512 cc = _mm512_set1_ps(c), sc = _mm512_set1_ps(scale);
+    for (int64_t kc = 0; kc < mp; kc += 32) {
+        for (int64_t q0 = 0; q0 < np; q0 += 16) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t ch = 0; ch < d / 32; ch++) {
+                _tile_loadd(5, w->qt + 16 * ch * np + q0, np * 4);
+                _tile_loadd(6, w->dot + 16 * ch * np + q0, np * 4);
+                _tile_loadd(4, w->kr + kc * d + 32 * ch, d * 2);
+                _tile_loadd(7, w->kr + (kc + 16) * d + 32 * ch, d * 2);
+                _tile_dpbf16ps(0, 4, 5);
+                _tile_dpbf16ps(1, 7, 5);
+                _tile_loadd(4, w->vr + kc * d + 32 * ch, d * 2);
+                _tile_loadd(7, w->vr + (kc + 16) * d + 32 * ch, d * 2);
+                _tile_dpbf16ps(2, 4, 6);
+                _tile_dpbf16ps(3, 7, 6);
+            }
+            _tile_stored(0, w->sbuf, 64);
+            _tile_stored(1, w->sbuf + 256, 64);
+            _tile_stored(2, w->dpbuf, 64);
+            _tile_stored(3, w->dpbuf + 256, 64);
+            __m512 L = _mm512_loadu_ps(w->lse2 + q0), D = _mm512_loadu_ps(w->dlt + q0);
+            for (int64_t r = 0; r < 32; r += 2) {
+                __m512 p0 = exp2_neg(_mm512_fmsub_ps(_mm512_loadu_ps(w->sbuf + 16 * r), cc, L));
+                __m512 p1 = exp2_neg(_mm512_fmsub_ps(_mm512_loadu_ps(w->sbuf + 16 * r + 16), cc, L));
+                __m512 d0 = _mm512_mul_ps(p0, _mm512_fmsub_ps(_mm512_loadu_ps(w->dpbuf + 16 * r), sc, D));
+                __m512 d1 = _mm512_mul_ps(p1, _mm512_fmsub_ps(_mm512_loadu_ps(w->dpbuf + 16 * r + 16), sc, D));
+                _mm256_storeu_si256((__m256i *)(w->pt + r * np + q0), (__m256i)_mm512_cvtneps_pbh(p0));
+                _mm256_storeu_si256((__m256i *)(w->pt + (r + 1) * np + q0), (__m256i)_mm512_cvtneps_pbh(p1));
+                __m512i ds = (__m512i)_mm512_cvtne2ps_pbh(d1, d0);  // [row r | row r+1]
+                _mm256_storeu_si256((__m256i *)(w->dst + r * np + q0), _mm512_castsi512_si256(ds));
+                _mm256_storeu_si256((__m256i *)(w->dst + (r + 1) * np + q0), _mm512_extracti64x4_epi64(ds, 1));
+                _mm512_storeu_si512(w->dsv + r * 16, _mm512_permutexvar_epi16(pairs, ds));
+            }
+            for (int64_t t = 0; t < d / 16; t++) {
+                _tile_loadd(0, w->dqt + 16 * t * np + q0, np * 4);
+                _tile_loadd(4, w->kt + 16 * t * mp + kc, mp * 2);
+                _tile_loadd(5, w->dsv, 64);
+                _tile_dpbf16ps(0, 4, 5);
+                _tile_stored(0, w->dqt + 16 * t * np + q0, np * 4);
+            }
+        }
+        for (int64_t h = 0; h < 2 && kc + 16 * h < m; h++) {
+            for (int64_t t = 0; t < d / 16; t++) {
+                _tile_zero(0);
+                _tile_zero(1);
+                for (int64_t q0 = 0; q0 < np; q0 += 32) {
+                    _tile_loadd(4, w->pt + 16 * h * np + q0, np * 2);
+                    _tile_loadd(5, w->dov + (q0 / 2) * d * 2 + 32 * t, d * 4);
+                    _tile_dpbf16ps(0, 4, 5);
+                    _tile_loadd(6, w->dst + 16 * h * np + q0, np * 2);
+                    _tile_loadd(7, w->qv + (q0 / 2) * d * 2 + 32 * t, d * 4);
+                    _tile_dpbf16ps(1, 6, 7);
+                }
+                _tile_stored(0, w->ov + 16 * t, d * 4);
+                _tile_stored(1, w->ok + 16 * t, d * 4);
+            }
+            for (int64_t r = 0; r < 16 && kc + 16 * h + r < m; r++) {
+                int64_t j = kc + 16 * h + r;
+                for (int64_t e = 0; e < d; e += 16) {
+                    _mm256_storeu_si256((__m256i *)(dv + j * sdv + e), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(w->ov + r * d + e)));
+                    _mm256_storeu_si256((__m256i *)(dk + j * sdk + e), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(w->ok + r * d + e)));
+                }
+            }
+        }
+    }
+    // dq^T [D][Np] -> dq rows, 16 x 16 blocks at a time
+    __m512i r16[16];
+    for (int64_t q0 = 0; q0 < n; q0 += 16)
+        for (int64_t t = 0; t < d / 16; t++) {
+            for (int64_t i = 0; i < 16; i++) r16[i] = _mm512_loadu_si512(w->dqt + (16 * t + i) * np + q0);
+            transpose16(r16);
+            for (int64_t i = 0; i < 16 && q0 + i < n; i++)
+                _mm256_storeu_si256((__m256i *)(dq + (q0 + i) * sdq + 16 * t),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(r16[i])));
+        }
+}
+
+// st: strides (b, h, row) of q, k, v, o, do, dq, dk, dv, 3 each. lse: contiguous [B, H, N].
+int fmf_attention_bwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *o,
+                      const uint16_t *dout, const float *lse, uint16_t *dq, uint16_t *dk, uint16_t *dv, int64_t B,
+                      int64_t H, int64_t n, int64_t m, int64_t d, const int64_t *st, float scale, int nthreads) {
+    if (d != 32 && d != 64) return 1;
+    if (!fmf_amx_init()) return 2;
+    const int64_t np = (n + 31) & ~(int64_t)31, mp = (m + 31) & ~(int64_t)31;
+    const size_t sizes[] = {np * d * 2, np * d * 2, np * d * 2, np * d * 2, mp * d * 2, mp * d * 2, mp * d * 2,
+                            mp * d * 2, d * np * 4, np * 4, np * 4, 32 * np * 2, 32 * np * 2, 32 * 16 * 4,
+                            32 * 16 * 4, 1024, 16 * d * 4, 16 * d * 4};
+    const int nbuf = sizeof sizes / sizeof sizes[0];
+    size_t per_thread = 0;
+    for (int i = 0; i < nbuf; i++) per_thread += (sizes[i] + 63) & ~(size_t)63;
+    char *pool = aligned_alloc(64, per_thread * nthreads);
+    if (!pool) return 3;
+#pragma omp parallel num_threads(nthreads)
+    {
+        char *at = pool + per_thread * omp_get_thread_num();
+        void *b[18];
+        for (int i = 0; i < nbuf; i++) {
+            b[i] = at;
+            at += (sizes[i] + 63) & ~(size_t)63;
+        }
+        bwd_buffers w = {b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13],
+                         b[14], b[15], b[16], b[17]};
+        configure_tiles();
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            int64_t bb = bh / H, hh = bh % H;
+#define AT(ptr, i) (ptr + bb * st[3 * (i)] + hh * st[3 * (i) + 1])
+            backward_one(AT(q, 0), st[2], AT(k, 1), st[5], AT(v, 2), st[8], AT(o, 3), st[11], AT(dout, 4), st[14],
+                         lse + bh * n, AT(dq, 5), st[17], AT(dk, 6), st[20], AT(dv, 7), st[23], n, m, d, scale, &w);
+#undef AT
+        }
+        _tile_release();
+    }
+    free(pool);
+    return 0;
+}
