@@ -57,7 +57,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fuse
 
 
 def _train_sdpa_in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """A 16-bit CPU attention that will be differentiated runs in fp32: PyTorch's CPU
+    """A 16-bit CPU attention that will be differentiated, where fmfast's AMX kernel cannot take it
+    (no AMX, another head dim), runs in fp32: PyTorch's CPU
     flash-attention forward + backward is 1.1-1.5x slower on bf16 than on the same inputs cast to
     fp32 at FmFormer's shapes (B=32, 3 heads x 32, 401/241 tokens: the attention case of
     bench/test_bench_cpu.py) and its gradients are less exact; it made a bf16 training step
