@@ -116,8 +116,9 @@ def _available_constant() -> bool:
     return available()[0]
 
 
-def _strides(x: torch.Tensor):
-    return (ctypes.c_int64 * 3)(*x.stride()[:3])
+def _strides(*xs: torch.Tensor):
+    """The (b, h, row) strides of each of ``xs``, in one int64 array for the C side."""
+    return (ctypes.c_int64 * (3 * len(xs)))(*[s for x in xs for s in x.stride()[:3]])
 
 
 def _output(q: torch.Tensor) -> torch.Tensor:
@@ -178,7 +179,7 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dq, dk, dv = (torch.empty(x.shape, dtype=torch.bfloat16) for x in (q, k, v))
     b, h, n, d = q.shape
     if n and b * h:
-        st = (ctypes.c_int64 * 24)(*[s for x in (q, k, v, o, do, dq, dk, dv) for s in x.stride()[:3]])
+        st = _strides(q, k, v, o, do, dq, dk, dv)
         _raise(lib.fmf_attention_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), do.data_ptr(),
                                      lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), b, h, n, k.shape[2],
                                      d, st, scale, torch.get_num_threads()), q, k)

@@ -29,12 +29,11 @@ from pathlib import Path
 
 import torch
 
-from fmfast.kernels import cpu_attention
-
 from fmfast.data.gather import gather_clip
 from fmfast.engine.device import auto_dtype, autocast, resolve_device
 from fmfast.engine.exported import ExportedModel
 from fmfast.errors import SettingsError
+from fmfast.kernels import cpu_attention
 from fmfast.models import INPUTS, MODELS, call
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -45,7 +45,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fuse
     """``[B, H, N, Dh]`` attention: the fused path (``fused``) or the reference's matmuls. Fused on
     a CPU with AMX-BF16 tiles, bf16 runs fmfast's AMX kernel, forward and backward
     (``fmfast.kernels.cpu_attention``: at FmFormer's shapes 1.6-1.9x PyTorch's bf16 flash
-    attention forward, 4-5x its fp32 forward + backward); everything else PyTorch's SDPA."""
+    attention forward, 3.2-3.8x its fp32 forward + backward); everything else PyTorch's SDPA."""
     if fused:
         if cpu_attention.takes(q, k, v):
             return cpu_attention.cpu_attention(q, k, v, scale)

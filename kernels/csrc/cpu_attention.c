@@ -65,11 +65,23 @@ static inline __m512 exp2_neg(__m512 t) {
     return _mm512_scalef_ps(p, t);
 }
 
-static inline uint16_t bf16_round(float x) {  // round to nearest even, as vcvtneps2bf16
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    u += 0x7fff + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
+// Per-thread scratch, one allocation for all threads: buffer i of every thread is sizes[i] bytes,
+// 64-byte aligned. pool_alloc returns the pool (NULL when out of memory) and each thread's stride;
+// pool_carve points out[0..n) at thread t's buffers.
+static inline size_t aligned64(size_t x) { return (x + 63) & ~(size_t)63; }
+
+static char *pool_alloc(const size_t *sizes, int n, int nthreads, size_t *per_thread) {
+    *per_thread = 0;
+    for (int i = 0; i < n; i++) *per_thread += aligned64(sizes[i]);
+    return aligned_alloc(64, *per_thread * nthreads);
+}
+
+static void pool_carve(char *pool, size_t per_thread, int t, const size_t *sizes, int n, void **out) {
+    char *at = pool + per_thread * t;
+    for (int i = 0; i < n; i++) {
+        out[i] = at;
+        at += aligned64(sizes[i]);
+    }
 }
 
 // r[i][j] <- r[j][i] for a 16 x 16 block of 32-bit words: the usual 4-stage unpack/shuffle.
@@ -254,20 +266,18 @@ int fmf_attention_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, u
     int64_t splits = 1;
     while (B * H * splits < 4 * (int64_t)nthreads && splits < nblocks) splits++;
     const int64_t per = (nblocks + splits - 1) / splits, items = B * H * splits;
-    // per-thread buffers, one allocation: packed k and v, the block's logits, P, Q and O
-    const size_t kv_b = mp * d * 2, s_b = QB * mp * 4, p_b = QB * mp * 2, q_b = QB * d * 2, o_b = QB * d * 4;
-    const size_t per_thread = (kv_b * 2 + s_b + p_b + q_b + o_b + 5 * 63) & ~(size_t)63;
-    char *pool = aligned_alloc(64, per_thread * nthreads);
+    // per thread: packed k and v, the block's logits, P, Q and O
+    const size_t sizes[] = {mp * d * 2, mp * d * 2, QB * mp * 4, QB * mp * 2, QB * d * 2, QB * d * 4};
+    size_t per_thread;
+    char *pool = pool_alloc(sizes, 6, nthreads, &per_thread);
     if (!pool) return 3;
 #pragma omp parallel num_threads(nthreads)
     {
-        char *mine = pool + per_thread * omp_get_thread_num();
-        uint32_t *kv = (uint32_t *)mine;
-        uint16_t *vv = (uint16_t *)(mine + kv_b);
-        float *sbuf = (float *)(mine + 2 * kv_b);
-        uint16_t *pbuf = (uint16_t *)(mine + 2 * kv_b + s_b);
-        uint16_t *qbuf = (uint16_t *)(mine + 2 * kv_b + s_b + p_b);
-        float *obuf = (float *)(mine + ((2 * kv_b + s_b + p_b + q_b + 63) & ~(size_t)63));
+        void *b[6];
+        pool_carve(pool, per_thread, omp_get_thread_num(), sizes, 6, b);
+        uint32_t *kv = b[0];
+        uint16_t *vv = b[1], *pbuf = b[3], *qbuf = b[4];
+        float *sbuf = b[2], *obuf = b[5];
         configure_tiles();
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; it++) {
@@ -454,18 +464,13 @@ int fmf_attention_bwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, c
                             mp * d * 2, d * np * 4, np * 4, np * 4, 32 * np * 2, 32 * np * 2, 32 * 16 * 4,
                             32 * 16 * 4, 1024, 16 * d * 4, 16 * d * 4};
     const int nbuf = sizeof sizes / sizeof sizes[0];
-    size_t per_thread = 0;
-    for (int i = 0; i < nbuf; i++) per_thread += (sizes[i] + 63) & ~(size_t)63;
-    char *pool = aligned_alloc(64, per_thread * nthreads);
+    size_t per_thread;
+    char *pool = pool_alloc(sizes, nbuf, nthreads, &per_thread);
     if (!pool) return 3;
 #pragma omp parallel num_threads(nthreads)
     {
-        char *at = pool + per_thread * omp_get_thread_num();
         void *b[18];
-        for (int i = 0; i < nbuf; i++) {
-            b[i] = at;
-            at += (sizes[i] + 63) & ~(size_t)63;
-        }
+        pool_carve(pool, per_thread, omp_get_thread_num(), sizes, nbuf, b);
         bwd_buffers w = {b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13],
                          b[14], b[15], b[16], b[17]};
         configure_tiles();
