@@ -9,10 +9,10 @@ tokens); the same weights everywhere. Inference peers (B=1 and B=32, 1 and 2 thr
   (c)   ONNX Runtime, fp32, from an ONNX export of the same weights;
   (d)   OpenVINO from the same ONNX file, fp32 and bf16 (its inference precision hint).
 Training step (B=32): ours = what ``fmfast train`` runs on a CPU (the fused backend eager at
-``--amp auto``: bf16 where the CPU has native bf16, its attention in fmfast's AMX kernels) and at
+``--amp auto``: bf16 where the CPU has native bf16, its attention in fmfast's CPU kernels, AMX or AVX512-BF16) and at
 ``--amp off`` (fp32), vs (a) and (b) in training mode (forward, cross-entropy, backward, Adam).
-Attention forward: fmfast's AMX kernel vs PyTorch's SDPA on bf16 inputs. Attention forward +
-backward: fmfast's AMX kernels vs PyTorch's SDPA in bf16 and on fp32 casts of the same inputs.
+Attention forward: fmfast's CPU kernel (its AMX build, or AVX512-BF16 where the CPU has no AMX) vs PyTorch's SDPA on bf16 inputs. Attention forward +
+backward: fmfast's CPU kernels vs PyTorch's SDPA in bf16 and on fp32 casts of the same inputs.
 
 Parity first: fp32 peers within 1e-4 of (a); bf16 ones within 2x plain PyTorch bf16 autocast's
 error plus a floor (flash-attention style). Then the peers are timed interleaved, round by round,
@@ -160,7 +160,7 @@ def test_bench_cpu_inference(batch, threads, tmp_path):
 
 def test_bench_cpu_training_step():
     """ours = what ``fmfast train`` runs on a CPU: the fused backend at ``--amp auto`` (bf16 on
-    CPUs with native bf16, its attention in fmfast's AMX kernels; fp32 elsewhere), and ``--amp
+    CPUs with native bf16, its attention in fmfast's CPU kernels; fp32 elsewhere), and ``--amp
     off`` (fp32) beside it."""
     torch.set_num_threads(2)
     B = 32
@@ -196,15 +196,16 @@ def test_bench_cpu_training_step():
 
 @pytest.mark.parametrize("nq, nk", [(401, 401), (241, 241), (401, 241), (241, 401)])
 def test_bench_cpu_attention_forward(nq, nk):
-    """fmfast's AMX attention (``fmfast.kernels.cpu_attention``, what Predictor's bf16 forward
-    runs) against PyTorch's SDPA on the same bf16 inputs, laid out as in the model (views of one
+    """fmfast's CPU attention (``fmfast.kernels.cpu_attention``, its AMX or AVX512-BF16 build: what
+    Predictor's bf16 forward runs) against PyTorch's SDPA on the same bf16 inputs, laid out as in the model (views of one
     [B, N, 3*H*D] projection), B=32, 3 heads x 32, 2 threads. Parity first: its max error against
     float64 at most 2x SDPA bf16's + 1e-3."""
     from fmfast.kernels import cpu_attention as ca
 
     ok, why = ca.available()
     if not ok:
-        pytest.skip(f"AMX CPU attention unavailable: {why}")
+        pytest.skip(f"fmfast CPU attention unavailable: {why}")
+    OURS = f"ours ({ca.variant()})"
     torch.set_num_threads(2)
     B, H, D = 32, 3, 32
     g = torch.Generator().manual_seed(0)
@@ -212,22 +213,22 @@ def test_bench_cpu_attention_forward(nq, nk):
     k, v = torch.randn(B, nk, 3, H, D, generator=g).bfloat16().permute(2, 0, 3, 1, 4)[1:]
     sc = D ** -0.5
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=sc)
-    fns = {"ours (AMX)": lambda: ca.cpu_attention(q, k, v, sc),
+    fns = {OURS: lambda: ca.cpu_attention(q, k, v, sc),
            "SDPA bf16": lambda: F.scaled_dot_product_attention(q, k, v, scale=sc)}
     err = {n: (f().double() - exact).abs().max().item() for n, f in fns.items()}
-    assert err["ours (AMX)"] <= 2 * err["SDPA bf16"] + 1e-3, err
+    assert err[OURS] <= 2 * err["SDPA bf16"] + 1e-3, err
     secs = interleaved(fns, rounds=9)
     print(f"\nCPU attention forward, q [{B},{H},{nq},{D}] k/v [{B},{H},{nk},{D}] bf16 (strided views), 2 threads; "
-          f"max error vs float64: ours {err['ours (AMX)']:.1e}, SDPA {err['SDPA bf16']:.1e}")
+          f"max error vs float64: ours {err[OURS]:.1e}, SDPA {err['SDPA bf16']:.1e}")
     for n, t in secs.items():
-        print(f"  {n:14s} {t * 1e3:8.2f} ms   ours x {t / secs['ours (AMX)']:4.2f}")
+        print(f"  {n:20s} {t * 1e3:8.2f} ms   ours x {t / secs[OURS]:4.2f}")
 
 
 @pytest.mark.parametrize("nq, nk", [(401, 401), (241, 241), (401, 241), (241, 401)])
 def test_bench_cpu_attention_backward(nq, nk):
-    """Attention forward + backward on bf16 inputs, B=32, 3 heads x 32, 2 threads: fmfast's AMX
+    """Attention forward + backward on bf16 inputs, B=32, 3 heads x 32, 2 threads: fmfast's CPU
     kernels (what bf16 CPU training runs) against PyTorch's SDPA in bf16 and on the same inputs cast
-    to fp32 (SDPA's faster and more exact route on a CPU; fmfast's path before the AMX backward).
+    to fp32 (SDPA's faster and more exact route on a CPU; fmfast's path before its own backward).
     Parity first: each gradient's relative error against float64 at most 2x SDPA bf16's + 1e-3."""
     from fmfast.kernels import cpu_attention as ca
 
@@ -245,18 +246,19 @@ def test_bench_cpu_attention_backward(nq, nk):
     routes = {"SDPA bf16": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
               "SDPA on fp32 casts": lambda q, k, v: F.scaled_dot_product_attention(q.float(), k.float(), v.float()).bfloat16()}
     ok, why = ca.available()
+    OURS = f"ours ({ca.variant()})"
     if ok:
-        routes = {"ours (AMX)": lambda q, k, v: ca.cpu_attention(q, k, v, D ** -0.5), **routes}
+        routes = {OURS: lambda q, k, v: ca.cpu_attention(q, k, v, D ** -0.5), **routes}
     xs64 = [x.double().requires_grad_() for x in qkv]
     F.scaled_dot_product_attention(*xs64).backward(go.double())
     err = {k: max(((a - e.grad).norm() / e.grad.norm()).item() for a, e in zip(run(f), xs64)) for k, f in routes.items()}
     if ok:
-        assert err["ours (AMX)"] <= 2 * err["SDPA bf16"] + 1e-3, err
+        assert err[OURS] <= 2 * err["SDPA bf16"] + 1e-3, err
     secs = interleaved({k: (lambda f=f: run(f)) for k, f in routes.items()}, rounds=5)
     first = next(iter(secs))
     print(f"\nCPU attention forward+backward, q [{B},{H},{nq},{D}] k/v [{B},{H},{nk},{D}] bf16 inputs, 2 threads; "
           f"grad rel. error vs float64: " + ", ".join(f"{k} {e:.1e}" for k, e in err.items())
-          + ("" if ok else f"; AMX kernel skipped: {why}"))
+          + ("" if ok else f"; fmfast's kernel skipped: {why}"))
     for k, t in secs.items():
         print(f"  {k:20s} {t * 1e3:8.1f} ms   {first} x {t / secs[first]:4.2f}")
 

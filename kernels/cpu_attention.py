@@ -1,6 +1,8 @@
-"""Attention, forward and backward, for x86 CPUs with AMX-BF16 tiles (Sapphire Rapids and later):
-the C kernels in ``csrc/cpu_attention.c``, built once with the system C compiler, called through
-ctypes inside custom ops with a registered autograd, and the plain-PyTorch ``cpu_attention_ref``.
+"""Attention, forward and backward, for x86 CPUs with bf16 hardware: the C kernels in
+``csrc/cpu_attention.c``, built once with the system C compiler in one of two builds -- on AMX-BF16
+tiles (Intel Sapphire Rapids and later) or on AVX512-BF16 registers (AMD Zen 4/5, Intel Cooper
+Lake), the same code with the tile products emulated by vdpbf16ps -- called through ctypes inside
+custom ops with a registered autograd, and the plain-PyTorch ``cpu_attention_ref``.
 
 ``cpu_attention(q, k, v, scale) -> o``: q ``[B, H, N, D]``, k and v ``[B, H, M, D]``, bf16, CPU,
 D in ``HEAD_DIMS``; o ``[B, H, N, D]`` bf16 = ``softmax(q k^T * scale) v``, laid out as
@@ -16,9 +18,10 @@ two AMX products, with no online rescaling; the backward runs keys outside and a
 inside, key-major, so its softmax terms are per-lane vectors (the C file says how).
 ``bench/test_bench_cpu.py -k "attention_forward or attention_backward"`` times them against SDPA.
 
-``available()`` says whether it can run here and, if not, why (no AMX, not Linux x86-64, no C
-compiler, a failed build); callers then use SDPA. The built library is cached under
-``$FMFAST_KERNEL_CACHE`` (default ``~/.cache/fmfast/kernels``), keyed by a hash of the source and
+``available()`` says whether it can run here and, if not, why (no bf16 hardware, not Linux x86-64,
+no C compiler, a failed build); callers then use SDPA. ``variant()`` names the build that runs;
+``FMFAST_CPU_ATTENTION`` = amx, avx512 or 0 (off) overrides the choice. The built library is
+cached under ``$FMFAST_KERNEL_CACHE`` (default ``~/.cache/fmfast/kernels``), keyed by a hash of the source and
 the compiler command, and written by temp file and rename so concurrent first uses are safe.
 """
 from __future__ import annotations
@@ -38,7 +41,10 @@ import torch
 HEAD_DIMS = (32, 64)
 SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.c"
 FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl",
-         "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
+         "-mavx512bf16"]
+# the two builds of SOURCE: its tile products on AMX tiles, or on AVX-512 registers (vdpbf16ps)
+VARIANTS = {"AMX": ["-mamx-tile", "-mamx-bf16"], "AVX512-BF16": ["-DFMF_SOFT_TILES"]}
+_CHOICE = {"amx": "AMX", "avx512": "AVX512-BF16"}  # FMFAST_CPU_ATTENTION values
 _ERRORS = {1: "unsupported head dim", 2: "the kernel refused AMX tile state (arch_prctl)", 3: "out of memory"}
 
 
@@ -46,9 +52,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FMFAST_KERNEL_CACHE") or Path.home() / ".cache" / "fmfast" / "kernels")
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, variant: str) -> Path:
     """Compile SOURCE into the cache (once per source and command); returns the library's path."""
-    cmd = [cc, *FLAGS]
+    cmd = [cc, *FLAGS, *VARIANTS[variant]]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cmd).encode()).hexdigest()[:16]
     out = cache_dir() / f"cpu_attention-{key}.so"
     if out.exists():
@@ -67,23 +73,42 @@ def _build(cc: str) -> Path:
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _library() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded kernel, "") or (None, why it cannot run here)."""
+def supported_variants() -> list[str]:
+    """The builds this CPU can run, fastest first: AMX where it has AMX-BF16 tiles (it then has
+    AVX512-BF16 too), AVX512-BF16 where it has bf16 dot products but no tiles."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"needs Linux on x86-64 (this is {platform.system()} {platform.machine()})"
+        return []
     cpu = getattr(torch, "cpu", None)
     amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)()
     bf16 = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-    if not (amx and bf16):
-        return None, "this CPU has no AMX-BF16 tiles"
-    if os.environ.get("FMFAST_CPU_ATTENTION") == "0":
+    return (["AMX"] if amx and bf16 else []) + (["AVX512-BF16"] if bf16 else [])
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded kernel, its variant) or (None, why it cannot run here). The variant is the
+    fastest this CPU supports, or the one ``FMFAST_CPU_ATTENTION`` names (amx, avx512; 0: off)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"needs Linux on x86-64 (this is {platform.system()} {platform.machine()})"
+    ask = os.environ.get("FMFAST_CPU_ATTENTION", "auto")
+    if ask == "0":
         return None, "turned off (FMFAST_CPU_ATTENTION=0)"
+    have = supported_variants()
+    if ask in _CHOICE:
+        if _CHOICE[ask] not in have:
+            return None, f"FMFAST_CPU_ATTENTION={ask}: this CPU has no {_CHOICE[ask]}"
+        variant = _CHOICE[ask]
+    elif ask != "auto":
+        return None, f"FMFAST_CPU_ATTENTION={ask!r} is not one of auto, amx, avx512, 0"
+    elif not have:
+        return None, "this CPU has neither AMX-BF16 tiles nor AVX512-BF16"
+    else:
+        variant = have[0]
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         return None, "no C compiler (cc or gcc) to build it"
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        lib = ctypes.CDLL(str(_build(cc, variant)))
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
         return None, f"its build failed: {e}"
     if not lib.fmf_amx_init():
@@ -94,13 +119,19 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         ctypes.c_float, ctypes.c_int]
     lib.fmf_attention_bwd.restype = ctypes.c_int
     lib.fmf_attention_bwd.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5 + [i64p, ctypes.c_float, ctypes.c_int]
-    return lib, ""
+    return lib, variant
 
 
 def available() -> tuple[bool, str]:
     """(True, "") where the kernel runs on this machine, else (False, the reason)."""
     lib, why = _library()
-    return lib is not None, why
+    return lib is not None, "" if lib is not None else why
+
+
+def variant() -> str | None:
+    """The build that runs here ("AMX" or "AVX512-BF16"), None where none does."""
+    lib, name = _library()
+    return name if lib is not None else None
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

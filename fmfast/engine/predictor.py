@@ -12,8 +12,9 @@ compiled or captured program always sees one shape.
 
 What runs (``pred.path`` says it in words, ``pred.note`` why, e.g. a fallback):
 
-- CPU: the fused backend (PyTorch's SDPA flash attention), bf16 autocast where the CPU has
-  native bf16 matrix units (AMX-BF16 or AVX512-BF16; fp32 elsewhere, never slower), and
+- CPU: the fused backend, bf16 autocast where the CPU has native bf16 matrix units (AMX-BF16 or
+  AVX512-BF16; fp32 elsewhere, never slower) with its attention in fmfast's CPU kernel
+  (``fmfast.kernels.cpu_attention``; PyTorch's SDPA where that cannot run, and in fp32), and
   ``torch.compile`` (inductor with weight freezing), compiled and warmed up once, at
   construction, outside any timed loop. Where compilation is unavailable or fails, the same
   model eagerly, with the reason.
@@ -120,7 +121,7 @@ class Predictor:
         backend = "triton kernels" if self.device.type == "cuda" else "fused SDPA"
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             ok, why = cpu_attention.available()
-            backend = "AMX attention" if ok else f"fused SDPA (AMX attention: {why})"
+            backend = f"{cpu_attention.variant()} attention" if ok else f"fused SDPA (fmfast's CPU attention: {why})"
         if isinstance(self.model, ExportedModel):
             backend = self.model.runtime
         return f"{self.name} on {self.device.type}, {backend}, {prec}, {self.note}"

@@ -43,9 +43,10 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fused: bool) -> torch.Tensor:
     """``[B, H, N, Dh]`` attention: the fused path (``fused``) or the reference's matmuls. Fused on
-    a CPU with AMX-BF16 tiles, bf16 runs fmfast's AMX kernel, forward and backward
-    (``fmfast.kernels.cpu_attention``: at FmFormer's shapes 1.6-1.9x PyTorch's bf16 flash
-    attention forward, 3.2-3.8x its fp32 forward + backward); everything else PyTorch's SDPA."""
+    a CPU with AMX-BF16 tiles or AVX512-BF16, bf16 runs fmfast's CPU kernel, forward and backward
+    (``fmfast.kernels.cpu_attention``; at FmFormer's shapes, AMX: 1.6-1.9x PyTorch's bf16 flash
+    attention forward, 3.2-3.8x its fp32 forward + backward; AVX512-BF16 on Zen 5: 2.3-2.8x and
+    2.2-2.5x); everything else PyTorch's SDPA."""
     if fused:
         if cpu_attention.takes(q, k, v):
             return cpu_attention.cpu_attention(q, k, v, scale)
@@ -57,8 +58,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fuse
 
 
 def _train_sdpa_in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """A 16-bit CPU attention that will be differentiated, where fmfast's AMX kernel cannot take it
-    (no AMX, another head dim), runs in fp32: PyTorch's CPU
+    """A 16-bit CPU attention that will be differentiated, where fmfast's kernel cannot take it
+    (no bf16 hardware, another head dim), runs in fp32: PyTorch's CPU
     flash-attention forward + backward is 1.1-1.5x slower on bf16 than on the same inputs cast to
     fp32 at FmFormer's shapes (B=32, 3 heads x 32, 401/241 tokens: the attention case of
     bench/test_bench_cpu.py) and its gradients are less exact; it made a bf16 training step

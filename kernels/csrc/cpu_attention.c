@@ -1,4 +1,6 @@
-// Attention forward on x86 CPUs with AMX-BF16 tiles: softmax(q k^T * scale) v for bf16 q, k, v.
+// Attention, forward and backward, on x86 CPUs with AMX-BF16 tiles or, built with
+// FMF_SOFT_TILES, with AVX512-BF16 alone (the tile section below says how): softmax(q k^T * scale) v
+// for bf16 q, k, v.
 //
 // q [B, H, N, D], k and v [B, H, M, D], bf16 with unit stride over D and any strides over
 // (B, H, N); o [B, H, N, D] bf16 (any strides over B, H, N), lse [B, H, N] fp32 (natural log of
@@ -33,6 +35,12 @@
 #define XFEATURE_XTILEDATA 18
 #define QB 16  // query rows per block: the AMX tile height
 
+// ---- the eight 16-row x 64-byte tiles the kernels compute on -------------------------------
+// Built with FMF_SOFT_TILES (CPUs with AVX512-BF16 but no AMX: AMD Zen 4/5, Intel Cooper Lake),
+// the same tile operations run on AVX-512 registers with vdpbf16ps, with AMX's semantics:
+// C[m][n] += sum_k A[m][2k] B[k][2n] + A[m][2k+1] B[k][2n+1] in fp32. So both builds share every
+// line of the attention code below and are tested against the same reference.
+#ifndef FMF_SOFT_TILES
 typedef struct {
     uint8_t palette_id, start_row, reserved[14];
     uint16_t colsb[16];
@@ -52,6 +60,68 @@ static void configure_tiles(void) {
     }
     _tile_loadconfig(&cfg);
 }
+#define tile_load(t, p, stride) _tile_loadd(t, p, stride)
+#define tile_store(t, p, stride) _tile_stored(t, p, stride)
+#define tile_zero(t) _tile_zero(t)
+#define tile_dp(c, a, b) _tile_dpbf16ps(c, a, b)
+#define tile_release() _tile_release()
+#else
+// An operand tile is a view of the memory it was loaded from (the kernels never write that memory
+// before the product that reads it); an accumulator tile is 16 x 16 fp32 in a per-thread array,
+// filled from its view on first use.
+typedef struct {
+    const char *p;
+    int64_t stride;
+    int filled;
+} soft_tile;
+static __thread soft_tile tiles[8];
+static __thread float tile_acc[8][256] __attribute__((aligned(64)));
+
+int fmf_amx_init(void) { return 1; }
+static void configure_tiles(void) {}
+#define tile_release() ((void)0)
+
+static inline void tile_load(int t, const void *p, int64_t stride) {
+    tiles[t] = (soft_tile){(const char *)p, stride, 0};
+}
+
+static inline float *tile_filled(int t) {
+    if (!tiles[t].filled) {
+        for (int r = 0; r < 16; r++) memcpy(tile_acc[t] + 16 * r, tiles[t].p + r * tiles[t].stride, 64);
+        tiles[t].filled = 1;
+    }
+    return tile_acc[t];
+}
+
+static inline void tile_zero(int t) {
+    memset(tile_acc[t], 0, sizeof tile_acc[t]);
+    tiles[t].filled = 1;
+}
+
+static inline void tile_store(int t, void *p, int64_t stride) {
+    const float *c = tile_filled(t);
+    for (int r = 0; r < 16; r++) _mm512_storeu_ps((char *)p + r * stride, _mm512_load_ps(c + 16 * r));
+}
+
+static inline void tile_dp(int ct, int at, int bt) {
+    float *c = tile_filled(ct);
+    const char *a = tiles[at].p, *b = tiles[bt].p;
+    const int64_t sa = tiles[at].stride, sb = tiles[bt].stride;
+    __m512 bk[16];
+    for (int k = 0; k < 16; k++) bk[k] = _mm512_loadu_ps((const float *)(b + k * sb));
+    for (int m = 0; m < 16; m += 4) {  // four rows at once: four independent vdpbf16ps chains
+        __m512 acc[4];
+        for (int r = 0; r < 4; r++) acc[r] = _mm512_load_ps(c + 16 * (m + r));
+        for (int k = 0; k < 16; k++)
+            for (int r = 0; r < 4; r++) {
+                int32_t pair;
+                memcpy(&pair, a + (m + r) * sa + 4 * k, 4);
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(pair), (__m512bh)bk[k]);
+            }
+        for (int r = 0; r < 4; r++) _mm512_store_ps(c + 16 * (m + r), acc[r]);
+    }
+}
+#endif
 
 // 2^t for t <= 0 in three steps: f = t - floor(t) in [0, 1) (vreduceps), 2^f by a degree-3
 // minimax polynomial (relative error 7.6e-5, far below the 3.9e-3 of the bf16 P it feeds), times
@@ -155,23 +225,23 @@ static void attend_block(const uint16_t *qp, int64_t sq, int64_t nrows, const ui
     }
     // S = Q K^T, 16 keys per tile, two tiles per step in different registers so that one's
     // load, product and store overlap the other's (tiles are not renamed)
-    _tile_loadd(1, qbuf, d * 2);
-    if (d == 64) _tile_loadd(2, qbuf + 32, d * 2);
+    tile_load(1, qbuf, d * 2);
+    if (d == 64) tile_load(2, qbuf + 32, d * 2);
     for (int64_t j0 = 0; j0 < mp; j0 += 32) {
-        _tile_zero(0);
-        _tile_zero(4);
-        _tile_loadd(3, kv + j0, mp * 4);
-        _tile_loadd(5, kv + j0 + 16, mp * 4);
-        _tile_dpbf16ps(0, 1, 3);
-        _tile_dpbf16ps(4, 1, 5);
+        tile_zero(0);
+        tile_zero(4);
+        tile_load(3, kv + j0, mp * 4);
+        tile_load(5, kv + j0 + 16, mp * 4);
+        tile_dp(0, 1, 3);
+        tile_dp(4, 1, 5);
         if (d == 64) {
-            _tile_loadd(3, kv + 16 * mp + j0, mp * 4);
-            _tile_loadd(5, kv + 16 * mp + j0 + 16, mp * 4);
-            _tile_dpbf16ps(0, 2, 3);
-            _tile_dpbf16ps(4, 2, 5);
+            tile_load(3, kv + 16 * mp + j0, mp * 4);
+            tile_load(5, kv + 16 * mp + j0 + 16, mp * 4);
+            tile_dp(0, 2, 3);
+            tile_dp(4, 2, 5);
         }
-        _tile_stored(0, sbuf + j0, mp * 4);
-        _tile_stored(4, sbuf + j0 + 16, mp * 4);
+        tile_store(0, sbuf + j0, mp * 4);
+        tile_store(4, sbuf + j0 + 16, mp * 4);
     }
     // exact softmax per row: P = 2^((s - max) * scale * log2 e), rounded to bf16; keys >= M get 0
     const float c = scale * 1.44269504088896341f;
@@ -220,31 +290,31 @@ static void attend_block(const uint16_t *qp, int64_t sq, int64_t nrows, const ui
         rowlse[i] = rmax * scale + logf(rsum);
     }
     // O = P V: D/16 accumulator tiles (4..7), 32 keys per step; P and V tiles alternate registers
-    _tile_zero(4);
-    _tile_zero(5);
+    tile_zero(4);
+    tile_zero(5);
     if (d == 64) {
-        _tile_zero(6);
-        _tile_zero(7);
+        tile_zero(6);
+        tile_zero(7);
     }
     for (int64_t j0 = 0; j0 < mp; j0 += 32) {
         const uint16_t *vr = vv + (j0 / 2) * d * 2;
-        _tile_loadd(0, pbuf + j0, mp * 2);
-        _tile_loadd(1, vr, d * 4);
-        _tile_loadd(2, vr + 32, d * 4);
-        _tile_dpbf16ps(4, 0, 1);
-        _tile_dpbf16ps(5, 0, 2);
+        tile_load(0, pbuf + j0, mp * 2);
+        tile_load(1, vr, d * 4);
+        tile_load(2, vr + 32, d * 4);
+        tile_dp(4, 0, 1);
+        tile_dp(5, 0, 2);
         if (d == 64) {
-            _tile_loadd(3, vr + 64, d * 4);
-            _tile_loadd(1, vr + 96, d * 4);
-            _tile_dpbf16ps(6, 0, 3);
-            _tile_dpbf16ps(7, 0, 1);
+            tile_load(3, vr + 64, d * 4);
+            tile_load(1, vr + 96, d * 4);
+            tile_dp(6, 0, 3);
+            tile_dp(7, 0, 1);
         }
     }
-    _tile_stored(4, obuf, d * 4);
-    _tile_stored(5, obuf + 16, d * 4);
+    tile_store(4, obuf, d * 4);
+    tile_store(5, obuf + 16, d * 4);
     if (d == 64) {
-        _tile_stored(6, obuf + 32, d * 4);
-        _tile_stored(7, obuf + 48, d * 4);
+        tile_store(6, obuf + 32, d * 4);
+        tile_store(7, obuf + 48, d * 4);
     }
     for (int64_t i = 0; i < nrows; i++) {
         __m512 r = _mm512_set1_ps(inv[i]);
@@ -293,7 +363,7 @@ int fmf_attention_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, u
                              lse ? lse + (b * H + h) * n + i0 : NULL);
             }
         }
-        _tile_release();
+        tile_release();
     }
     free(pool);
     return 0;
@@ -376,26 +446,26 @@ static void backward_one(const uint16_t *q, int64_t sq, const uint16_t *k, int64
     const __m512 cc = _mm512_set1_ps(c), sc = _mm512_set1_ps(scale);
     for (int64_t kc = 0; kc < mp; kc += 32) {
         for (int64_t q0 = 0; q0 < np; q0 += 16) {
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
+            tile_zero(0);
+            tile_zero(1);
+            tile_zero(2);
+            tile_zero(3);
             for (int64_t ch = 0; ch < d / 32; ch++) {
-                _tile_loadd(5, w->qt + 16 * ch * np + q0, np * 4);
-                _tile_loadd(6, w->dot + 16 * ch * np + q0, np * 4);
-                _tile_loadd(4, w->kr + kc * d + 32 * ch, d * 2);
-                _tile_loadd(7, w->kr + (kc + 16) * d + 32 * ch, d * 2);
-                _tile_dpbf16ps(0, 4, 5);
-                _tile_dpbf16ps(1, 7, 5);
-                _tile_loadd(4, w->vr + kc * d + 32 * ch, d * 2);
-                _tile_loadd(7, w->vr + (kc + 16) * d + 32 * ch, d * 2);
-                _tile_dpbf16ps(2, 4, 6);
-                _tile_dpbf16ps(3, 7, 6);
+                tile_load(5, w->qt + 16 * ch * np + q0, np * 4);
+                tile_load(6, w->dot + 16 * ch * np + q0, np * 4);
+                tile_load(4, w->kr + kc * d + 32 * ch, d * 2);
+                tile_load(7, w->kr + (kc + 16) * d + 32 * ch, d * 2);
+                tile_dp(0, 4, 5);
+                tile_dp(1, 7, 5);
+                tile_load(4, w->vr + kc * d + 32 * ch, d * 2);
+                tile_load(7, w->vr + (kc + 16) * d + 32 * ch, d * 2);
+                tile_dp(2, 4, 6);
+                tile_dp(3, 7, 6);
             }
-            _tile_stored(0, w->sbuf, 64);
-            _tile_stored(1, w->sbuf + 256, 64);
-            _tile_stored(2, w->dpbuf, 64);
-            _tile_stored(3, w->dpbuf + 256, 64);
+            tile_store(0, w->sbuf, 64);
+            tile_store(1, w->sbuf + 256, 64);
+            tile_store(2, w->dpbuf, 64);
+            tile_store(3, w->dpbuf + 256, 64);
             __m512 L = _mm512_loadu_ps(w->lse2 + q0), D = _mm512_loadu_ps(w->dlt + q0);
             for (int64_t r = 0; r < 32; r += 2) {
                 __m512 p0 = exp2_neg(_mm512_fmsub_ps(_mm512_loadu_ps(w->sbuf + 16 * r), cc, L));
@@ -410,27 +480,27 @@ static void backward_one(const uint16_t *q, int64_t sq, const uint16_t *k, int64
                 _mm512_storeu_si512(w->dsv + r * 16, _mm512_permutexvar_epi16(pairs, ds));
             }
             for (int64_t t = 0; t < d / 16; t++) {
-                _tile_loadd(0, w->dqt + 16 * t * np + q0, np * 4);
-                _tile_loadd(4, w->kt + 16 * t * mp + kc, mp * 2);
-                _tile_loadd(5, w->dsv, 64);
-                _tile_dpbf16ps(0, 4, 5);
-                _tile_stored(0, w->dqt + 16 * t * np + q0, np * 4);
+                tile_load(0, w->dqt + 16 * t * np + q0, np * 4);
+                tile_load(4, w->kt + 16 * t * mp + kc, mp * 2);
+                tile_load(5, w->dsv, 64);
+                tile_dp(0, 4, 5);
+                tile_store(0, w->dqt + 16 * t * np + q0, np * 4);
             }
         }
         for (int64_t h = 0; h < 2 && kc + 16 * h < m; h++) {
             for (int64_t t = 0; t < d / 16; t++) {
-                _tile_zero(0);
-                _tile_zero(1);
+                tile_zero(0);
+                tile_zero(1);
                 for (int64_t q0 = 0; q0 < np; q0 += 32) {
-                    _tile_loadd(4, w->pt + 16 * h * np + q0, np * 2);
-                    _tile_loadd(5, w->dov + (q0 / 2) * d * 2 + 32 * t, d * 4);
-                    _tile_dpbf16ps(0, 4, 5);
-                    _tile_loadd(6, w->dst + 16 * h * np + q0, np * 2);
-                    _tile_loadd(7, w->qv + (q0 / 2) * d * 2 + 32 * t, d * 4);
-                    _tile_dpbf16ps(1, 6, 7);
+                    tile_load(4, w->pt + 16 * h * np + q0, np * 2);
+                    tile_load(5, w->dov + (q0 / 2) * d * 2 + 32 * t, d * 4);
+                    tile_dp(0, 4, 5);
+                    tile_load(6, w->dst + 16 * h * np + q0, np * 2);
+                    tile_load(7, w->qv + (q0 / 2) * d * 2 + 32 * t, d * 4);
+                    tile_dp(1, 6, 7);
                 }
-                _tile_stored(0, w->ov + 16 * t, d * 4);
-                _tile_stored(1, w->ok + 16 * t, d * 4);
+                tile_store(0, w->ov + 16 * t, d * 4);
+                tile_store(1, w->ok + 16 * t, d * 4);
             }
             for (int64_t r = 0; r < 16 && kc + 16 * h + r < m; r++) {
                 int64_t j = kc + 16 * h + r;
@@ -482,7 +552,7 @@ int fmf_attention_bwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, c
                          lse + bh * n, AT(dq, 5), st[17], AT(dk, 6), st[20], AT(dv, 7), st[23], n, m, d, scale, &w);
 #undef AT
         }
-        _tile_release();
+        tile_release();
     }
     free(pool);
     return 0;

@@ -1,4 +1,5 @@
-"""The AMX CPU attention kernels (forward and backward) against float64 and PyTorch's own bf16
+"""The CPU attention kernels (forward and backward), each build this CPU runs (AMX tiles,
+AVX512-BF16 registers), against float64 and PyTorch's own bf16
 SDPA on the same inputs:
 ragged shapes (queries and keys not multiples of the 16-row tiles or 32-key steps, a single key,
 a single query), both head dims, the model's strided q/k/v views, large logits; its layout, the
@@ -16,7 +17,23 @@ import torch.nn.functional as F
 from fmfast.kernels import cpu_attention as ca
 
 OK, WHY = ca.available()
-needs_kernel = pytest.mark.skipif(not OK, reason=f"AMX CPU attention unavailable here: {WHY}")
+ENV = {v: k for k, v in ca._CHOICE.items()}  # variant -> its FMFAST_CPU_ATTENTION value
+
+
+@pytest.fixture(params=ca.supported_variants() or [None])
+def variant(request, monkeypatch):
+    """Runs a test once per build this CPU supports (an AMX CPU runs both)."""
+    if request.param:
+        monkeypatch.setenv("FMFAST_CPU_ATTENTION", ENV[request.param])
+    ca._library.cache_clear()
+    assert ca.variant() == request.param or not OK
+    yield request.param
+    ca._library.cache_clear()
+
+
+def needs_kernel(test):
+    test = pytest.mark.usefixtures("variant")(test)
+    return pytest.mark.skipif(not OK, reason=f"CPU attention unavailable here: {WHY}")(test)
 
 
 def qkv(b, h, n, m, d, seed=0, scale=1.0):
@@ -175,16 +192,35 @@ def test_switched_off_or_unavailable_says_why_and_the_model_falls_back(tmp_path)
     assert second == "True"
 
 
+@pytest.mark.parametrize("ask", ["amx", "avx512", "fast", "auto"])
+def test_the_environment_picks_a_build_or_says_why_not(ask, monkeypatch):
+    monkeypatch.setenv("FMFAST_CPU_ATTENTION", ask)
+    ca._library.cache_clear()
+    try:
+        ok, why = ca.available()
+        have = ca.supported_variants()
+        if ask == "fast":
+            assert not ok and "not one of auto, amx, avx512, 0" in why
+        elif ask == "auto":
+            assert ca.variant() == have[0] if ok else (have or "neither" in why)
+        elif ca._CHOICE[ask] in have:
+            assert ok and ca.variant() == ca._CHOICE[ask], why
+        else:
+            assert not ok and f"no {ca._CHOICE[ask]}" in why
+    finally:
+        ca._library.cache_clear()
+
+
 @needs_kernel
-def test_build_is_cached_by_source_and_written_whole(tmp_path, monkeypatch):
+def test_build_is_cached_by_source_and_written_whole(tmp_path, monkeypatch, variant):
     import shutil
 
     monkeypatch.setenv("FMFAST_KERNEL_CACHE", str(tmp_path))
     cc = shutil.which("cc") or shutil.which("gcc")
-    lib = ca._build(cc)
+    lib = ca._build(cc, variant)
     assert lib.parent == tmp_path and lib.stat().st_size > 0
     stamp = lib.stat().st_mtime_ns
-    assert ca._build(cc) == lib and lib.stat().st_mtime_ns == stamp  # not rebuilt
+    assert ca._build(cc, variant) == lib and lib.stat().st_mtime_ns == stamp  # not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [lib.name]  # no temp file left behind
 
 
@@ -194,5 +230,5 @@ def test_a_failed_build_is_a_reason_not_a_crash(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\necho 'cc: error: no such flag' >&2\nexit 1\n")
     fake.chmod(0o755)
     with pytest.raises(RuntimeError, match="no such flag"):
-        ca._build(str(fake))
+        ca._build(str(fake), "AVX512-BF16")
     assert [p.name for p in tmp_path.iterdir()] == ["cc"]  # nothing half-written

@@ -143,11 +143,11 @@ def test_bf16_fused_path_follows_the_flash_attention_rule(name, task, seed):
             assert rel(a, e) <= 4 * rel(p, e) + 2e-2, n
 
 
-@pytest.mark.skipif(not cpu_attention.available()[0], reason=f"AMX CPU attention: {cpu_attention.available()[1]}")
+@pytest.mark.skipif(not cpu_attention.available()[0], reason=f"fmfast CPU attention: {cpu_attention.available()[1]}")
 @pytest.mark.parametrize("task", ["classification", "segmentation"])
-def test_bf16_runs_the_amx_kernel_within_the_flash_attention_rule(monkeypatch, task):
+def test_bf16_runs_the_cpu_kernel_within_the_flash_attention_rule(monkeypatch, task):
     """At head dim 32 (the paper's) every bf16 attention -- four per layer, in inference and in
-    training -- runs fmfast's AMX kernel, and logits and gradients are as close to the fp32
+    training -- runs fmfast's CPU kernel, and logits and gradients are as close to the fp32
     reference as plain PyTorch bf16's (the rule of the test above)."""
     seg = {"seg_hidden_dims": (8, 8, 8)} if task == "segmentation" else {}
     c = ModelConfig(task=task, **{**TINY, "dim_head": 32}, **seg)
