@@ -107,19 +107,19 @@ static inline void tile_dp(int ct, int at, int bt) {
     float *c = tile_filled(ct);
     const char *a = tiles[at].p, *b = tiles[bt].p;
     const int64_t sa = tiles[at].stride, sb = tiles[bt].stride;
-    __m512 bk[16];
-    for (int k = 0; k < 16; k++) bk[k] = _mm512_loadu_ps((const float *)(b + k * sb));
-    for (int m = 0; m < 16; m += 4) {  // four rows at once: four independent vdpbf16ps chains
-        __m512 acc[4];
-        for (int r = 0; r < 4; r++) acc[r] = _mm512_load_ps(c + 16 * (m + r));
-        for (int k = 0; k < 16; k++)
-            for (int r = 0; r < 4; r++) {
-                int32_t pair;
-                memcpy(&pair, a + (m + r) * sa + 4 * k, 4);
-                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(pair), (__m512bh)bk[k]);
-            }
-        for (int r = 0; r < 4; r++) _mm512_store_ps(c + 16 * (m + r), acc[r]);
+    // all 16 rows in registers: 16 independent vdpbf16ps chains hide its latency (4 chains ran at
+    // half the rate); A's pairs are broadcast from memory, B's row k is loaded once per k
+    __m512 acc[16];
+    for (int r = 0; r < 16; r++) acc[r] = _mm512_load_ps(c + 16 * r);
+    for (int k = 0; k < 16; k++) {
+        __m512bh bk = (__m512bh)_mm512_loadu_ps((const float *)(b + k * sb));
+        for (int r = 0; r < 16; r++) {
+            int32_t pair;
+            memcpy(&pair, a + r * sa + 4 * k, 4);
+            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(pair), bk);
+        }
     }
+    for (int r = 0; r < 16; r++) _mm512_store_ps(c + 16 * r, acc[r]);
 }
 #endif
 
