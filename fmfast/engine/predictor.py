@@ -122,6 +122,8 @@ class Predictor:
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             ok, why = cpu_attention.available()
             backend = f"{cpu_attention.variant()} attention" if ok else f"fused SDPA (fmfast's CPU attention: {why})"
+        if getattr(self.model, "backend", "auto") == "reference":  # as the caller built it: kept, and said
+            backend = "the reference math (model.backend = 'reference')"
         if isinstance(self.model, ExportedModel):
             backend = self.model.runtime
         return f"{self.name} on {self.device.type}, {backend}, {prec}, {self.note}"

@@ -131,3 +131,17 @@ def test_compiled_cpu_path_agrees_with_eager():
     assert "torch.compile" in pred.path
     video, current = inputs(6)
     torch.testing.assert_close(pred(video, current), eager(m, "fmformer", video, current), rtol=1e-4, atol=1e-4)
+
+
+def test_the_path_says_what_the_model_really_runs():
+    """A model built with backend="reference" keeps the published math under the Predictor, and
+    its path says so instead of naming the fast attention it does not run."""
+    from fmfast.kernels import cpu_attention
+
+    m = model()
+    fast = Predictor(m, precision="bf16", compile="off")
+    ok, why = cpu_attention.available()
+    assert (f"{cpu_attention.variant()} attention" if ok else why) in fast.path
+    m.set_backend("reference")
+    slow = Predictor(m, precision="bf16", compile="off")
+    assert "reference math" in slow.path and "attention," not in slow.path
