@@ -81,7 +81,7 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         self.steps_per_epoch = self._steps_per_epoch()
-        self.opt = build_optimizer(self.model.parameters(), settings["optim"], fused=self.device.type == "cuda")
+        self.opt = build_optimizer(self.model.parameters(), settings["optim"], fused=self.device.type in ("cuda", "cpu"))
         self.sched = build_scheduler(self.opt, settings["schedule"], t["epochs"], self.steps_per_epoch, settings["optim"]["lr"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.epoch, self.step, self.global_step = 0, 0, 0
