@@ -11,6 +11,7 @@ from fmfast import ModelConfig, Predictor, build_model
 from fmfast.data.gather import gather_clip
 from fmfast.engine import checkpoints as ckpt
 from fmfast.engine import predictor as P
+from fmfast.engine.device import native_bf16
 from fmfast.errors import SettingsError
 
 CASES = [("fmformer", "classification"), ("fmformer", "segmentation"), ("video", "segmentation"),
@@ -131,6 +132,24 @@ def test_compiled_cpu_path_agrees_with_eager():
     assert "torch.compile" in pred.path
     video, current = inputs(6)
     torch.testing.assert_close(pred(video, current), eager(m, "fmformer", video, current), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not native_bf16(), reason="bf16 inference needs a CPU with native bf16")
+def test_compiled_bf16_cpu_path_freezes_the_weights():
+    """Freezing is applied: the Linear weights' bf16 casts are folded into the compiled program's
+    constants, so changing the model's weights afterwards does not reach it. (Passed as
+    torch.compile(options={"freezing": True}), torch 2.13 silently did not freeze: the casts
+    ran on every call, and this test failed.)"""
+    m = model()
+    pred = Predictor(m, precision="bf16", batch_size=4, compile="on")
+    video, current = inputs(4)
+    before = pred(video, current)
+    with torch.no_grad():
+        for lin in (x for x in m.modules() if isinstance(x, torch.nn.Linear)):
+            lin.weight.mul_(0.5)
+    assert not torch.allclose(Predictor(m, precision="bf16", compile="off")(video, current), before, atol=1e-2)
+    torch.testing.assert_close(pred(video, current), before)
 
 
 def test_the_path_says_what_the_model_really_runs():
