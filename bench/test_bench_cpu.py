@@ -62,13 +62,20 @@ def fast_twin(ref):
     return fast
 
 
+PAUSE = 0.1  # seconds of idle before each timed call
+
+
 def interleaved(fns: dict, rounds: int = ROUNDS) -> dict:
-    """Median seconds per call of each fn, timed round by round in turn (one warm call first)."""
+    """Median seconds per call of each fn, timed round by round in turn (one warm call first).
+    Each timed call starts after PAUSE of idle: the runtimes' worker threads (ONNX Runtime's,
+    OpenVINO's TBB, OpenMP's) spin-wait for a while after their own call, and without the pause
+    they took the two cores from whichever peer came next (B=1: 11.7 ms alone, 23 ms here)."""
     for f in fns.values():
         f()
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
+            time.sleep(PAUSE)
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)
