@@ -45,8 +45,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fuse
     """``[B, H, N, Dh]`` attention: the fused path (``fused``) or the reference's matmuls. Fused on
     a CPU with AMX-BF16 tiles or AVX512-BF16, bf16 runs fmfast's CPU kernel, forward and backward
     (``fmfast.kernels.cpu_attention``; at FmFormer's shapes, AMX: 1.6-1.9x PyTorch's bf16 flash
-    attention forward, 3.2-3.8x its fp32 forward + backward; AVX512-BF16 on Zen 5: 2.3-2.8x and
-    2.2-2.5x); everything else PyTorch's SDPA."""
+    attention forward, 3.2-3.8x its fp32 forward + backward; AVX512-BF16 on Zen 5: about 3x and
+    2.4-2.7x); everything else PyTorch's SDPA."""
     if fused:
         if cpu_attention.takes(q, k, v):
             return cpu_attention.cpu_attention(q, k, v, scale)
