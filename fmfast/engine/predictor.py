@@ -167,7 +167,19 @@ class Predictor:
         with torch.no_grad(), inductor_config.patch(freezing=True):
             for _ in range(2):  # compile, then one warm run: the first timed call is a steady one
                 compiled(video, current)
-        return lambda v, c: _no_grad(compiled, v, c)
+        # Dynamo re-checks ~200 guards per call (0.9 ms: 8% of a B=1 forward). Inputs of the
+        # compiled example's signature skip them: the weights are frozen into the program anyway
+        # (it is a snapshot of the model), and any other input runs the guarded call, which
+        # compiles a program of its own.
+        example = _signature(video, current)
+        stance = getattr(torch.compiler, "set_stance", None)
+
+        def run(v, c):
+            if stance is not None and _signature(v, c) == example:
+                with stance(skip_guard_eval_unsafe=True):
+                    return _no_grad(compiled, v, c)
+            return _no_grad(compiled, v, c)
+        return run
 
     def _split(self, xs):
         it = iter(xs)
@@ -223,6 +235,10 @@ class _Forward(torch.nn.Module):
     def forward(self, video: Tensor | None, current: Tensor | None) -> Tensor:
         with autocast(self.device, self.dtype):
             return call(self.model, self.name, video, current).float()
+
+
+def _signature(*xs: Tensor | None) -> tuple:
+    return tuple(None if x is None else (x.dtype, x.shape, x.device, x.is_contiguous()) for x in xs)
 
 
 def _pad(x: Tensor, size: int) -> Tensor:
