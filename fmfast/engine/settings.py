@@ -84,7 +84,7 @@ FLAGS = {
 # profile gave 0.954, 0.962, 0.951 at seeds 0, 1, 2 in 93-95 s. With the AMX attention kernels
 # (forward and backward) 6 epochs took 74 s at F1 0.945 (seed 0); 7 epochs: 0.959 in 89 s. On a Zen 5
 # (AVX512-BF16 kernels, fused Adam), 7 epochs from an empty cache: 0.968 / 0.965 / 0.942 at seeds
-# 0 / 1 / 2 in 87 / 93 / 103 s.
+# 0 / 1 / 2 in 87 / 93 / 103 s; 8 epochs gave 0.958 / 0.962 / 0.943 in 94 / 87 / 99 s (no better).
 QUICK = {
     "data": {"num_frames": 4, "current_seconds": 8, "synthetic": {"size": 32}},
     "optim": {"lr": 1e-3},
