@@ -159,7 +159,7 @@ class Predictor:
         video, current = self._example()
         import torch._inductor.config as inductor_config
 
-        compiled = torch.compile(_Forward(self), dynamic=False)
+        compiled = torch.compile(self._forward, dynamic=False)
         # Freezing (weights as constants: bf16 casts folded, oneDNN-packed Linear with fused
         # epilogues) is read from inductor's global config when the first call compiles; passed
         # as torch.compile(options=...) it is silently not applied (torch 2.13): the weights
@@ -222,19 +222,6 @@ class Predictor:
 
     def __repr__(self) -> str:
         return f"Predictor({self.path}, batch_size={self.batch_size})"
-
-
-class _Forward(torch.nn.Module):
-    """The predictor's forward on one chunk as a module holding the model (what torch.compile
-    freezes)."""
-
-    def __init__(self, pred: Predictor):
-        super().__init__()
-        self.model, self.name, self.device, self.dtype = pred.model, pred.name, pred.device, pred.dtype
-
-    def forward(self, video: Tensor | None, current: Tensor | None) -> Tensor:
-        with autocast(self.device, self.dtype):
-            return call(self.model, self.name, video, current).float()
 
 
 def _signature(*xs: Tensor | None) -> tuple:
