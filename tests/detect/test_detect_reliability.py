@@ -127,13 +127,25 @@ def _replace_with_copy(cur):  # a new file with everything so far, moved over th
 
 
 @pytest.mark.parametrize("rotate", [_rotate_rename, _truncate_in_place, _replace_with_copy])
-def test_follow_survives_current_log_rotation(model, offline, tmp_path, capsys, rotate):
+def test_follow_survives_current_log_rotation(model, offline, tmp_path, capsys, rotate, monkeypatch):
+    from fmfast.detect.follow import FollowFeed
+
     video, ref = offline
     cur = tmp_path / "cur.csv"
     cur.write_text("time,A,B,C\n" + rows(-5, 1))
+    # rotate only once the follower has read the first rows: a fixed delay lost them whenever
+    # detect's start-up took longer (a loaded machine), and the rows were then really gone
+    seen, poll = threading.Event(), FollowFeed.poll_current
+
+    def first_poll(self, engine, final):
+        got = poll(self, engine, final)
+        seen.set()
+        return got
+    monkeypatch.setattr(FollowFeed, "poll_current", first_poll)
 
     def writer():
-        time.sleep(0.4)
+        assert seen.wait(60)
+        time.sleep(0.1)
         rotate(cur)
         time.sleep(0.3)
         with open(cur, "a") as f:
