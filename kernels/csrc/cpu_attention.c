@@ -70,6 +70,24 @@ static void configure_tiles(void) {
         _tile_dpbf16ps(c0, a, b0);  \
         _tile_dpbf16ps(c1, a, b1);  \
     } while (0)
+// tile_dp2, then C0 and C1 stored to p0 and p1 (row stride `stride` bytes)
+#define tile_dp2_store(c0, c1, a, b0, b1, p0, p1, stride) \
+    do {                                                  \
+        tile_dp2(c0, c1, a, b0, b1);                      \
+        _tile_stored(c0, p0, stride);                     \
+        _tile_stored(c1, p1, stride);                     \
+    } while (0)
+// `count` steps of tile_dp2 along K: step i loads tile at from pa + i*astep (row stride sa) and
+// tiles bt0, bt1 from pb0, pb1 + i*bstep (row stride sb); steps are byte offsets
+#define tile_dp2_run(c0, c1, at, bt0, bt1, pa, sa, astep, pb0, pb1, sb, bstep, count)    \
+    do {                                                                                  \
+        for (int64_t i_ = 0; i_ < (count); i_++) {                                        \
+            _tile_loadd(at, (const char *)(pa) + i_ * (astep), sa);                       \
+            _tile_loadd(bt0, (const char *)(pb0) + i_ * (bstep), sb);                     \
+            _tile_loadd(bt1, (const char *)(pb1) + i_ * (bstep), sb);                     \
+            tile_dp2(c0, c1, at, bt0, bt1);                                               \
+        }                                                                                 \
+    } while (0)
 #define tile_release() _tile_release()
 #else
 // An operand tile is a view of the memory it was loaded from (the kernels never write that memory
@@ -132,34 +150,68 @@ static inline void tile_dp(int ct, int at, int bt) {
     tiles[ct].state = FILLED;
 }
 
-// Two products with the same A, eight rows at a time: each broadcast A pair feeds both, half the
-// broadcasts of two tile_dp calls (S = Q K^T and O = P V in the forward have this shape).
-static inline void tile_dp2(int c0, int c1, int at, int b0t, int b1t) {
-    const char *a = tiles[at].p, *b0 = tiles[b0t].p, *b1 = tiles[b1t].p;
-    const int64_t sa = tiles[at].stride, sb0 = tiles[b0t].stride, sb1 = tiles[b1t].stride;
+// Two products with the same A, eight rows at a time, over `count` steps along K: each broadcast A
+// pair feeds both products (half the broadcasts of two tile_dp calls), and the accumulators stay in
+// registers across the steps. Step i reads A at a + i*astep (row stride sa) and B0, B1 at b0, b1 +
+// i*bstep (row stride sb), byte offsets. The results go to out0/out1 (row stride os), which the
+// tiles then view, or, with out0 NULL, to the tiles' accumulators.
+static inline void soft_dp2(int c0, int c1, const char *a, int64_t sa, int64_t astep, const char *b0,
+                            const char *b1, int64_t sb, int64_t bstep, int64_t count, char *out0, char *out1,
+                            int64_t os) {
     for (int h = 0; h < 16; h += 8) {
         __m512 x[8], y[8];
         for (int r = 0; r < 8; r++) {
             x[r] = tile_row(c0, h + r);
             y[r] = tile_row(c1, h + r);
         }
-        for (int k = 0; k < 16; k++) {
-            __m512bh u = (__m512bh)_mm512_loadu_ps((const float *)(b0 + k * sb0));
-            __m512bh w = (__m512bh)_mm512_loadu_ps((const float *)(b1 + k * sb1));
-            for (int r = 0; r < 8; r++) {
-                int32_t pair;
-                memcpy(&pair, a + (h + r) * sa + 4 * k, 4);
-                __m512bh ar = (__m512bh)_mm512_set1_epi32(pair);
-                x[r] = _mm512_dpbf16_ps(x[r], ar, u);
-                y[r] = _mm512_dpbf16_ps(y[r], ar, w);
+        for (int64_t i = 0; i < count; i++) {
+            const char *ai = a + i * astep, *u0 = b0 + i * bstep, *u1 = b1 + i * bstep;
+            for (int k = 0; k < 16; k++) {
+                __m512bh u = (__m512bh)_mm512_loadu_ps((const float *)(u0 + k * sb));
+                __m512bh w = (__m512bh)_mm512_loadu_ps((const float *)(u1 + k * sb));
+                for (int r = 0; r < 8; r++) {
+                    int32_t pair;
+                    memcpy(&pair, ai + (h + r) * sa + 4 * k, 4);
+                    __m512bh ar = (__m512bh)_mm512_set1_epi32(pair);
+                    x[r] = _mm512_dpbf16_ps(x[r], ar, u);
+                    y[r] = _mm512_dpbf16_ps(y[r], ar, w);
+                }
             }
         }
         for (int r = 0; r < 8; r++) {  // (the state still says where rows h+8.. are read from)
-            _mm512_store_ps(tile_acc[c0] + 16 * (h + r), x[r]);
-            _mm512_store_ps(tile_acc[c1] + 16 * (h + r), y[r]);
+            if (out0) {
+                _mm512_storeu_ps(out0 + (h + r) * os, x[r]);
+                _mm512_storeu_ps(out1 + (h + r) * os, y[r]);
+            } else {
+                _mm512_store_ps(tile_acc[c0] + 16 * (h + r), x[r]);
+                _mm512_store_ps(tile_acc[c1] + 16 * (h + r), y[r]);
+            }
         }
     }
-    tiles[c0].state = tiles[c1].state = FILLED;
+    if (out0) {
+        tiles[c0] = (soft_tile){out0, os, VIEW};
+        tiles[c1] = (soft_tile){out1, os, VIEW};
+    } else {
+        tiles[c0].state = tiles[c1].state = FILLED;
+    }
+}
+
+static inline void tile_dp2(int c0, int c1, int at, int b0t, int b1t) {
+    // (every caller's two B tiles have one row stride)
+    soft_dp2(c0, c1, tiles[at].p, tiles[at].stride, 0, tiles[b0t].p, tiles[b1t].p, tiles[b0t].stride, 0, 1, NULL,
+             NULL, 0);
+}
+
+// tile_dp2 with the results written straight to p0, p1: no round trip through the accumulators
+static inline void tile_dp2_store(int c0, int c1, int at, int b0t, int b1t, void *p0, void *p1, int64_t stride) {
+    soft_dp2(c0, c1, tiles[at].p, tiles[at].stride, 0, tiles[b0t].p, tiles[b1t].p, tiles[b0t].stride, 0, 1, p0, p1,
+             stride);
+}
+
+static inline void tile_dp2_run(int c0, int c1, int at, int bt0, int bt1, const void *pa, int64_t sa, int64_t astep,
+                                const void *pb0, const void *pb1, int64_t sb, int64_t bstep, int64_t count) {
+    (void)at, (void)bt0, (void)bt1;  // (AMX loads them; here the products read memory directly)
+    soft_dp2(c0, c1, pa, sa, astep, pb0, pb1, sb, bstep, count, NULL, NULL, 0);
 }
 #endif
 
@@ -272,14 +324,14 @@ static void attend_block(const uint16_t *qp, int64_t sq, int64_t nrows, const ui
         tile_zero(4);
         tile_load(3, kv + j0, mp * 4);
         tile_load(5, kv + j0 + 16, mp * 4);
-        tile_dp2(0, 4, 1, 3, 5);
         if (d == 64) {
+            tile_dp2(0, 4, 1, 3, 5);
             tile_load(3, kv + 16 * mp + j0, mp * 4);
             tile_load(5, kv + 16 * mp + j0 + 16, mp * 4);
-            tile_dp2(0, 4, 2, 3, 5);
+            tile_dp2_store(0, 4, 2, 3, 5, sbuf + j0, sbuf + j0 + 16, mp * 4);
+        } else {
+            tile_dp2_store(0, 4, 1, 3, 5, sbuf + j0, sbuf + j0 + 16, mp * 4);
         }
-        tile_store(0, sbuf + j0, mp * 4);
-        tile_store(4, sbuf + j0 + 16, mp * 4);
     }
     // exact softmax per row: P = 2^((s - max) * scale * log2 e), rounded to bf16; keys >= M get 0
     const float c = scale * 1.44269504088896341f;
@@ -327,25 +379,16 @@ static void attend_block(const uint16_t *qp, int64_t sq, int64_t nrows, const ui
         inv[i] = 1.0f / rsum;
         rowlse[i] = rmax * scale + logf(rsum);
     }
-    // O = P V: D/16 accumulator tiles (4..7), 32 keys per step; P and V tiles alternate registers
+    // O = P V: D/16 accumulator tiles (4..7), 32 keys per step
     tile_zero(4);
     tile_zero(5);
     if (d == 64) {
         tile_zero(6);
         tile_zero(7);
     }
-    for (int64_t j0 = 0; j0 < mp; j0 += 32) {
-        const uint16_t *vr = vv + (j0 / 2) * d * 2;
-        tile_load(0, pbuf + j0, mp * 2);
-        tile_load(1, vr, d * 4);
-        tile_load(2, vr + 32, d * 4);
-        tile_dp2(4, 5, 0, 1, 2);
-        if (d == 64) {
-            tile_load(3, vr + 64, d * 4);
-            tile_load(1, vr + 96, d * 4);
-            tile_dp2(6, 7, 0, 3, 1);
-        }
-    }
+    // step j0/32 along the keys: P columns j0.. (64 bytes on) and V key pairs j0/2.. (64 d bytes on)
+    tile_dp2_run(4, 5, 0, 1, 2, pbuf, mp * 2, 64, vv, vv + 32, d * 4, 64 * d, mp / 32);
+    if (d == 64) tile_dp2_run(6, 7, 0, 3, 1, pbuf, mp * 2, 64, vv + 64, vv + 96, d * 4, 64 * d, mp / 32);
     tile_store(4, obuf, d * 4);
     tile_store(5, obuf + 16, d * 4);
     if (d == 64) {
