@@ -70,6 +70,21 @@ static void configure_tiles(void) {
         _tile_dpbf16ps(c0, a, b0);  \
         _tile_dpbf16ps(c1, a, b1);  \
     } while (0)
+// tile_dp, then C stored to p (row stride `stride` bytes)
+#define tile_dp_store(c, a, b, p, stride) \
+    do {                                  \
+        _tile_dpbf16ps(c, a, b);          \
+        _tile_stored(c, p, stride);       \
+    } while (0)
+// `count` steps of tile_dp along K: step i loads tile at from pa + i*astep and bt from pb + i*bstep
+#define tile_dp_run(c, at, bt, pa, sa, astep, pb, sb, bstep, count)        \
+    do {                                                                  \
+        for (int64_t i_ = 0; i_ < (count); i_++) {                        \
+            _tile_loadd(at, (const char *)(pa) + i_ * (astep), sa);       \
+            _tile_loadd(bt, (const char *)(pb) + i_ * (bstep), sb);       \
+            _tile_dpbf16ps(c, at, bt);                                    \
+        }                                                                 \
+    } while (0)
 // tile_dp2, then C0 and C1 stored to p0 and p1 (row stride `stride` bytes)
 #define tile_dp2_store(c0, c1, a, b0, b1, p0, p1, stride) \
     do {                                                  \
@@ -133,23 +148,47 @@ static inline void tile_store(int t, void *p, int64_t stride) {
     for (int r = 0; r < 16; r++) _mm512_storeu_ps((char *)p + r * stride, acc[r]);
 }
 
-static inline void tile_dp(int ct, int at, int bt) {
-    const char *a = tiles[at].p, *b = tiles[bt].p;
-    const int64_t sa = tiles[at].stride, sb = tiles[bt].stride;
-    // all 16 rows in registers: 16 independent vdpbf16ps chains hide its latency (4 chains ran at
-    // half the rate); A's pairs are broadcast from memory, B's row k is loaded once per k
+// One product over `count` steps along K (A at a + i*astep, B at b + i*bstep, byte offsets), all 16
+// rows in registers: 16 independent vdpbf16ps chains hide its latency (4 chains ran at half the
+// rate); A's pairs are broadcast from memory, B's row k is loaded once per k. The result goes to out
+// (row stride os), which the tile then views, or, with out NULL, to the tile's accumulator.
+static inline void soft_dp(int ct, const char *a, int64_t sa, int64_t astep, const char *b, int64_t sb,
+                           int64_t bstep, int64_t count, char *out, int64_t os) {
     __m512 acc[16];
     tile_rows(ct, acc);
-    for (int k = 0; k < 16; k++) {
-        __m512bh bk = (__m512bh)_mm512_loadu_ps((const float *)(b + k * sb));
-        for (int r = 0; r < 16; r++) {
-            int32_t pair;
-            memcpy(&pair, a + r * sa + 4 * k, 4);
-            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(pair), bk);
+    for (int64_t i = 0; i < count; i++) {
+        const char *ai = a + i * astep, *bi = b + i * bstep;
+        for (int k = 0; k < 16; k++) {
+            __m512bh bk = (__m512bh)_mm512_loadu_ps((const float *)(bi + k * sb));
+            for (int r = 0; r < 16; r++) {
+                int32_t pair;
+                memcpy(&pair, ai + r * sa + 4 * k, 4);
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(pair), bk);
+            }
         }
     }
-    for (int r = 0; r < 16; r++) _mm512_store_ps(tile_acc[ct] + 16 * r, acc[r]);
-    tiles[ct].state = FILLED;
+    if (out) {
+        for (int r = 0; r < 16; r++) _mm512_storeu_ps(out + r * os, acc[r]);
+        tiles[ct] = (soft_tile){out, os, VIEW};
+    } else {
+        for (int r = 0; r < 16; r++) _mm512_store_ps(tile_acc[ct] + 16 * r, acc[r]);
+        tiles[ct].state = FILLED;
+    }
+}
+
+static inline void tile_dp(int ct, int at, int bt) {
+    soft_dp(ct, tiles[at].p, tiles[at].stride, 0, tiles[bt].p, tiles[bt].stride, 0, 1, NULL, 0);
+}
+
+// tile_dp with the result written straight to p (which may be where C was loaded from)
+static inline void tile_dp_store(int ct, int at, int bt, void *p, int64_t stride) {
+    soft_dp(ct, tiles[at].p, tiles[at].stride, 0, tiles[bt].p, tiles[bt].stride, 0, 1, p, stride);
+}
+
+static inline void tile_dp_run(int ct, int at, int bt, const void *pa, int64_t sa, int64_t astep, const void *pb,
+                               int64_t sb, int64_t bstep, int64_t count) {
+    (void)at, (void)bt;  // (AMX loads them; here the product reads memory directly)
+    soft_dp(ct, pa, sa, astep, pb, sb, bstep, count, NULL, 0);
 }
 
 // Two products with the same A, eight rows at a time, over `count` steps along K: each broadcast A
@@ -531,22 +570,28 @@ static void backward_one(const uint16_t *q, int64_t sq, const uint16_t *k, int64
             tile_zero(1);
             tile_zero(2);
             tile_zero(3);
-            for (int64_t ch = 0; ch < d / 32; ch++) {
+            for (int64_t ch = 0; ch < d / 32; ch++) {  // the last chunk's products store their tiles
                 tile_load(5, w->qt + 16 * ch * np + q0, np * 4);
                 tile_load(6, w->dot + 16 * ch * np + q0, np * 4);
                 tile_load(4, w->kr + kc * d + 32 * ch, d * 2);
                 tile_load(7, w->kr + (kc + 16) * d + 32 * ch, d * 2);
-                tile_dp(0, 4, 5);
-                tile_dp(1, 7, 5);
+                if (ch + 1 < d / 32) {
+                    tile_dp(0, 4, 5);
+                    tile_dp(1, 7, 5);
+                } else {
+                    tile_dp_store(0, 4, 5, w->sbuf, 64);
+                    tile_dp_store(1, 7, 5, w->sbuf + 256, 64);
+                }
                 tile_load(4, w->vr + kc * d + 32 * ch, d * 2);
                 tile_load(7, w->vr + (kc + 16) * d + 32 * ch, d * 2);
-                tile_dp(2, 4, 6);
-                tile_dp(3, 7, 6);
+                if (ch + 1 < d / 32) {
+                    tile_dp(2, 4, 6);
+                    tile_dp(3, 7, 6);
+                } else {
+                    tile_dp_store(2, 4, 6, w->dpbuf, 64);
+                    tile_dp_store(3, 7, 6, w->dpbuf + 256, 64);
+                }
             }
-            tile_store(0, w->sbuf, 64);
-            tile_store(1, w->sbuf + 256, 64);
-            tile_store(2, w->dpbuf, 64);
-            tile_store(3, w->dpbuf + 256, 64);
             __m512 L = _mm512_loadu_ps(w->lse2 + q0), D = _mm512_loadu_ps(w->dlt + q0);
             for (int64_t r = 0; r < 32; r += 2) {
                 __m512 p0 = exp2_neg(_mm512_fmsub_ps(_mm512_loadu_ps(w->sbuf + 16 * r), cc, L));
@@ -564,22 +609,16 @@ static void backward_one(const uint16_t *q, int64_t sq, const uint16_t *k, int64
                 tile_load(0, w->dqt + 16 * t * np + q0, np * 4);
                 tile_load(4, w->kt + 16 * t * mp + kc, mp * 2);
                 tile_load(5, w->dsv, 64);
-                tile_dp(0, 4, 5);
-                tile_store(0, w->dqt + 16 * t * np + q0, np * 4);
+                tile_dp_store(0, 4, 5, w->dqt + 16 * t * np + q0, np * 4);
             }
         }
         for (int64_t h = 0; h < 2 && kc + 16 * h < m; h++) {
             for (int64_t t = 0; t < d / 16; t++) {
                 tile_zero(0);
                 tile_zero(1);
-                for (int64_t q0 = 0; q0 < np; q0 += 32) {
-                    tile_load(4, w->pt + 16 * h * np + q0, np * 2);
-                    tile_load(5, w->dov + (q0 / 2) * d * 2 + 32 * t, d * 4);
-                    tile_dp(0, 4, 5);
-                    tile_load(6, w->dst + 16 * h * np + q0, np * 2);
-                    tile_load(7, w->qv + (q0 / 2) * d * 2 + 32 * t, d * 4);
-                    tile_dp(1, 6, 7);
-                }
+                // 32 queries per step: P^T / dS^T columns q0.. (64 bytes on), dO / Q query pairs q0/2..
+                tile_dp_run(0, 4, 5, w->pt + 16 * h * np, np * 2, 64, w->dov + 32 * t, d * 4, 64 * d, np / 32);
+                tile_dp_run(1, 6, 7, w->dst + 16 * h * np, np * 2, 64, w->qv + 32 * t, d * 4, 64 * d, np / 32);
                 tile_store(0, w->ov + 16 * t, d * 4);
                 tile_store(1, w->ok + 16 * t, d * 4);
             }
