@@ -570,28 +570,32 @@ static void backward_one(const uint16_t *q, int64_t sq, const uint16_t *k, int64
             tile_zero(1);
             tile_zero(2);
             tile_zero(3);
-            for (int64_t ch = 0; ch < d / 32; ch++) {  // the last chunk's products store their tiles
-                tile_load(5, w->qt + 16 * ch * np + q0, np * 4);
-                tile_load(6, w->dot + 16 * ch * np + q0, np * 4);
-                tile_load(4, w->kr + kc * d + 32 * ch, d * 2);
-                tile_load(7, w->kr + (kc + 16) * d + 32 * ch, d * 2);
-                if (ch + 1 < d / 32) {
-                    tile_dp(0, 4, 5);
-                    tile_dp(1, 7, 5);
-                } else {
-                    tile_dp_store(0, 4, 5, w->sbuf, 64);
-                    tile_dp_store(1, 7, 5, w->sbuf + 256, 64);
-                }
-                tile_load(4, w->vr + kc * d + 32 * ch, d * 2);
-                tile_load(7, w->vr + (kc + 16) * d + 32 * ch, d * 2);
-                if (ch + 1 < d / 32) {
-                    tile_dp(2, 4, 6);
-                    tile_dp(3, 7, 6);
-                } else {
-                    tile_dp_store(2, 4, 6, w->dpbuf, 64);
-                    tile_dp_store(3, 7, 6, w->dpbuf + 256, 64);
-                }
+            // S^T = K Q^T and dP^T = V dO^T over head-dim chunks; the last chunk's products store the tiles
+#define BWD_QD_LOAD(ch)                                          \
+    tile_load(5, w->qt + 16 * (ch) * np + q0, np * 4);           \
+    tile_load(6, w->dot + 16 * (ch) * np + q0, np * 4)
+#define BWD_KV_LOAD(src, ch)                                     \
+    tile_load(4, (src) + kc * d + 32 * (ch), d * 2);             \
+    tile_load(7, (src) + (kc + 16) * d + 32 * (ch), d * 2)
+            const int64_t last = d / 32 - 1;
+            for (int64_t ch = 0; ch < last; ch++) {
+                BWD_QD_LOAD(ch);
+                BWD_KV_LOAD(w->kr, ch);
+                tile_dp(0, 4, 5);
+                tile_dp(1, 7, 5);
+                BWD_KV_LOAD(w->vr, ch);
+                tile_dp(2, 4, 6);
+                tile_dp(3, 7, 6);
             }
+            BWD_QD_LOAD(last);
+            BWD_KV_LOAD(w->kr, last);
+            tile_dp_store(0, 4, 5, w->sbuf, 64);
+            tile_dp_store(1, 7, 5, w->sbuf + 256, 64);
+            BWD_KV_LOAD(w->vr, last);
+            tile_dp_store(2, 4, 6, w->dpbuf, 64);
+            tile_dp_store(3, 7, 6, w->dpbuf + 256, 64);
+#undef BWD_QD_LOAD
+#undef BWD_KV_LOAD
             __m512 L = _mm512_loadu_ps(w->lse2 + q0), D = _mm512_loadu_ps(w->dlt + q0);
             for (int64_t r = 0; r < 32; r += 2) {
                 __m512 p0 = exp2_neg(_mm512_fmsub_ps(_mm512_loadu_ps(w->sbuf + 16 * r), cc, L));
