@@ -389,6 +389,52 @@ def test_compile_sees_one_node_forward_and_backward():
     assert sum(t.startswith("fmfast.multiscale_tokenize_backward.") for t in targets) == 1, targets
 
 
+# ---- the compiler's form of the twin: the patch LayerNorm written out by dims ------------------
+@pytest.mark.parametrize("shape, p, pf, dil", [((2, 3, 4, 16, 8), 4, 2, (1, 2)), ((1, 1, 3, 12, 12), 3, 3, (1,)),
+                                               ((3, 2, 2, 8, 16), 2, 1, (1, 2, 4))])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_ref_for_compiler_matches_ref(shape, p, pf, dil, dtype):
+    # forward and every parameter gradient within twice the flat F.layer_norm's fp32 error
+    # against float64, including near-constant patches (variance under eps)
+    B, C, T, H, W = shape
+    video = make_video(shape, dtype)
+    if dtype == torch.float32:
+        video[..., :p, :p] = 17.0 + 1e-3 * torch.randn(B, C, T, p, p, generator=torch.Generator().manual_seed(5))
+    n = n_tokens(T, H, W, p, pf, dil)
+    cls, scales = make_params(C, p, pf, 8, n)
+    go = torch.randn(B, 1 + sum(n), 8, generator=torch.Generator().manual_seed(2))
+    kw = dict(patch_size=p, frame_patch_size=pf, dilations=dil)
+    got, g_got = run(lambda *a, **k: multiscale_tokenize_ref(*a, for_compiler=True, **k), video, cls, scales, go, **kw)
+    r32, g32 = run(multiscale_tokenize_ref, video, cls, scales, go, **kw)
+    s64 = [[t.double() for t in sp] for sp in scales]
+    r64, g64 = run(multiscale_tokenize_ref, video.double(), cls.double(), s64, go.double(), **kw)
+    for name, a, lo, e in zip(["out"] + grad_names(len(dil)), [got] + g_got, [r32] + g32, [r64] + g64):
+        assert _err(a, e) <= 2 * _err(lo, e) + 1e-5 * max(1.0, e.abs().max().item()), name
+
+
+def test_compiled_fused_tokenizer_writes_the_norm_by_dims(monkeypatch):
+    # the fused (CPU) path passes for_compiler only while torch.compile traces it; eagerly and on
+    # the reference backend it is F.layer_norm, the published operation order
+    from fmfast.nn.embed import ScaleParams, multiscale_tokens
+
+    seen = []
+    real = tk.multiscale_tokenize_ref
+    monkeypatch.setattr(tk, "multiscale_tokenize_ref", lambda *a, for_compiler, **k: seen.append(for_compiler)
+                        or real(*a, for_compiler=for_compiler, **k))
+    C, T, H, W, p, pf, D, dil = 3, 2, 8, 8, 4, 2, 16, (1, 2)
+    cls, scales = make_params(C, p, pf, D, n_tokens(T, H, W, p, pf, dil))
+    scales = [ScaleParams(*sp) for sp in scales]
+    kw = dict(patch_size=p, frame_patch_size=pf, dilations=dil)
+    video = make_video((2, C, T, H, W), torch.uint8)
+    eager = multiscale_tokens(video, cls, scales, backend="auto", **kw)
+    ref = multiscale_tokens(video, cls, scales, backend="reference", **kw)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda v: multiscale_tokens(v, cls, scales, backend="auto", **kw), backend="eager")(video)
+    assert seen == [False, False, True]
+    torch.testing.assert_close(compiled, eager, atol=2e-5, rtol=2e-5)
+    assert torch.equal(eager, ref)
+
+
 # ---- dispatch: fmfast.nn.multiscale_tokens and the drop-in module --------------------------------
 def _module_pair(**kw):
     from fmfast.nn import MultiscaleTubeletEmbed
