@@ -445,22 +445,52 @@ static void attend_block(const uint16_t *qp, int64_t sq, int64_t nrows, const ui
     }
 }
 
-// Returns 0 on success, 1 for an unsupported D, 2 when AMX is not granted, 3 out of memory.
-int fmf_attention_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, float *lse,
-                      int64_t B, int64_t H, int64_t n, int64_t m, int64_t d, const int64_t *sq,
-                      const int64_t *sk, const int64_t *sv, const int64_t *so, float scale, int nthreads) {
-    if (d != 32 && d != 64) return 1;
-    if (!fmf_amx_init()) return 2;
-    const int64_t mp = (m + 31) & ~(int64_t)31, nblocks = (n + QB - 1) / QB;
-    // split each (b, h) into query ranges so that small batches still feed every thread: at least
-    // two items a thread and a whole number of items per thread (B=1, 3 heads, 2 threads: 6 items,
-    // 6-8% faster than 9, which left one thread a third of an item behind, and than 12, which
-    // repacked k and v twice as often)
+// One forward problem of fmf_attention_fwd_many: q [B, H, n, d], k and v [B, H, m, d], o and lse
+// as in fmf_attention_fwd; s*: the (b, h, row) strides.
+typedef struct {
+    const uint16_t *q, *k, *v;
+    uint16_t *o;
+    float *lse;
+    int64_t B, H, n, m, d;
+    int64_t sq[3], sk[3], sv[3], so[3];
+    float scale;
+} fmf_fwd_problem;
+
+// Splits of each (b, h) into query ranges, so that small batches still feed every thread: at
+// least two items a thread and a whole number of items per thread (B=1, 3 heads, 2 threads: 6
+// items, 6-8% faster than 9, which left one thread a third of an item behind, and than 12, which
+// repacked k and v twice as often).
+static int64_t query_splits(const fmf_fwd_problem *p, int nthreads) {
+    const int64_t bh = p->B * p->H, nblocks = (p->n + QB - 1) / QB;
     int64_t splits = 1;
-    while ((B * H * splits < 2 * (int64_t)nthreads || B * H * splits % nthreads) && splits < nblocks) splits++;
-    const int64_t per = (nblocks + splits - 1) / splits, items = B * H * splits;
-    // per thread: packed k and v, the block's logits, P, Q and O
-    const size_t sizes[] = {mp * d * 2, mp * d * 2, QB * mp * 4, QB * mp * 2, QB * d * 2, QB * d * 4};
+    while ((bh * splits < 2 * (int64_t)nthreads || bh * splits % nthreads) && splits < nblocks) splits++;
+    return splits;
+}
+
+// count problems in one parallel region, their work items in one queue: one call for the
+// independent attentions of a layer (FmFormer's two self-attentions, its two cross-attentions)
+// pays the call and the threads' start once. Returns 0 on success, 1 for an unsupported D (in
+// any problem; nothing is computed), 2 when AMX is not granted, 3 out of memory.
+int fmf_attention_fwd_many(const fmf_fwd_problem *ps, int count, int nthreads) {
+    enum { MAXP = 8 };
+    if (count < 1 || count > MAXP) return 1;
+    int64_t splits[MAXP], first[MAXP + 1], mpmax = 32, dmax = 32;
+    first[0] = 0;
+    for (int i = 0; i < count; i++) {
+        const fmf_fwd_problem *p = ps + i;
+        if (p->d != 32 && p->d != 64) return 1;
+        splits[i] = p->n && p->B * p->H ? query_splits(p, nthreads) : 0;
+        first[i + 1] = first[i] + p->B * p->H * splits[i];
+        const int64_t mp = (p->m + 31) & ~(int64_t)31;
+        if (mp > mpmax) mpmax = mp;
+        if (p->d > dmax) dmax = p->d;
+    }
+    if (!fmf_amx_init()) return 2;
+    const int64_t items = first[count];
+    if (!items) return 0;
+    // per thread: packed k and v, the block's logits, P, Q and O, sized for the largest problem
+    const size_t sizes[] = {mpmax * dmax * 2, mpmax * dmax * 2, QB * mpmax * 4, QB * mpmax * 2, QB * dmax * 2,
+                            QB * dmax * 4};
     size_t per_thread;
     char *pool = pool_alloc(sizes, 6, nthreads, &per_thread);
     if (!pool) return 3;
@@ -474,22 +504,36 @@ int fmf_attention_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, u
         configure_tiles();
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; it++) {
-            int64_t bh = it / splits, part = it % splits, b = bh / H, h = bh % H;
-            int64_t blk0 = part * per, blk1 = blk0 + per < nblocks ? blk0 + per : nblocks;
+            int i = 0;
+            while (it >= first[i + 1]) i++;
+            const fmf_fwd_problem *p = ps + i;
+            const int64_t n = p->n, m = p->m, d = p->d, mp = (m + 31) & ~(int64_t)31, nblocks = (n + QB - 1) / QB;
+            const int64_t j = it - first[i], bh = j / splits[i], part = j % splits[i], bb = bh / p->H, h = bh % p->H;
+            const int64_t per = (nblocks + splits[i] - 1) / splits[i];
+            const int64_t blk0 = part * per, blk1 = blk0 + per < nblocks ? blk0 + per : nblocks;
             if (blk0 >= blk1) continue;
-            pack_k(k + b * sk[0] + h * sk[1], sk[2], m, mp, d, kv);
-            pack_v(v + b * sv[0] + h * sv[1], sv[2], m, mp, d, vv);
+            pack_k(p->k + bb * p->sk[0] + h * p->sk[1], p->sk[2], m, mp, d, kv);
+            pack_v(p->v + bb * p->sv[0] + h * p->sv[1], p->sv[2], m, mp, d, vv);
             for (int64_t blk = blk0; blk < blk1; blk++) {
                 int64_t i0 = blk * QB, rows = n - i0 < QB ? n - i0 : QB;
-                attend_block(q + b * sq[0] + h * sq[1] + i0 * sq[2], sq[2], rows, kv, vv, m, mp, d, scale, sbuf,
-                             pbuf, qbuf, obuf, o + b * so[0] + h * so[1] + i0 * so[2], so[2],
-                             lse ? lse + (b * H + h) * n + i0 : NULL);
+                attend_block(p->q + bb * p->sq[0] + h * p->sq[1] + i0 * p->sq[2], p->sq[2], rows, kv, vv, m, mp, d,
+                             p->scale, sbuf, pbuf, qbuf, obuf, p->o + bb * p->so[0] + h * p->so[1] + i0 * p->so[2],
+                             p->so[2], p->lse ? p->lse + (bb * p->H + h) * n + i0 : NULL);
             }
         }
         tile_release();
     }
     free(pool);
     return 0;
+}
+
+// One problem (the arguments of fmf_fwd_problem, strides as arrays of 3). Same return codes.
+int fmf_attention_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, float *lse,
+                      int64_t B, int64_t H, int64_t n, int64_t m, int64_t d, const int64_t *sq,
+                      const int64_t *sk, const int64_t *sv, const int64_t *so, float scale, int nthreads) {
+    fmf_fwd_problem p = {q, k, v, o, lse, B, H, n, m, d, {0}, {0}, {0}, {0}, scale};
+    for (int i = 0; i < 3; i++) p.sq[i] = sq[i], p.sk[i] = sk[i], p.sv[i] = sv[i], p.so[i] = so[i];
+    return fmf_attention_fwd_many(&p, 1, nthreads);
 }
 
 // ---- backward -----------------------------------------------------------------------------

@@ -127,6 +127,52 @@ def test_custom_op_registration_and_compile():
         torch.testing.assert_close(fn(q, k, v), ca.cpu_attention(q, k, v, 0.2) * 2)
 
 
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("first, second", [
+    ((2, 3, 401, 401, 32), (2, 3, 241, 241, 32)),  # FmFormer's two self-attentions
+    ((1, 3, 401, 241, 32), (1, 3, 241, 401, 32)),  # and its two cross-attentions, at B=1
+    ((1, 2, 17, 5, 64), (3, 1, 1, 33, 32)),        # ragged, different batches, heads and head dims
+    ((1, 1, 0, 8, 32), (2, 2, 40, 20, 32))])       # an empty member
+def test_pair_is_two_calls_bit_for_bit(first, second, threads):
+    """One kernel call for two attentions gives exactly the two calls' outputs, lse and gradients,
+    whatever the thread count (its work items share one queue)."""
+    a, b = qkv(*first, seed=1), qkv(*second, seed=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        o1, lse1, o2, lse2 = torch.ops.fmfast.cpu_attention_pair_fwd(*a, *b, 0.19)
+        w1, wl1 = torch.ops.fmfast.cpu_attention_fwd(*a, 0.19)
+        w2, wl2 = torch.ops.fmfast.cpu_attention_fwd(*b, 0.19)
+        for got, want in ((o1, w1), (lse1, wl1), (o2, w2), (lse2, wl2)):
+            assert got.shape == want.shape and got.stride() == want.stride() and torch.equal(got, want)
+        xs = [x.clone().requires_grad_() for x in (*a, *b)]
+        ys = [x.clone().requires_grad_() for x in (*a, *b)]
+        p1, p2 = ca.cpu_attention_pair(*xs, 0.19)
+        (p1.float().square().sum() + p2.float().sum()).backward()
+        (ca.cpu_attention(*ys[:3], 0.19).float().square().sum() + ca.cpu_attention(*ys[3:], 0.19).float().sum()).backward()
+        for x, y in zip(xs, ys):
+            assert torch.equal(x.grad, y.grad)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_pair_op_registration_compile_and_bad_inputs():
+    a, b = qkv(2, 3, 20, 40, 32, seed=3), qkv(1, 3, 7, 9, 32, seed=4)
+    args = (*(x.requires_grad_() for x in (*a, *b)), 0.2)
+    torch.library.opcheck(torch.ops.fmfast.cpu_attention_pair_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    fn = torch.compile(lambda *xs: [o * 2 for o in ca.cpu_attention_pair(*xs, 0.2)], fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for got, want in zip(fn(*args[:6]), ca.cpu_attention_pair(*args[:6], 0.2)):
+            torch.testing.assert_close(got, want * 2)
+    with pytest.raises(ValueError, match="head dim"):
+        ca.cpu_attention_pair(*a, *qkv(1, 1, 8, 8, 48), 0.1)
+    with pytest.raises(ValueError, match="k, v"):
+        ca.cpu_attention_pair(*a, b[0], b[1], b[2][:, :, :4], 0.1)
+
+
 def grad_errors(b, h, n, m, d, seed=0, scale=1.0, strided=False):
     """Per input, (ours, SDPA bf16) relative L2 error of the gradient against float64."""
     q, k, v = qkv(b, h, n, m, d, seed, scale)
