@@ -148,7 +148,8 @@ def test_bf16_fused_path_follows_the_flash_attention_rule(name, task, seed):
 def test_bf16_runs_the_cpu_kernel_within_the_flash_attention_rule(monkeypatch, task):
     """At head dim 32 (the paper's) every bf16 attention -- four per layer, in inference and in
     training -- runs fmfast's CPU kernel, and logits and gradients are as close to the fp32
-    reference as plain PyTorch bf16's (the rule of the test above)."""
+    reference as plain PyTorch bf16's (the rule of the test above). They run as pairs: each layer's
+    two self-attentions in one kernel call, its two cross-attentions in another."""
     seg = {"seg_hidden_dims": (8, 8, 8)} if task == "segmentation" else {}
     c = ModelConfig(task=task, **{**TINY, "dim_head": 32}, **seg)
     torch.manual_seed(0)
@@ -156,17 +157,19 @@ def test_bf16_runs_the_cpu_kernel_within_the_flash_attention_rule(monkeypatch, t
     auto = build_model("fmformer", c, backend="auto").eval()
     auto.load_state_dict(ref.state_dict())
     calls = []
-    real = cpu_attention.cpu_attention
-    monkeypatch.setattr(cpu_attention, "cpu_attention", lambda *a: calls.append(1) or real(*a))
+    single, pair = cpu_attention.cpu_attention, cpu_attention.cpu_attention_pair
+    monkeypatch.setattr(cpu_attention, "cpu_attention", lambda *a: calls.append(1) or single(*a))
+    monkeypatch.setattr(cpu_attention, "cpu_attention_pair", lambda *a: calls.append(2) or pair(*a))
     video, current = inputs()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         auto(video, current)
-    assert len(calls) == 4 * TINY["depth"]
+    assert calls == [2] * (2 * TINY["depth"])
+    assert sum(calls) == 4 * TINY["depth"]
     calls.clear()
     exact, exact_g = grads("fmformer", ref, video, current)
     plain, plain_g = grads("fmformer", ref, video, current, torch.bfloat16)
     got, got_g = grads("fmformer", auto, video, current, torch.bfloat16)
-    assert len(calls) == 4 * TINY["depth"]
+    assert sum(calls) == 4 * TINY["depth"]
     scale = max(1.0, exact.abs().max().item())
     assert (got - exact).abs().max() <= 2 * (plain - exact).abs().max() + 1e-2 * scale
     flat = [torch.cat([g.flatten() for g in gs]) for gs in (got_g, plain_g, exact_g)]
