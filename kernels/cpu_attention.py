@@ -24,6 +24,10 @@ two AMX products, with no online rescaling; the backward runs keys outside and a
 inside, key-major, so its softmax terms are per-lane vectors (the C file says how).
 ``bench/test_bench_cpu.py -k "attention_forward or attention_backward"`` times them against SDPA.
 
+``pin_threads()`` pins the OpenMP pool's worker threads (PyTorch's intra-op pool, which the kernel
+shares) one to a CPU, leaving the calling thread free: a call after idle then starts on every core
+at once (the C file says why). ``fmfast.Predictor`` calls it on a CPU.
+
 ``available()`` says whether it can run here and, if not, why (no bf16 hardware, not Linux x86-64,
 no C compiler, a failed build); callers then use SDPA. ``variant()`` names the build that runs;
 ``FMFAST_CPU_ATTENTION`` = amx, avx512 or 0 (off) overrides the choice. The built library is
@@ -122,6 +126,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     i64p = ctypes.POINTER(ctypes.c_int64)
     lib.fmf_attention_fwd_many.restype = ctypes.c_int
     lib.fmf_attention_fwd_many.argtypes = [ctypes.POINTER(_Problem), ctypes.c_int, ctypes.c_int]
+    lib.fmf_pin_threads.restype = ctypes.c_int
+    lib.fmf_pin_threads.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
     lib.fmf_attention_bwd.restype = ctypes.c_int
     lib.fmf_attention_bwd.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5 + [i64p, ctypes.c_float, ctypes.c_int]
     return lib, variant
@@ -137,6 +143,35 @@ def variant() -> str | None:
     """The build that runs here ("AMX" or "AVX512-BF16"), None where none does."""
     lib, name = _library()
     return name if lib is not None else None
+
+
+_PINNED: dict[int, tuple[bool, str]] = {}  # thread count -> what pin_threads did for it
+
+
+def pin_threads() -> tuple[bool, str]:
+    """Pins worker t (1 .. n-1) of the n = ``torch.get_num_threads()`` OpenMP threads to the t-th
+    CPU this process may run on; the calling thread (t = 0) keeps its affinity, so threads and
+    processes it starts later keep theirs. -> (pinned, what it did in words). ``FMFAST_PIN_THREADS``:
+    auto (default: only when n equals the number of CPUs this process may use, so no guess about
+    hyperthread siblings or other processes is made), 1 (whenever n fits), 0 (never)."""
+    n, ask = torch.get_num_threads(), os.environ.get("FMFAST_PIN_THREADS", "auto")
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if ask not in ("auto", "0", "1"):
+        return False, f"threads not pinned: FMFAST_PIN_THREADS={ask!r} is not one of auto, 0, 1"
+    if ask == "0":
+        return False, "threads not pinned (FMFAST_PIN_THREADS=0)"
+    if n < 2:
+        return False, "threads not pinned: one thread"
+    if n > len(cpus) or (ask == "auto" and n != len(cpus)):
+        return False, f"threads not pinned: {n} threads on {len(cpus)} CPUs (FMFAST_PIN_THREADS=1 pins whenever they fit)"
+    if n not in _PINNED:
+        lib, why = _library()
+        if lib is None:
+            return False, f"threads not pinned: {why}"
+        got = lib.fmf_pin_threads((ctypes.c_int * n)(-1, *cpus[1:n]), n)
+        _PINNED[n] = ((True, f"{n - 1} worker thread(s) pinned to CPUs {cpus[1:n]}") if got == n - 1
+                      else (False, f"threads not pinned: {got} of {n - 1} workers took their CPU"))
+    return _PINNED[n]
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

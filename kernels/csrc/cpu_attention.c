@@ -22,7 +22,9 @@
 // Threads: OpenMP over (b, h, query range); each work item repacks its (b, h)'s k and v into
 // per-thread buffers (cheap: O(M D) against the O(N M D) of the item) so any batch, B = 1
 // included, splits into enough items.
+#define _GNU_SOURCE  // sched_setaffinity, CPU_SET
 #include <immintrin.h>
+#include <sched.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -534,6 +536,28 @@ int fmf_attention_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, u
     fmf_fwd_problem p = {q, k, v, o, lse, B, H, n, m, d, {0}, {0}, {0}, {0}, scale};
     for (int i = 0; i < 3; i++) p.sq[i] = sq[i], p.sk[i] = sk[i], p.sv[i] = sv[i], p.so[i] = so[i];
     return fmf_attention_fwd_many(&p, 1, nthreads);
+}
+
+// ---- thread placement --------------------------------------------------------------------
+// Pins thread t of an OpenMP team of n to cpus[t] (t = 0, the calling thread, when cpus[0] >= 0).
+// The team is the process's one OpenMP pool (libgomp is loaded once: PyTorch's intra-op work runs
+// on the same threads). Why: after about 0.1 s idle the pool's workers sleep, and Linux wakes a
+// sleeper next to the thread that wakes it, so two threads share one core for milliseconds (a
+// 3.4 ms B=32 attention took 11.5 ms after 0.1 s idle on a 2-core machine; 4.5 ms with its worker
+// pinned). Returns how many threads of the team took their placement.
+int fmf_pin_threads(const int *cpus, int n) {
+    int pinned = 0;
+#pragma omp parallel num_threads(n) reduction(+ : pinned)
+    {
+        const int t = omp_get_thread_num();
+        if (omp_get_num_threads() == n && cpus[t] >= 0) {
+            cpu_set_t set;
+            CPU_ZERO(&set);
+            CPU_SET(cpus[t], &set);
+            pinned = sched_setaffinity(0, sizeof set, &set) == 0;
+        }
+    }
+    return pinned;
 }
 
 // ---- backward -----------------------------------------------------------------------------

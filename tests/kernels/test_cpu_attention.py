@@ -278,3 +278,60 @@ def test_a_failed_build_is_a_reason_not_a_crash(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="no such flag"):
         ca._build(str(fake), "AVX512-BF16")
     assert [p.name for p in tmp_path.iterdir()] == ["cc"]  # nothing half-written
+
+
+PIN_PROBE = """
+import json, os, torch
+from fmfast.kernels import cpu_attention as ca
+torch.set_num_threads({threads})
+def placements():
+    out = {{}}
+    for t in os.listdir("/proc/self/task"):
+        for line in open(f"/proc/self/task/{{t}}/status"):
+            if line.startswith("Cpus_allowed_list"):
+                out[int(t)] = line.split()[1]
+    return out
+ca.cpu_attention(*[torch.randn(1, 2, 40, 32).bfloat16()] * 3, 0.2)  # the pool exists
+before = placements()
+ok, words = ca.pin_threads()
+ca.cpu_attention(*[torch.randn(1, 2, 40, 32).bfloat16()] * 3, 0.2)  # and still computes
+print(json.dumps({{"ok": ok, "words": words, "before": before, "after": placements(), "main": os.getpid(),
+                  "again": list(ca.pin_threads())}}))
+"""
+
+
+def pin_probe(threads, env):
+    r = subprocess.run([sys.executable, "-c", PIN_PROBE.format(threads=threads)], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+@pytest.mark.skipif(not OK or len(CPUS) < 2, reason=f"needs the kernel and 2 CPUs ({WHY}; {len(CPUS)} CPUs)")
+def test_pin_threads_pins_the_workers_and_leaves_the_caller():
+    """Each OpenMP worker gets one CPU of the process's set, in order, and the calling thread
+    (whose affinity later threads and child processes inherit) keeps the whole set."""
+    n = len(CPUS)
+    got = pin_probe(n, {"FMFAST_PIN_THREADS": "auto"})
+    assert got["ok"] and f"{n - 1} worker thread(s) pinned" in got["words"], got["words"]
+    assert got["again"] == [got["ok"], got["words"]]
+    main, after = str(got["main"]), got["after"]
+    assert after[main] == got["before"][main] and not after[main].isdigit()
+    singles = sorted(int(p) for t, p in after.items() if t != main and p.isdigit())
+    assert singles == CPUS[1:n], after
+
+
+@pytest.mark.skipif(not OK or len(CPUS) < 2, reason=f"needs the kernel and 2 CPUs ({WHY}; {len(CPUS)} CPUs)")
+@pytest.mark.parametrize("env, threads, why", [
+    ({"FMFAST_PIN_THREADS": "0"}, len(CPUS), "FMFAST_PIN_THREADS=0"),
+    ({"FMFAST_PIN_THREADS": "yes"}, len(CPUS), "is not one of auto, 0, 1"),
+    ({}, 1, "one thread"),
+    ({}, len(CPUS) + 1, f"{len(CPUS) + 1} threads on {len(CPUS)} CPUs")])
+def test_pin_threads_says_why_not_and_changes_nothing(env, threads, why):
+    got = pin_probe(threads, {"FMFAST_PIN_THREADS": "auto", **env})
+    assert not got["ok"] and why in got["words"], got["words"]
+    assert all(got["after"][t] == p for t, p in got["before"].items() if t in got["after"])
