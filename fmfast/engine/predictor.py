@@ -17,7 +17,10 @@ What runs (``pred.path`` says it in words, ``pred.note`` why, e.g. a fallback):
   (``fmfast.kernels.cpu_attention``; PyTorch's SDPA where that cannot run, and in fp32), and
   ``torch.compile`` (inductor with weight freezing), compiled and warmed up once, at
   construction, outside any timed loop. Where compilation is unavailable or fails, the same
-  model eagerly, with the reason.
+  model eagerly, with the reason. When the process uses every CPU it may run on, the OpenMP
+  worker threads are pinned one to a CPU (``cpu_attention.pin_threads``; ``pred.threads`` says
+  what was done): a call after idle, as in a plant scoring once a second, otherwise ran up to 1.5x
+  slower on 2 cores while a woken worker shared its waker's core.
 - CUDA: the Triton kernels in bf16 and the forward captured as one CUDA graph (replayed per
   chunk); eager, with the reason, where capture fails.
 - An exported file (``fmfast export``: .onnx, OpenVINO .xml, .pt2): its own runtime
@@ -87,6 +90,8 @@ class Predictor:
         self.dtype = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         self.config = self.model.config
+        # a call after idle then starts on every core at once (see cpu_attention.pin_threads)
+        self.pinned, self.threads = cpu_attention.pin_threads() if self.device.type == "cpu" else (False, "")
         self._run = self._eager
         self.note = "eager (compile off)" if compile == "off" else ""
         kind = "captured CUDA graph" if self.device.type == "cuda" else "torch.compile (inductor, freezing)"
@@ -126,7 +131,8 @@ class Predictor:
             backend = "the reference math (model.backend = 'reference')"
         if isinstance(self.model, ExportedModel):
             backend = self.model.runtime
-        return f"{self.name} on {self.device.type}, {backend}, {prec}, {self.note}"
+        pinned = f", {self.threads}" if getattr(self, "pinned", False) else ""
+        return f"{self.name} on {self.device.type}, {backend}, {prec}, {self.note}{pinned}"
 
     # ---- the forward on one padded chunk -------------------------------------------------
     def _forward(self, video: Tensor | None, current: Tensor | None) -> Tensor:

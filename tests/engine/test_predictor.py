@@ -169,3 +169,16 @@ def test_the_path_says_what_the_model_really_runs():
     m.set_backend("reference")
     slow = Predictor(m, precision="bf16", compile="off")
     assert "reference math" in slow.path and "attention," not in slow.path
+
+
+def test_the_path_says_whether_the_threads_are_pinned(monkeypatch):
+    """On a CPU the Predictor asks cpu_attention.pin_threads and says what it did (here stubbed:
+    what pinning does to threads is tested in tests/kernels)."""
+    from fmfast.kernels import cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "pin_threads", lambda: (True, "1 worker thread(s) pinned to CPUs [1]"))
+    pred = Predictor(model(), compile="off")
+    assert pred.pinned and pred.path.endswith(", 1 worker thread(s) pinned to CPUs [1]")
+    monkeypatch.setattr(cpu_attention, "pin_threads", lambda: (False, "threads not pinned: one thread"))
+    pred = Predictor(model(), compile="off")
+    assert not pred.pinned and pred.threads == "threads not pinned: one thread" and "pinned" not in pred.path
