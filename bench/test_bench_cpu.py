@@ -224,6 +224,7 @@ def test_bench_cpu_attention_forward(nq, nk):
         pytest.skip(f"fmfast CPU attention unavailable: {why}")
     OURS = f"ours ({ca.variant()})"
     torch.set_num_threads(2)
+    pinned = ca.pin_threads()[1]  # as under Predictor; the pool is shared, so SDPA runs pinned too
     B, H, D = 32, 3, 32
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, nq, 3, H, D, generator=g).bfloat16().permute(2, 0, 3, 1, 4)[0]
@@ -236,7 +237,7 @@ def test_bench_cpu_attention_forward(nq, nk):
     assert err[OURS] <= 2 * err["SDPA bf16"] + 1e-3, err
     secs = interleaved(fns, rounds=9)
     print(f"\nCPU attention forward, q [{B},{H},{nq},{D}] k/v [{B},{H},{nk},{D}] bf16 (strided views), 2 threads; "
-          f"max error vs float64: ours {err[OURS]:.1e}, SDPA {err['SDPA bf16']:.1e}")
+          f"max error vs float64: ours {err[OURS]:.1e}, SDPA {err['SDPA bf16']:.1e}; {pinned}")
     for n, t in secs.items():
         print(f"  {n:20s} {t * 1e3:8.2f} ms   ours x {t / secs[OURS]:4.2f}")
 
@@ -250,6 +251,7 @@ def test_bench_cpu_attention_backward(nq, nk):
     from fmfast.kernels import cpu_attention as ca
 
     torch.set_num_threads(2)
+    pinned = ca.pin_threads()[1]  # as under Predictor; the pool is shared, so SDPA runs pinned too
     B, H, D = 32, 3, 32
     g = torch.Generator().manual_seed(0)
     qkv = [torch.randn(B, H, n, D, generator=g).bfloat16() for n in (nq, nk, nk)]
@@ -275,7 +277,7 @@ def test_bench_cpu_attention_backward(nq, nk):
     first = next(iter(secs))
     print(f"\nCPU attention forward+backward, q [{B},{H},{nq},{D}] k/v [{B},{H},{nk},{D}] bf16 inputs, 2 threads; "
           f"grad rel. error vs float64: " + ", ".join(f"{k} {e:.1e}" for k, e in err.items())
-          + ("" if ok else f"; fmfast's kernel skipped: {why}"))
+          + ("" if ok else f"; fmfast's kernel skipped: {why}") + f"; {pinned}")
     for k, t in secs.items():
         print(f"  {k:20s} {t * 1e3:8.1f} ms   {first} x {t / secs[first]:4.2f}")
 
