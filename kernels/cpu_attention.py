@@ -11,8 +11,8 @@ strides with a unit stride over D (the model's q, k, v are views of one qkv proj
 Gradients (dq, dk, dv, bf16) come from the backward kernel, which recomputes P from the
 forward's saved log-sum-exp, as flash attention does.
 
-``cpu_attention_pair(q1, k1, v1, q2, k2, v2, scale) -> (o1, o2)``: two independent attentions of
-the same kinds (any N, M per pair member) in one kernel call, whose work items share one thread
+``cpu_attention_pair(q1, k1, v1, q2, k2, v2, scale1, scale2) -> (o1, o2)``: two independent
+attentions (any B, H, N, M, D and scale per pair member) in one kernel call, whose work items share one thread
 pool: the same outputs and gradients as two ``cpu_attention`` calls, bit for bit, for one call's
 overhead (the custom op's dispatch and Python body, about 20 µs, and a parallel region). FmFormer
 runs each layer's two self-attentions and its two cross-attentions as pairs.
@@ -280,14 +280,15 @@ def _(do, q, k, v, o, lse, scale):
 
 @torch.library.custom_op("fmfast::cpu_attention_pair_fwd", mutates_args=())
 def _attention_pair_fwd(q1: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, q2: torch.Tensor, k2: torch.Tensor,
-                        v2: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        v2: torch.Tensor, scale1: float, scale2: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (o1, lse1, o2, lse2): ``_attention_fwd`` of both triples, in one kernel call."""
-    (o1, lse1), (o2, lse2) = _forward((q1, k1, v1, scale), (q2, k2, v2, scale))
+    (o1, lse1), (o2, lse2) = _forward((q1, k1, v1, scale1), (q2, k2, v2, scale2))
     return o1, lse1, o2, lse2
 
 
 @_attention_pair_fwd.register_fake
-def _(q1, k1, v1, q2, k2, v2, scale):
+def _(q1, k1, v1, q2, k2, v2, scale1, scale2):
     return (_output(q1), q1.new_empty(q1.shape[:3], dtype=torch.float32), _output(q2),
             q2.new_empty(q2.shape[:3], dtype=torch.float32))
 
@@ -311,14 +312,14 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup)
 def _setup_pair(ctx, inputs, output):
     o1, lse1, o2, lse2 = output
     ctx.save_for_backward(*inputs[:6], o1, lse1, o2, lse2)
-    ctx.scale = inputs[6]
+    ctx.scales = inputs[6:]
 
 
 def _backward_pair(ctx, do1, _dlse1, do2, _dlse2):
     # training runs at batch sizes where one call's overhead is noise: two backward calls
     q1, k1, v1, q2, k2, v2, o1, lse1, o2, lse2 = ctx.saved_tensors
-    return (*_attention_bwd(do1, q1, k1, v1, o1, lse1, ctx.scale),
-            *_attention_bwd(do2, q2, k2, v2, o2, lse2, ctx.scale), None)
+    return (*_attention_bwd(do1, q1, k1, v1, o1, lse1, ctx.scales[0]),
+            *_attention_bwd(do2, q2, k2, v2, o2, lse2, ctx.scales[1]), None, None)
 
 
 _attention_pair_fwd.register_autograd(_backward_pair, setup_context=_setup_pair)
@@ -330,9 +331,9 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
 
 def cpu_attention_pair(q1: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, q2: torch.Tensor, k2: torch.Tensor,
-                       v2: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cpu_attention(q1, k1, v1, scale), cpu_attention(q2, k2, v2, scale))`` in one kernel call."""
-    o1, _, o2, _ = _attention_pair_fwd(q1, k1, v1, q2, k2, v2, scale)
+                       v2: torch.Tensor, scale1: float, scale2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cpu_attention(q1, k1, v1, scale1), cpu_attention(q2, k2, v2, scale2))`` in one kernel call."""
+    o1, _, o2, _ = _attention_pair_fwd(q1, k1, v1, q2, k2, v2, scale1, scale2)
     return o1, o2
 
 

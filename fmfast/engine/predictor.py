@@ -81,6 +81,7 @@ class Predictor:
             raise SettingsError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.meta = dict(meta or {})
         self.batch_size = batch_size
+        self.pinned, self.threads = False, ""  # an exported file runs its own runtime's threads
         if isinstance(model, ExportedModel):
             self._exported(model, device, precision, compile)
             return
@@ -90,8 +91,8 @@ class Predictor:
         self.dtype = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         self.config = self.model.config
-        # a call after idle then starts on every core at once (see cpu_attention.pin_threads)
-        self.pinned, self.threads = cpu_attention.pin_threads() if self.device.type == "cpu" else (False, "")
+        if self.device.type == "cpu":  # a call after idle then starts on every core at once
+            self.pinned, self.threads = cpu_attention.pin_threads()
         self._run = self._eager
         self.note = "eager (compile off)" if compile == "off" else ""
         kind = "captured CUDA graph" if self.device.type == "cuda" else "torch.compile (inductor, freezing)"
@@ -131,7 +132,7 @@ class Predictor:
             backend = "the reference math (model.backend = 'reference')"
         if isinstance(self.model, ExportedModel):
             backend = self.model.runtime
-        pinned = f", {self.threads}" if getattr(self, "pinned", False) else ""
+        pinned = f", {self.threads}" if self.pinned else ""
         return f"{self.name} on {self.device.type}, {backend}, {prec}, {self.note}{pinned}"
 
     # ---- the forward on one padded chunk -------------------------------------------------

@@ -58,13 +58,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fuse
 
 
 def attend_pair(q1: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, q2: torch.Tensor, k2: torch.Tensor,
-                v2: torch.Tensor, scale: float, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(attend(q1, k1, v1, ...), attend(q2, k2, v2, ...))``, the same numbers; where fmfast's CPU
-    kernel takes both, in one call of it (a layer's two independent attentions: half the calls,
-    about 0.3 ms of a 10 ms FmFormer forward at B=1)."""
+                v2: torch.Tensor, scale1: float, scale2: float, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(attend(q1, k1, v1, scale1, ...), attend(q2, k2, v2, scale2, ...))``, the same numbers;
+    where fmfast's CPU kernel takes both, in one call of it (a layer's two independent
+    attentions: half the calls, about 0.3 ms of a 10 ms FmFormer forward at B=1)."""
     if fused and cpu_attention.takes(q1, k1, v1) and cpu_attention.takes(q2, k2, v2):
-        return cpu_attention.cpu_attention_pair(q1, k1, v1, q2, k2, v2, scale)
-    return attend(q1, k1, v1, scale, fused), attend(q2, k2, v2, scale, fused)
+        return cpu_attention.cpu_attention_pair(q1, k1, v1, q2, k2, v2, scale1, scale2)
+    return attend(q1, k1, v1, scale1, fused), attend(q2, k2, v2, scale2, fused)
 
 
 def _train_sdpa_in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -210,21 +210,13 @@ class MultiStreamAttention(Dispatching, nn.Module):
         return x1, x2
 
 
-def attention_branch(m: nn.Module, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-    """The math of a self-attention branch ``m`` (fmfast's ``Attention`` or the reference code's:
-    same attributes) by its weights, whatever its own backend: reference matmuls or SDPA."""
-    q, k, v = _qkv_heads(m.to_qkv(m.norm(x)), m.heads)
-    return m.to_out(_merge_heads(attend(q, k, v, m.scale, fused)))
-
-
 def self_branches(m1: nn.Module, m2: nn.Module, x1: torch.Tensor, x2: torch.Tensor, fused: bool = False):
-    """``(attention_branch(m1, x1), attention_branch(m2, x2))``, the two attentions as one pair."""
+    """The math of two self-attention branches (fmfast's ``Attention`` or the reference code's:
+    same attributes), ``m1`` on stream 1 and ``m2`` on stream 2, by their weights, whatever their
+    own backend: reference matmuls or the fused path, the two attentions as one pair."""
     q1, k1, v1 = _qkv_heads(m1.to_qkv(m1.norm(x1)), m1.heads)
     q2, k2, v2 = _qkv_heads(m2.to_qkv(m2.norm(x2)), m2.heads)
-    if m1.scale != m2.scale:
-        o1, o2 = attend(q1, k1, v1, m1.scale, fused), attend(q2, k2, v2, m2.scale, fused)
-    else:
-        o1, o2 = attend_pair(q1, k1, v1, q2, k2, v2, m1.scale, fused)
+    o1, o2 = attend_pair(q1, k1, v1, q2, k2, v2, m1.scale, m2.scale, fused)
     return m1.to_out(_merge_heads(o1)), m2.to_out(_merge_heads(o2))
 
 
@@ -233,7 +225,7 @@ def cross_branches(m: nn.Module, x1: torch.Tensor, x2: torch.Tensor, fused: bool
     weights: stream 1 queries stream 2 and vice versa, both from the same inputs."""
     q1, k1, v1 = _qkv_heads(m.to_qkv1(m.norm1(x1)), m.heads)
     q2, k2, v2 = _qkv_heads(m.to_qkv2(m.norm2(x2)), m.heads)
-    r1, r2 = attend_pair(q1, k2, v2, q2, k1, v1, m.scale, fused)
+    r1, r2 = attend_pair(q1, k2, v2, q2, k1, v1, m.scale, m.scale, fused)
     return m.to_out1(_merge_heads(r1)), m.to_out2(_merge_heads(r2))
 
 

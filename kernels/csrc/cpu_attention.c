@@ -447,8 +447,8 @@ static void attend_block(const uint16_t *qp, int64_t sq, int64_t nrows, const ui
     }
 }
 
-// One forward problem of fmf_attention_fwd_many: q [B, H, n, d], k and v [B, H, m, d], o and lse
-// as in fmf_attention_fwd; s*: the (b, h, row) strides.
+// One forward problem of fmf_attention_fwd_many: q [B, H, n, d], k and v [B, H, m, d], o [B, H,
+// n, d], lse [B, H, n] (contiguous, or NULL), as in the header above; s*: the (b, h, row) strides.
 typedef struct {
     const uint16_t *q, *k, *v;
     uint16_t *o;
@@ -527,15 +527,6 @@ int fmf_attention_fwd_many(const fmf_fwd_problem *ps, int count, int nthreads) {
     }
     free(pool);
     return 0;
-}
-
-// One problem (the arguments of fmf_fwd_problem, strides as arrays of 3). Same return codes.
-int fmf_attention_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, float *lse,
-                      int64_t B, int64_t H, int64_t n, int64_t m, int64_t d, const int64_t *sq,
-                      const int64_t *sk, const int64_t *sv, const int64_t *so, float scale, int nthreads) {
-    fmf_fwd_problem p = {q, k, v, o, lse, B, H, n, m, d, {0}, {0}, {0}, {0}, scale};
-    for (int i = 0; i < 3; i++) p.sq[i] = sq[i], p.sk[i] = sk[i], p.sv[i] = sv[i], p.so[i] = so[i];
-    return fmf_attention_fwd_many(&p, 1, nthreads);
 }
 
 // ---- thread placement --------------------------------------------------------------------

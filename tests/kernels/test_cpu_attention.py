@@ -141,16 +141,16 @@ def test_pair_is_two_calls_bit_for_bit(first, second, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        o1, lse1, o2, lse2 = torch.ops.fmfast.cpu_attention_pair_fwd(*a, *b, 0.19)
+        o1, lse1, o2, lse2 = torch.ops.fmfast.cpu_attention_pair_fwd(*a, *b, 0.19, 0.23)
         w1, wl1 = torch.ops.fmfast.cpu_attention_fwd(*a, 0.19)
-        w2, wl2 = torch.ops.fmfast.cpu_attention_fwd(*b, 0.19)
+        w2, wl2 = torch.ops.fmfast.cpu_attention_fwd(*b, 0.23)
         for got, want in ((o1, w1), (lse1, wl1), (o2, w2), (lse2, wl2)):
             assert got.shape == want.shape and got.stride() == want.stride() and torch.equal(got, want)
         xs = [x.clone().requires_grad_() for x in (*a, *b)]
         ys = [x.clone().requires_grad_() for x in (*a, *b)]
-        p1, p2 = ca.cpu_attention_pair(*xs, 0.19)
+        p1, p2 = ca.cpu_attention_pair(*xs, 0.19, 0.23)
         (p1.float().square().sum() + p2.float().sum()).backward()
-        (ca.cpu_attention(*ys[:3], 0.19).float().square().sum() + ca.cpu_attention(*ys[3:], 0.19).float().sum()).backward()
+        (ca.cpu_attention(*ys[:3], 0.19).float().square().sum() + ca.cpu_attention(*ys[3:], 0.23).float().sum()).backward()
         for x, y in zip(xs, ys):
             assert torch.equal(x.grad, y.grad)
     finally:
@@ -160,17 +160,17 @@ def test_pair_is_two_calls_bit_for_bit(first, second, threads):
 @needs_kernel
 def test_pair_op_registration_compile_and_bad_inputs():
     a, b = qkv(2, 3, 20, 40, 32, seed=3), qkv(1, 3, 7, 9, 32, seed=4)
-    args = (*(x.requires_grad_() for x in (*a, *b)), 0.2)
+    args = (*(x.requires_grad_() for x in (*a, *b)), 0.2, 0.3)
     torch.library.opcheck(torch.ops.fmfast.cpu_attention_pair_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    fn = torch.compile(lambda *xs: [o * 2 for o in ca.cpu_attention_pair(*xs, 0.2)], fullgraph=True, dynamic=False)
+    fn = torch.compile(lambda *xs: [o * 2 for o in ca.cpu_attention_pair(*xs, 0.2, 0.3)], fullgraph=True, dynamic=False)
     with torch.no_grad():
-        for got, want in zip(fn(*args[:6]), ca.cpu_attention_pair(*args[:6], 0.2)):
+        for got, want in zip(fn(*args[:6]), ca.cpu_attention_pair(*args[:6], 0.2, 0.3)):
             torch.testing.assert_close(got, want * 2)
     with pytest.raises(ValueError, match="head dim"):
-        ca.cpu_attention_pair(*a, *qkv(1, 1, 8, 8, 48), 0.1)
+        ca.cpu_attention_pair(*a, *qkv(1, 1, 8, 8, 48), 0.1, 0.1)
     with pytest.raises(ValueError, match="k, v"):
-        ca.cpu_attention_pair(*a, b[0], b[1], b[2][:, :, :4], 0.1)
+        ca.cpu_attention_pair(*a, b[0], b[1], b[2][:, :, :4], 0.1, 0.1)
 
 
 def grad_errors(b, h, n, m, d, seed=0, scale=1.0, strided=False):
