@@ -46,10 +46,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fuse
     a CPU with AMX-BF16 tiles or AVX512-BF16, bf16 runs fmfast's CPU kernel, forward and backward
     (``fmfast.kernels.cpu_attention``; at FmFormer's shapes, AMX: 1.6-1.9x PyTorch's bf16 flash
     attention forward, 3.2-3.8x its fp32 forward + backward; AVX512-BF16 on Zen 5: about 3x and
-    2.4-2.7x); everything else PyTorch's SDPA."""
+    2.4-2.7x); short fp32 sequences on a CPU the reference's matmuls (``_short_on_cpu``);
+    everything else PyTorch's SDPA."""
     if fused:
         if cpu_attention.takes(q, k, v):
             return cpu_attention.cpu_attention(q, k, v, scale)
+        if _short_on_cpu(q, k):
+            return attention_ref(q, k, v, scale)
         if _train_sdpa_in_fp32(q, k, v):
             with torch.autocast("cpu", enabled=False):  # (autocast would cast SDPA's inputs back)
                 return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale).to(q.dtype)
@@ -65,6 +68,20 @@ def attend_pair(q1: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, q2: torch.
     if fused and cpu_attention.takes(q1, k1, v1) and cpu_attention.takes(q2, k2, v2):
         return cpu_attention.cpu_attention_pair(q1, k1, v1, q2, k2, v2, scale1, scale2)
     return attend(q1, k1, v1, scale1, fused), attend(q2, k2, v2, scale2, fused)
+
+
+SHORT_SEQ, SHORT_MIN_SLICES = 48, 24  # _short_on_cpu's bounds, measured (its docstring)
+
+
+def _short_on_cpu(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """An fp32 CPU attention over at most 48 queries and 48 keys with at least 24 (batch x head)
+    slices, where the reference's two matmuls and softmax beat PyTorch's CPU flash attention:
+    1.3-2.3x forward and forward + backward at B=8-32, 3 heads x 32, 17-41 tokens (the main
+    job's shapes, ``fmfast train`` with no arguments; 2-core Zen 3, torch 2.13). Longer
+    sequences (64 queries and keys at B=32: SDPA's forward 1.5x faster) and fewer slices (B=1:
+    SDPA 1.4-1.7x faster) keep SDPA."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and max(q.shape[-2], k.shape[-2]) <= SHORT_SEQ
+            and q.numel() // (q.shape[-2] * q.shape[-1]) >= SHORT_MIN_SLICES)
 
 
 def _train_sdpa_in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

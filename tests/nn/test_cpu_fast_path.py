@@ -103,6 +103,38 @@ def test_16bit_cpu_attention_is_differentiated_in_fp32_and_inferred_in_16bit(mon
     assert seen == [{torch.float32}] * n
 
 
+def test_short_fp32_cpu_attentions_take_the_reference_matmuls():
+    """fp32 on a CPU, at most 48 queries and keys and at least 24 batch x head slices: the
+    reference's matmuls (faster there than SDPA); one step past any bound, SDPA."""
+    from fmfast.nn.attention import SHORT_MIN_SLICES, SHORT_SEQ, _short_on_cpu
+
+    def qk(b=12, h=2, nq=SHORT_SEQ, nk=SHORT_SEQ, dtype=torch.float32, device="cpu"):
+        return torch.empty(b, h, nq, 16, dtype=dtype, device=device), torch.empty(b, h, nk, 16, dtype=dtype, device=device)
+    assert SHORT_MIN_SLICES == 24 and _short_on_cpu(*qk()) and _short_on_cpu(*qk(nq=1, nk=1))
+    for short_of_it in (qk(nq=SHORT_SEQ + 1), qk(nk=SHORT_SEQ + 1), qk(b=11), qk(b=23, h=1),
+                        qk(dtype=torch.bfloat16), qk(device="meta")):
+        assert not _short_on_cpu(*short_of_it)
+
+
+def test_short_sequences_run_without_sdpa_and_match_the_reference(monkeypatch):
+    """The tiny model at B=12 x 2 heads: every attention (at most 41 tokens) through the matmuls,
+    logits and gradients as the reference's; at B=3 (6 slices) all through SDPA."""
+    ref, auto = models("fmformer", "classification")
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    video, current = inputs(b=12)
+    want, want_g = grads("fmformer", ref, video, current)
+    got, got_g = grads("fmformer", auto, video, current)
+    assert calls == []
+    assert (got - want).abs().max() <= 1e-4
+    for (n, _), a, b in zip(ref.named_parameters(), got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+    with torch.no_grad():
+        auto(*inputs(b=3))
+    assert len(calls) == 4 * TINY["depth"]
+
+
 @pytest.mark.parametrize("name, task", CASES)
 def test_fp32_fused_path_matches_the_reference(name, task):
     ref, auto = models(name, task)
