@@ -1,7 +1,8 @@
 """The README's main command, exactly as a user runs it: ``python -m fmfast.train`` with no
 arguments on a fresh cache -- synthetic data generated, FmFormer trained and evaluated.
 
-It takes about 1.5 minutes on two quiet cores; it guards the README's headline (test F1 0.968 at seed 0 on the
+It takes about 1.5 minutes on two quiet cores with native bf16 (about 5 in fp32 on an AVX2-only
+Zen 3); it guards the README's headline (test F1 0.968 at seed 0 on the
 built-in benchmark, bf16 on a CPU with native bf16; the bar is 0.93) against changes to the data, the model or the training defaults. Its time
 is not asserted (performance lives in bench/)."""
 from __future__ import annotations
