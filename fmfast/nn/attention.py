@@ -8,6 +8,8 @@ same four through ``F.scaled_dot_product_attention``, the triton path the block-
 over a packed sequence (one launch per phase)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -79,9 +81,14 @@ def _short_on_cpu(q: torch.Tensor, k: torch.Tensor) -> bool:
     1.3-2.3x forward and forward + backward at B=8-32, 3 heads x 32, 17-41 tokens (the main
     job's shapes, ``fmfast train`` with no arguments; 2-core Zen 3, torch 2.13). Longer
     sequences (64 queries and keys at B=32: SDPA's forward 1.5x faster) and fewer slices (B=1:
-    SDPA 1.4-1.7x faster) keep SDPA."""
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and max(q.shape[-2], k.shape[-2]) <= SHORT_SEQ
-            and q.numel() // (q.shape[-2] * q.shape[-1]) >= SHORT_MIN_SLICES)
+    SDPA 1.4-1.7x faster) keep SDPA. Symbolic sizes (an export or compile with a dynamic batch)
+    keep SDPA too: a branch on them would specialise the traced graph to one batch size."""
+    if q.device.type != "cpu" or q.dtype != torch.float32:
+        return False
+    sizes = (*q.shape[:-1], k.shape[-2])  # (torch.Size.numel would specialise symbolic sizes)
+    if not all(isinstance(n, int) for n in sizes):
+        return False
+    return max(sizes[-2:]) <= SHORT_SEQ and math.prod(sizes[:-2]) >= SHORT_MIN_SLICES
 
 
 def _train_sdpa_in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

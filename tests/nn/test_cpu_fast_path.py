@@ -116,6 +116,21 @@ def test_short_fp32_cpu_attentions_take_the_reference_matmuls():
         assert not _short_on_cpu(*short_of_it)
 
 
+def test_a_dynamic_batch_keeps_sdpa_and_exports():
+    """Under torch.export with a symbolic batch the rule does not branch on it (that would pin the
+    graph to one batch size: "Constraints violated (batch)"): SDPA, as before the rule."""
+    from fmfast.nn.attention import attend
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return attend(q, k, v, 0.25, True)
+    q = torch.randn(12, 2, 8, 16)
+    b = torch.export.Dim("b", min=2)
+    ep = torch.export.export(Attend(), (q, q, q), dynamic_shapes=({0: b}, {0: b}, {0: b}))
+    assert "scaled_dot_product_attention" in str(ep.graph)
+    torch.testing.assert_close(ep.module()(q[:5], q[:5], q[:5]), attend(q[:5], q[:5], q[:5], 0.25, True))
+
+
 def test_short_sequences_run_without_sdpa_and_match_the_reference(monkeypatch):
     """The tiny model at B=12 x 2 heads: every attention (at most 41 tokens) through the matmuls,
     logits and gradients as the reference's; at B=3 (6 slices) all through SDPA."""
