@@ -2,8 +2,9 @@
 
 Shape: clip 3x10x64x64 uint8, current 240x3 float32, D=96, 6 layers, 3 heads x 32 (401 + 241
 tokens); the same weights everywhere. Inference peers (B=1 and B=32, 1 and 2 threads):
-  ours  ``fmfast.Predictor``: the fused backend (SDPA), bf16 autocast where the CPU has native
-        bf16 (fp32 elsewhere), ``torch.compile`` with inductor freezing (compiled before timing);
+  ours  ``fmfast.Predictor``: the fused backend, bf16 autocast where the CPU has native bf16 with
+        fmfast's bf16 attention kernel (fp32 elsewhere, with its AVX2 fp32 attention kernel),
+        ``torch.compile`` with inductor freezing (compiled before timing);
   (a)   ``backend="reference"`` eager fp32: the published model's math and precision;
   (b)   (a) under ``torch.compile`` (inductor, freezing), fp32;
   (c)   ONNX Runtime, fp32, from an ONNX export of the same weights;
@@ -11,7 +12,8 @@ tokens); the same weights everywhere. Inference peers (B=1 and B=32, 1 and 2 thr
 Training step (B=32): ours = what ``fmfast train`` runs on a CPU (the fused backend eager at
 ``--amp auto``: bf16 where the CPU has native bf16, its attention in fmfast's CPU kernels, AMX or AVX512-BF16) and at
 ``--amp off`` (fp32), vs (a) and (b) in training mode (forward, cross-entropy, backward, Adam).
-Attention forward: fmfast's CPU kernel (its AMX build, or AVX512-BF16 where the CPU has no AMX) vs PyTorch's SDPA on bf16 inputs. Attention forward +
+Attention forward: fmfast's CPU kernel (its AMX build, or AVX512-BF16 where the CPU has no AMX) vs PyTorch's SDPA on bf16 inputs;
+its fp32 kernel (AVX2) vs SDPA and matmul-softmax on fp32 inputs, B=32 and B=1. Attention forward +
 backward: fmfast's CPU kernels vs PyTorch's SDPA in bf16 and on fp32 casts of the same inputs.
 
 Parity first: fp32 peers within 1e-4 of (a); bf16 ones within 2x plain PyTorch bf16 autocast's
@@ -240,6 +242,39 @@ def test_bench_cpu_attention_forward(nq, nk):
           f"max error vs float64: ours {err[OURS]:.1e}, SDPA {err['SDPA bf16']:.1e}; {pinned}")
     for n, t in secs.items():
         print(f"  {n:20s} {t * 1e3:8.2f} ms   ours x {t / secs[OURS]:4.2f}")
+
+
+@pytest.mark.parametrize("nq, nk", [(401, 401), (241, 241), (401, 241), (241, 401), (41, 41), (17, 17)])
+@pytest.mark.parametrize("batch", [32, 1])
+def test_bench_cpu_attention_forward_fp32(nq, nk, batch):
+    """fmfast's fp32 CPU attention (AVX2: what Predictor's fp32 forward runs where the CPU has no
+    bf16 hardware) against PyTorch's SDPA and the reference's matmul-softmax on the same fp32
+    inputs, laid out as in the model, 3 heads x 32, 2 threads; the paper's four shapes and the
+    main job's two. Parity first: max error against float64 at most 2x SDPA fp32's + 2e-6."""
+    from fmfast.kernels import cpu_attention as ca
+    from fmfast.nn.attention import attention_ref
+
+    ok, why = ca.available_f32()
+    if not ok:
+        pytest.skip(f"fmfast fp32 CPU attention unavailable: {why}")
+    torch.set_num_threads(2)
+    pinned = ca.pin_threads()[1]
+    B, H, D = batch, 3, 32
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, nq, 3, H, D, generator=g).permute(2, 0, 3, 1, 4)[0]
+    k, v = torch.randn(B, nk, 3, H, D, generator=g).permute(2, 0, 3, 1, 4)[1:]
+    sc = D ** -0.5
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=sc)
+    fns = {"ours (AVX2 fp32)": lambda: ca.cpu_attention(q, k, v, sc),
+           "SDPA fp32": lambda: F.scaled_dot_product_attention(q, k, v, scale=sc),
+           "matmul-softmax fp32": lambda: attention_ref(q, k, v, sc)}
+    err = {n: (f().double() - exact).abs().max().item() for n, f in fns.items()}
+    assert err["ours (AVX2 fp32)"] <= 2 * err["SDPA fp32"] + 2e-6, err
+    secs = interleaved(fns, rounds=9)
+    print(f"\nCPU attention forward, q [{B},{H},{nq},{D}] k/v [{B},{H},{nk},{D}] fp32 (strided views), 2 threads; "
+          f"max error vs float64: ours {err['ours (AVX2 fp32)']:.1e}, SDPA {err['SDPA fp32']:.1e}; {pinned}")
+    for n, t in secs.items():
+        print(f"  {n:20s} {t * 1e3:8.2f} ms   ours x {t / secs['ours (AVX2 fp32)']:4.2f}")
 
 
 @pytest.mark.parametrize("nq, nk", [(401, 401), (241, 241), (401, 241), (241, 401)])

@@ -54,6 +54,8 @@ FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512dq", "-mav
          "-mavx512bf16"]
 # the two builds of SOURCE: its tile products on AMX tiles, or on AVX-512 registers (vdpbf16ps)
 VARIANTS = {"AMX": ["-mamx-tile", "-mamx-bf16"], "AVX512-BF16": ["-DFMF_SOFT_TILES"]}
+SOURCE_F32 = Path(__file__).parent / "csrc" / "cpu_attention_f32.c"
+FLAGS_F32 = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma"]
 _CHOICE = {"amx": "AMX", "avx512": "AVX512-BF16"}  # FMFAST_CPU_ATTENTION values
 _ERRORS = {1: "unsupported head dim", 2: "the kernel refused AMX tile state (arch_prctl)", 3: "out of memory"}
 
@@ -62,18 +64,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FMFAST_KERNEL_CACHE") or Path.home() / ".cache" / "fmfast" / "kernels")
 
 
-def _build(cc: str, variant: str) -> Path:
-    """Compile SOURCE into the cache (once per source and command); returns the library's path."""
-    cmd = [cc, *FLAGS, *VARIANTS[variant]]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cmd).encode()).hexdigest()[:16]
-    out = cache_dir() / f"cpu_attention-{key}.so"
+def _build(cc: str, source: Path, flags: list[str]) -> Path:
+    """Compile ``source`` into the cache (once per source, its headers and the command); returns
+    the library's path."""
+    cmd = [cc, *flags]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join(cmd).encode()).hexdigest()[:16]
+    out = cache_dir() / f"{source.stem}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([*cmd, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([*cmd, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(r.stderr.strip().splitlines() or ['?'])[-1][:200]}")
         os.replace(tmp, out)
@@ -81,6 +85,10 @@ def _build(cc: str, variant: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
 def supported_variants() -> list[str]:
@@ -114,11 +122,11 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, "this CPU has neither AMX-BF16 tiles nor AVX512-BF16"
     else:
         variant = have[0]
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    cc = _compiler()
     if cc is None:
         return None, "no C compiler (cc or gcc) to build it"
     try:
-        lib = ctypes.CDLL(str(_build(cc, variant)))
+        lib = ctypes.CDLL(str(_build(cc, SOURCE, FLAGS + VARIANTS[variant])))
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
         return None, f"its build failed: {e}"
     if not lib.fmf_amx_init():
@@ -145,6 +153,47 @@ def variant() -> str | None:
     return name if lib is not None else None
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=None)
+def _library_f32() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded fp32 kernel, "") or (None, why it cannot run here): it needs Linux on x86-64
+    with AVX2 and FMA; ``FMFAST_CPU_ATTENTION=0`` turns it off too."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"needs Linux on x86-64 (this is {platform.system()} {platform.machine()})"
+    if os.environ.get("FMFAST_CPU_ATTENTION", "auto") == "0":
+        return None, "turned off (FMFAST_CPU_ATTENTION=0)"
+    if not {"avx2", "fma"} <= _cpu_flags():
+        return None, "this CPU lacks AVX2 with FMA"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler (cc or gcc) to build it"
+    try:
+        lib = ctypes.CDLL(str(_build(cc, SOURCE_F32, FLAGS_F32)))
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
+        return None, f"its build failed: {e}"
+    lib.fmf_attention_f32_fwd_many.restype = ctypes.c_int
+    lib.fmf_attention_f32_fwd_many.argtypes = [ctypes.POINTER(_Problem), ctypes.c_int, ctypes.c_int]
+    lib.fmf_pin_threads.restype = ctypes.c_int
+    lib.fmf_pin_threads.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+    return lib, ""
+
+
+def available_f32() -> tuple[bool, str]:
+    """(True, "") where the fp32 forward kernel (AVX2) runs on this machine, else (False, the reason)."""
+    lib, why = _library_f32()
+    return lib is not None, why
+
+
 _PINNED: dict[int, tuple[bool, str]] = {}  # thread count -> what pin_threads did for it
 
 
@@ -166,6 +215,7 @@ def pin_threads() -> tuple[bool, str]:
         return False, f"threads not pinned: {n} threads on {len(cpus)} CPUs (FMFAST_PIN_THREADS=1 pins whenever they fit)"
     if n not in _PINNED:
         lib, why = _library()
+        lib = lib or _library_f32()[0]  # (both libraries hold the same fmf_pin_threads)
         if lib is None:
             return False, f"threads not pinned: {why}"
         got = lib.fmf_pin_threads((ctypes.c_int * n)(-1, *cpus[1:n]), n)
@@ -175,16 +225,27 @@ def pin_threads() -> tuple[bool, str]:
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether ``cpu_attention`` runs these inputs: bf16 on a CPU with the kernel available and
-    head dim in HEAD_DIMS (forward and backward)."""
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
-            and q.shape[-1] in HEAD_DIMS and _available_constant())
+    """Whether ``cpu_attention`` runs these inputs, head dim in HEAD_DIMS on a CPU: bf16 where the
+    bf16 kernel is available (forward and backward), or fp32 where the AVX2 kernel is available,
+    for a forward that will not be differentiated and is not being exported (the exported graph
+    must run where fmfast is not installed)."""
+    if q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype or q.shape[-1] not in HEAD_DIMS:
+        return False
+    if q.dtype == torch.bfloat16:
+        return _available_constant()
+    return (q.dtype == torch.float32 and not torch.compiler.is_exporting() and _available_f32_constant()
+            and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))))
 
 
 @torch.compiler.assume_constant_result
 def _available_constant() -> bool:
     # a constant to torch.compile, which so never traces the build
     return available()[0]
+
+
+@torch.compiler.assume_constant_result
+def _available_f32_constant() -> bool:
+    return available_f32()[0]
 
 
 class _Problem(ctypes.Structure):
@@ -194,17 +255,34 @@ class _Problem(ctypes.Structure):
                 + [(f, ctypes.c_int64 * 3) for f in ("sq", "sk", "sv", "so")] + [("scale", ctypes.c_float)])
 
 
+def _forward_f32(*problems: tuple) -> list[torch.Tensor]:
+    """(q, k, v, scale) each, fp32 -> [o], all computed in one call of the AVX2 kernel."""
+    outs, cs = [], (_Problem * len(problems))()
+    for c, (q, k, v, scale) in zip(cs, problems):
+        _check(q, k, v, _library_f32())
+        q, k, v = _unit(q), _unit(k), _unit(v)
+        o = _output(q)
+        _fill(c, q, k, v, o, None, scale)
+        outs.append(o)
+    _raise(_library_f32()[0].fmf_attention_f32_fwd_many(cs, len(problems), torch.get_num_threads()), *problems[0][:2])
+    return outs
+
+
+def _fill(c: _Problem, q, k, v, o, lse, scale: float) -> None:
+    c.q, c.k, c.v, c.o, c.lse = q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr() if lse is not None else None
+    c.B, c.H, c.n, c.d = q.shape
+    c.m, c.scale = k.shape[2], scale
+    c.sq[:], c.sk[:], c.sv[:], c.so[:] = q.stride()[:3], k.stride()[:3], v.stride()[:3], o.stride()[:3]
+
+
 def _forward(*problems: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(q, k, v, scale) each -> [(o, lse)], all computed in one kernel call."""
     lib, outs, cs = None, [], (_Problem * len(problems))()
     for c, (q, k, v, scale) in zip(cs, problems):
         lib = _check(q, k, v)
         q, k, v = _unit(q), _unit(k), _unit(v)
-        b, h, n, d = q.shape
-        o, lse = _output(q), q.new_empty((b, h, n), dtype=torch.float32)
-        c.q, c.k, c.v, c.o, c.lse = q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr()
-        c.B, c.H, c.n, c.m, c.d, c.scale = b, h, n, k.shape[2], d, scale
-        c.sq[:], c.sk[:], c.sv[:], c.so[:] = q.stride()[:3], k.stride()[:3], v.stride()[:3], o.stride()[:3]
+        o, lse = _output(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+        _fill(c, q, k, v, o, lse, scale)
         outs.append((o, lse))
     _raise(lib.fmf_attention_fwd_many(cs, len(problems), torch.get_num_threads()), *problems[0][:2])
     return outs
@@ -221,8 +299,8 @@ def _output(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty((b, n, h, d)).transpose(1, 2)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> ctypes.CDLL:
-    lib, why = _library()
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, library=None) -> ctypes.CDLL:
+    lib, why = library or _library()
     if lib is None:
         raise RuntimeError(f"fmfast.kernels.cpu_attention: {why}")
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
@@ -325,14 +403,48 @@ def _backward_pair(ctx, do1, _dlse1, do2, _dlse2):
 _attention_pair_fwd.register_autograd(_backward_pair, setup_context=_setup_pair)
 
 
+@torch.library.custom_op("fmfast::cpu_attention_f32_fwd", mutates_args=())
+def _attention_f32_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 -> o [B, H, N, D] over a [B, N, H, D] buffer. Forward only: no autograd is registered,
+    so a backward through it raises (``takes`` never routes a differentiated call here)."""
+    return _forward_f32((q, k, v, scale))[0]
+
+
+@_attention_f32_fwd.register_fake
+def _(q, k, v, scale):
+    return _output(q)
+
+
+@torch.library.custom_op("fmfast::cpu_attention_f32_pair_fwd", mutates_args=())
+def _attention_f32_pair_fwd(q1: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, q2: torch.Tensor,
+                            k2: torch.Tensor, v2: torch.Tensor, scale1: float, scale2: float
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (o1, o2): ``_attention_f32_fwd`` of both triples, in one kernel call."""
+    o1, o2 = _forward_f32((q1, k1, v1, scale1), (q2, k2, v2, scale2))
+    return o1, o2
+
+
+@_attention_f32_pair_fwd.register_fake
+def _(q1, k1, v1, q2, k2, v2, scale1, scale2):
+    return _output(q1), _output(q2)
+
+
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """``softmax(q k^T * scale) v``, differentiable (see the module docstring for shapes)."""
+    """``softmax(q k^T * scale) v`` (see the module docstring for shapes): bf16, differentiable;
+    fp32, forward only."""
+    if q.dtype == torch.float32:
+        return _attention_f32_fwd(q, k, v, scale)
     return _attention_fwd(q, k, v, scale)[0]
 
 
 def cpu_attention_pair(q1: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, q2: torch.Tensor, k2: torch.Tensor,
                        v2: torch.Tensor, scale1: float, scale2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cpu_attention(q1, k1, v1, scale1), cpu_attention(q2, k2, v2, scale2))`` in one kernel call."""
+    """``(cpu_attention(q1, k1, v1, scale1), cpu_attention(q2, k2, v2, scale2))`` in one kernel call
+    (both triples of one dtype)."""
+    if q1.dtype != q2.dtype:
+        raise ValueError(f"cpu_attention_pair: both triples of one dtype, got {q1.dtype} and {q2.dtype}")
+    if q1.dtype == torch.float32:
+        return _attention_f32_pair_fwd(q1, k1, v1, q2, k2, v2, scale1, scale2)
     o1, _, o2, _ = _attention_pair_fwd(q1, k1, v1, q2, k2, v2, scale1, scale2)
     return o1, o2
 

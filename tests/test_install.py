@@ -131,6 +131,28 @@ def test_a_clean_install_runs_ingest_train_detect(venv, with_decord):
     assert stored_frames(out, "a").shape[0] == 80
 
 
+KERNELS_PROBE = """
+import torch
+from fmfast.kernels import cpu_attention as ca
+x = torch.randn(1, 2, 9, 32)
+for ok, why in (ca.available(), ca.available_f32()):
+    assert ok or "its build failed" not in why, why  # the installed C sources build (a missing header would not)
+ok, why = ca.available_f32()
+if ok:
+    assert torch.allclose(ca.cpu_attention(x, x, x, 0.2), ca.cpu_attention_ref(x, x, x, 0.2), atol=1e-5)
+print(ca.__file__)
+print("f32", ok, why)
+"""
+
+
+def test_the_installed_package_builds_its_cpu_kernels(venv, tmp_path):
+    """The C sources and their shared header ship in the wheel: the CPU kernels build from the
+    installed package (the tiny models above, head dim 16, never call them)."""
+    env = {**clean_env(tmp_path / "cache"), "FMFAST_KERNEL_CACHE": str(tmp_path / "k")}
+    said = run([venv / "python", "-I", "-c", KERNELS_PROBE], env=env).strip().splitlines()  # -I: not the tree
+    assert said[-1].startswith("f32 ") and said[-2].startswith(str(venv.parent)), said
+
+
 def test_without_decord_the_pyav_fallback_does_the_same(venv, recording, with_decord, tmp_path):
     run([venv / "python", "-m", "pip", "uninstall", "-y", "decord2", "decord"])
     probe = subprocess.run([venv / "python", "-c", "import decord"], capture_output=True, text=True)

@@ -13,8 +13,9 @@ compiled or captured program always sees one shape.
 What runs (``pred.path`` says it in words, ``pred.note`` why, e.g. a fallback):
 
 - CPU: the fused backend, bf16 autocast where the CPU has native bf16 matrix units (AMX-BF16 or
-  AVX512-BF16; fp32 elsewhere, never slower) with its attention in fmfast's CPU kernel
-  (``fmfast.kernels.cpu_attention``; PyTorch's SDPA where that cannot run, and in fp32), and
+  AVX512-BF16; fp32 elsewhere, never slower) with its attention in fmfast's CPU kernels
+  (``fmfast.kernels.cpu_attention``: the bf16 kernel, or in fp32 the AVX2 forward kernel;
+  PyTorch's SDPA where neither can run), and
   ``torch.compile`` (inductor with weight freezing), compiled and warmed up once, at
   construction, outside any timed loop. Where compilation is unavailable or fails, the same
   model eagerly, with the reason. When the process uses every CPU it may run on, the OpenMP
@@ -128,6 +129,9 @@ class Predictor:
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             ok, why = cpu_attention.available()
             backend = f"{cpu_attention.variant()} attention" if ok else f"fused SDPA (fmfast's CPU attention: {why})"
+        elif self.device.type == "cpu" and self.dtype is None:
+            ok, why = cpu_attention.available_f32()
+            backend = "AVX2 fp32 attention" if ok else f"fused SDPA (fmfast's fp32 CPU attention: {why})"
         if getattr(self.model, "backend", "auto") == "reference":  # as the caller built it: kept, and said
             backend = "the reference math (model.backend = 'reference')"
         if isinstance(self.model, ExportedModel):

@@ -48,7 +48,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fuse
     a CPU with AMX-BF16 tiles or AVX512-BF16, bf16 runs fmfast's CPU kernel, forward and backward
     (``fmfast.kernels.cpu_attention``; at FmFormer's shapes, AMX: 1.6-1.9x PyTorch's bf16 flash
     attention forward, 3.2-3.8x its fp32 forward + backward; AVX512-BF16 on Zen 5: about 3x and
-    2.4-2.7x); short fp32 sequences on a CPU the reference's matmuls (``_short_on_cpu``);
+    2.4-2.7x); an fp32 CPU forward that will not be differentiated, fmfast's AVX2 kernel
+    (1.3-1.7x PyTorch's fp32 flash attention at 241-401 tokens, B=32, on a Zen 3); short
+    differentiated fp32 sequences on a CPU the reference's matmuls (``_short_on_cpu``);
     everything else PyTorch's SDPA."""
     if fused:
         if cpu_attention.takes(q, k, v):
@@ -67,7 +69,7 @@ def attend_pair(q1: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, q2: torch.
     """``(attend(q1, k1, v1, scale1, ...), attend(q2, k2, v2, scale2, ...))``, the same numbers;
     where fmfast's CPU kernel takes both, in one call of it (a layer's two independent
     attentions: half the calls, about 0.3 ms of a 10 ms FmFormer forward at B=1)."""
-    if fused and cpu_attention.takes(q1, k1, v1) and cpu_attention.takes(q2, k2, v2):
+    if fused and q1.dtype == q2.dtype and cpu_attention.takes(q1, k1, v1) and cpu_attention.takes(q2, k2, v2):
         return cpu_attention.cpu_attention_pair(q1, k1, v1, q2, k2, v2, scale1, scale2)
     return attend(q1, k1, v1, scale1, fused), attend(q2, k2, v2, scale2, fused)
 

@@ -1,6 +1,6 @@
 """The CPU attention kernels (forward and backward), each build this CPU runs (AMX tiles,
 AVX512-BF16 registers), against float64 and PyTorch's own bf16
-SDPA on the same inputs:
+SDPA on the same inputs, and the fp32 forward kernel (AVX2) against float64 and fp32 SDPA:
 ragged shapes (queries and keys not multiples of the 16-row tiles or 32-key steps, a single key,
 a single query), both head dims, the model's strided q/k/v views, large logits; its layout, the
 custom op's registration, torch.compile, and the dispatch and fallback decisions."""
@@ -263,10 +263,10 @@ def test_build_is_cached_by_source_and_written_whole(tmp_path, monkeypatch, vari
 
     monkeypatch.setenv("FMFAST_KERNEL_CACHE", str(tmp_path))
     cc = shutil.which("cc") or shutil.which("gcc")
-    lib = ca._build(cc, variant)
+    lib = ca._build(cc, ca.SOURCE, ca.FLAGS + ca.VARIANTS[variant])
     assert lib.parent == tmp_path and lib.stat().st_size > 0
     stamp = lib.stat().st_mtime_ns
-    assert ca._build(cc, variant) == lib and lib.stat().st_mtime_ns == stamp  # not rebuilt
+    assert ca._build(cc, ca.SOURCE, ca.FLAGS + ca.VARIANTS[variant]) == lib and lib.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [lib.name]  # no temp file left behind
 
 
@@ -276,7 +276,7 @@ def test_a_failed_build_is_a_reason_not_a_crash(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\necho 'cc: error: no such flag' >&2\nexit 1\n")
     fake.chmod(0o755)
     with pytest.raises(RuntimeError, match="no such flag"):
-        ca._build(str(fake), "AVX512-BF16")
+        ca._build(str(fake), ca.SOURCE, ca.FLAGS)
     assert [p.name for p in tmp_path.iterdir()] == ["cc"]  # nothing half-written
 
 
@@ -291,10 +291,11 @@ def placements():
             if line.startswith("Cpus_allowed_list"):
                 out[int(t)] = line.split()[1]
     return out
-ca.cpu_attention(*[torch.randn(1, 2, 40, 32).bfloat16()] * 3, 0.2)  # the pool exists
+x = torch.randn(1, 2, 40, 32).to(torch.bfloat16 if ca.available()[0] else torch.float32)
+ca.cpu_attention(x, x, x, 0.2)  # the pool exists
 before = placements()
 ok, words = ca.pin_threads()
-ca.cpu_attention(*[torch.randn(1, 2, 40, 32).bfloat16()] * 3, 0.2)  # and still computes
+ca.cpu_attention(x, x, x, 0.2)  # and still computes
 print(json.dumps({{"ok": ok, "words": words, "before": before, "after": placements(), "main": os.getpid(),
                   "again": list(ca.pin_threads())}}))
 """
@@ -309,9 +310,10 @@ def pin_probe(threads, env):
 
 
 CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+ANY_OK = OK or ca.available_f32()[0]  # either library pins (both hold fmf_pin_threads)
 
 
-@pytest.mark.skipif(not OK or len(CPUS) < 2, reason=f"needs the kernel and 2 CPUs ({WHY}; {len(CPUS)} CPUs)")
+@pytest.mark.skipif(not ANY_OK or len(CPUS) < 2, reason=f"needs a CPU kernel and 2 CPUs ({len(CPUS)} CPUs)")
 def test_pin_threads_pins_the_workers_and_leaves_the_caller():
     """Each OpenMP worker gets one CPU of the process's set, in order, and the calling thread
     (whose affinity later threads and child processes inherit) keeps the whole set."""
@@ -325,7 +327,7 @@ def test_pin_threads_pins_the_workers_and_leaves_the_caller():
     assert singles == CPUS[1:n], after
 
 
-@pytest.mark.skipif(not OK or len(CPUS) < 2, reason=f"needs the kernel and 2 CPUs ({WHY}; {len(CPUS)} CPUs)")
+@pytest.mark.skipif(not ANY_OK or len(CPUS) < 2, reason=f"needs a CPU kernel and 2 CPUs ({len(CPUS)} CPUs)")
 @pytest.mark.parametrize("env, threads, why", [
     ({"FMFAST_PIN_THREADS": "0"}, len(CPUS), "FMFAST_PIN_THREADS=0"),
     ({"FMFAST_PIN_THREADS": "yes"}, len(CPUS), "is not one of auto, 0, 1"),
@@ -335,3 +337,150 @@ def test_pin_threads_says_why_not_and_changes_nothing(env, threads, why):
     got = pin_probe(threads, {"FMFAST_PIN_THREADS": "auto", **env})
     assert not got["ok"] and why in got["words"], got["words"]
     assert all(got["after"][t] == p for t, p in got["before"].items() if t in got["after"])
+
+
+# ---- the fp32 forward kernel (AVX2) ------------------------------------------------------------
+OK32, WHY32 = ca.available_f32()
+needs_f32 = pytest.mark.skipif(not OK32, reason=f"fp32 CPU attention unavailable here: {WHY32}")
+
+
+def qkv32(b, h, n, m, d, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, x, d, generator=g) for x in (n, m, m))
+    return q * scale, k, v
+
+
+def errors32(q, k, v):
+    """(ours, SDPA fp32) max abs error against float64 on the same fp32 inputs."""
+    sc = q.shape[-1] ** -0.5
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=sc)
+    ours = ca.cpu_attention(q, k, v, sc)
+    plain = F.scaled_dot_product_attention(q, k, v, scale=sc)
+    assert ours.dtype == torch.float32 and ours.shape == q.shape
+    return (ours.double() - exact).abs().max().item(), (plain.double() - exact).abs().max().item()
+
+
+@needs_f32
+@pytest.mark.parametrize("b, h, n, m, d", [
+    (2, 3, 401, 401, 32), (2, 3, 241, 401, 32), (2, 3, 401, 241, 32),  # FmFormer's four shapes
+    (1, 1, 1, 1, 32), (1, 2, 17, 5, 32), (3, 1, 33, 50, 64), (2, 2, 100, 300, 64), (1, 1, 3, 31, 64),
+    (1, 1, 24, 16, 32), (1, 1, 25, 17, 32), (1, 1, 23, 15, 32), (4, 1, 6, 8, 32), (2, 3, 41, 17, 32)])
+def test_f32_matches_float64_as_well_as_sdpa(b, h, n, m, d):
+    """Ragged queries and keys around the kernel's blocks (24 queries, 6-row groups, 16-key
+    slices, 8-key vectors, 64-key chunks)."""
+    ours, plain = errors32(*qkv32(b, h, n, m, d))
+    assert ours <= 2 * plain + 2e-6, (ours, plain)
+
+
+@needs_f32
+@pytest.mark.parametrize("scale", [8.0, 30.0])
+def test_f32_large_logits_stay_finite_and_exact(scale):
+    """Logits in the hundreds: no overflow, and keys far below the row max (clamped at 2^-126)
+    add nothing visible; a row of all-negative logits is not lifted by the zero padding."""
+    q, k, v = qkv32(2, 2, 70, 90, 32, scale=scale)
+    ours, plain = errors32(q, k, v)
+    assert ours <= 2 * plain + 2e-6, (ours, plain)
+    v = qkv32(1, 1, 5, 3, 32)[2]  # 3 keys in a 16-key slice: 13 zero logits of padding
+    qq, kk = torch.zeros(1, 1, 5, 32), torch.zeros(1, 1, 3, 32)
+    qq[..., 0] = 1.0
+    kk[..., 0] = torch.tensor([-50.0, -51.0, -52.0]) / 32 ** -0.5  # logits -50..-52: padding's 0 would win a max
+    ours, plain = errors32(qq, kk, v)
+    assert ours <= 2 * plain + 2e-6, (ours, plain)
+
+
+@needs_f32
+def test_f32_strided_views_threads_and_layout():
+    """q, k, v as the model makes them (views of one projection) give their contiguous copies'
+    output bit for bit, at 1, 2 and 3 threads (the query splits change); the output is
+    [B, N, H, D] underneath."""
+    b, n, h, d = 1, 37, 3, 32
+    proj = torch.randn(b, n, 3 * h * d)
+    q, k, v = proj.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    before, outs = torch.get_num_threads(), []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(ca.cpu_attention(q, k, v, 0.2))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs)
+    assert torch.equal(outs[0], ca.cpu_attention(q.contiguous(), k.contiguous(), v.contiguous(), 0.2))
+    assert outs[0].transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(outs[0], ca.cpu_attention_ref(q, k, v, 0.2), atol=2e-6, rtol=1e-5)
+
+
+@needs_f32
+def test_f32_bad_inputs_raise_in_words():
+    q, k, v = qkv32(1, 1, 8, 8, 32)
+    with pytest.raises(ValueError, match="head dim"):
+        ca.cpu_attention(*qkv32(1, 1, 8, 8, 48), 0.1)
+    with pytest.raises(ValueError, match="head dim"):
+        ca.cpu_attention(q, k[:, :, :0], v[:, :, :0], 0.1)
+    with pytest.raises(ValueError, match="k, v"):
+        ca.cpu_attention(q, k, v[:, :, :4], 0.1)
+    with pytest.raises(ValueError, match="one dtype"):
+        ca.cpu_attention_pair(q, k, v, q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.1, 0.1)
+
+
+@needs_f32
+def test_f32_custom_ops_registration_compile_and_no_backward():
+    """Schema and fake tensors check out, torch.compile sees one node, and a backward through
+    it is refused (it is a forward-only kernel: ``takes`` never routes a differentiated call here)."""
+    q, k, v = qkv32(2, 3, 20, 40, 32)
+    a, b = (q, k, v), qkv32(1, 3, 7, 9, 64, seed=4)
+    torch.library.opcheck(torch.ops.fmfast.cpu_attention_f32_fwd.default, (q, k, v, 0.2),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fmfast.cpu_attention_f32_pair_fwd.default, (*a, *b, 0.2, 0.3),
+                          test_utils=("test_schema", "test_faketensor"))
+    fn = torch.compile(lambda *xs: [o * 2 for o in ca.cpu_attention_pair(*xs, 0.2, 0.3)], fullgraph=True, dynamic=False)
+    for got, want in zip(fn(*a, *b), ca.cpu_attention_pair(*a, *b, 0.2, 0.3)):
+        torch.testing.assert_close(got, want * 2)
+    x = q.clone().requires_grad_()
+    with pytest.raises(RuntimeError):
+        ca.cpu_attention(x, k, v, 0.2).sum().backward()
+
+
+@needs_f32
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("first, second", [
+    ((2, 3, 401, 401, 32), (2, 3, 241, 241, 32)),
+    ((1, 3, 401, 241, 32), (1, 3, 241, 401, 32)),
+    ((1, 2, 17, 5, 64), (3, 1, 1, 33, 32)),
+    ((1, 1, 0, 8, 32), (2, 2, 40, 20, 32))])
+def test_f32_pair_is_two_calls_bit_for_bit(first, second, threads):
+    a, b = qkv32(*first, seed=1), qkv32(*second, seed=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        o1, o2 = ca.cpu_attention_pair(*a, *b, 0.19, 0.23)
+        for got, want in ((o1, ca.cpu_attention(*a, 0.19)), (o2, ca.cpu_attention(*b, 0.23))):
+            assert got.shape == want.shape and got.stride() == want.stride() and torch.equal(got, want)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_f32_takes_only_what_it_can_run():
+    """fp32 forward that will not be differentiated and is not exported; never a differentiated
+    call, another head dim, mixed dtypes or a non-CPU tensor."""
+    q, k, v = qkv32(1, 2, 9, 9, 32)
+    assert ca.takes(q, k, v) == OK32
+    assert not ca.takes(*qkv32(1, 2, 9, 9, 48))
+    assert not ca.takes(q, k.bfloat16(), v)
+    assert not ca.takes(q.double(), k.double(), v.double())
+    assert not ca.takes(q.to("meta"), k.to("meta"), v.to("meta"))
+    x = q.clone().requires_grad_()
+    assert not ca.takes(x, k, v)
+    with torch.no_grad():
+        assert ca.takes(x, k, v) == OK32
+
+
+def test_f32_switched_off_says_why(monkeypatch):
+    monkeypatch.setenv("FMFAST_CPU_ATTENTION", "0")
+    ca._library_f32.cache_clear()
+    try:
+        ok, why = ca.available_f32()
+        assert not ok and "FMFAST_CPU_ATTENTION=0" in why
+        assert not ca.takes(*qkv32(1, 2, 9, 9, 32))
+    finally:
+        ca._library_f32.cache_clear()

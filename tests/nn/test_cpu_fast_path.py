@@ -150,6 +150,37 @@ def test_short_sequences_run_without_sdpa_and_match_the_reference(monkeypatch):
     assert len(calls) == 4 * TINY["depth"]
 
 
+@pytest.mark.skipif(not cpu_attention.available_f32()[0],
+                    reason=f"fmfast fp32 CPU attention: {cpu_attention.available_f32()[1]}")
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_fp32_inference_runs_the_avx2_kernel_and_training_does_not(monkeypatch, task):
+    """At head dim 32 an fp32 forward without gradients runs every attention in fmfast's AVX2
+    kernel, as pairs (a layer's two self-attentions in one call, its two cross-attentions in
+    another), logits within 1e-5 of the reference; a differentiated forward never calls it; a
+    torch.export keeps it out of the graph (an exported file must run without fmfast)."""
+    seg = {"seg_hidden_dims": (8, 8, 8)} if task == "segmentation" else {}
+    c = ModelConfig(task=task, **{**TINY, "dim_head": 32}, **seg)
+    torch.manual_seed(0)
+    ref = build_model("fmformer", c, backend="reference").eval()
+    auto = build_model("fmformer", c, backend="auto").eval()
+    auto.load_state_dict(ref.state_dict())
+    calls = []
+    single, pair = cpu_attention.cpu_attention, cpu_attention.cpu_attention_pair
+    monkeypatch.setattr(cpu_attention, "cpu_attention", lambda *a: calls.append(1) or single(*a))
+    monkeypatch.setattr(cpu_attention, "cpu_attention_pair", lambda *a: calls.append(2) or pair(*a))
+    video, current = inputs()
+    with torch.no_grad():
+        got, want = auto(video, current), ref(video, current)
+    assert calls == [2] * (2 * TINY["depth"])
+    assert (got - want).abs().max() <= 1e-5
+    calls.clear()
+    grads("fmformer", auto, video, current)
+    assert calls == []
+    with torch.no_grad():
+        ep = torch.export.export(auto, (video, current))
+    assert calls == [] and "fmfast" not in str(ep.graph)
+
+
 @pytest.mark.parametrize("name, task", CASES)
 def test_fp32_fused_path_matches_the_reference(name, task):
     ref, auto = models(name, task)

@@ -1,0 +1,282 @@
+// Attention forward in fp32 on x86 CPUs with AVX2 and FMA (every x86-64 CPU since 2013-15:
+// Intel Haswell, AMD Zen 1, and all later): softmax(q k^T * scale) v for fp32 q, k, v, for
+// inference (no backward: a training step keeps PyTorch's SDPA).
+//
+// q [B, H, N, D], k and v [B, H, M, D], fp32 with unit stride over D and any strides over
+// (B, H, N); o [B, H, N, D] fp32 (any strides over B, H, N). D in {32, 64}.
+//
+// Why a kernel of our own: at head dim 32 PyTorch's CPU flash attention is about half a compiled
+// fp32 FmFormer forward on CPUs without bf16 hardware, at about 40% of the FMA units' peak: its
+// blocks are GEMM-library calls with K = D = 32, too thin to amortise them, and an online softmax
+// rescales its accumulators per key block. FmFormer's segments are short (M <= a few thousand), so,
+// as in cpu_attention.c, the logits of a block of QB queries over all M keys fit in L2 and each
+// block is three passes that each do one thing fast, with no rescaling:
+//   S = Q K^T   register-blocked 6 queries x 16 keys (12 accumulators), K^T packed per (b, h);
+//   softmax     exact per row, exp2 by a degree-5 polynomial (relative error 1.6e-7 in fp32);
+//   O = P V     register-blocked 3 queries x 32 d, over key chunks of 64 (a chunk of V stays in L1);
+//               12 accumulators, V read as FMA memory operands (2 rows: 10% slower, FMA-latency bound).
+// Within a pass the loop order keeps the reused operand in L1: a 16-key slice of K^T (2 KB) serves
+// all QB queries; a 64-key chunk of V (8 KB) serves all QB rows of P.
+//
+// Threads: OpenMP over (b, h, query range); each work item packs its (b, h)'s K^T and V rows
+// into per-thread buffers (O(M D) against the O(N M D) of the item), so any batch, B = 1
+// included, splits into enough items.
+#define _GNU_SOURCE  // sched_setaffinity, CPU_SET (pin_threads.h)
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pin_threads.h"  // fmf_pin_threads
+
+#define QB 24  // queries per block: four 6-row groups of the S micro-kernel, a multiple of PV_ROWS
+#define S_ROWS 6
+#define PV_ROWS 3
+#define KCHUNK 64  // keys per O = P V chunk
+
+// 2^t for t <= 0: t clamped to -126 (2^-126 is 0 next to the row maximum's 1), f = t - floor(t)
+// in [0, 1), 2^f by a degree-5 fit (relative error 1.6e-7 in fp32 arithmetic), and floor(t) added
+// to the exponent bits (2^f is in [1, 2), so the result stays a normal float).
+static inline __m256 exp2_neg(__m256 t) {
+    t = _mm256_max_ps(t, _mm256_set1_ps(-126.0f));
+    const __m256 fl = _mm256_floor_ps(t), f = _mm256_sub_ps(t, fl);
+    __m256 p = _mm256_set1_ps(1.8775727e-3f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.9893444e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5826318e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4015361e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9315308e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.9999994e-1f));
+    const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(fl), 23);
+    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+
+static inline float hmax8(__m256 x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+static inline float hsum8(__m256 x) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+// r[i][j] <- r[j][i] for an 8 x 8 block of floats (unpack, shuffle, lane permute)
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+// k [M, D] (row stride sk) -> kt[D][Mp], keys >= M zero; 8 x 8 blocks transposed in registers
+static void pack_kt(const float *k, int64_t sk, int64_t m, int64_t mp, int64_t d, float *kt) {
+    __m256 r[8];
+    for (int64_t j0 = 0; j0 < mp; j0 += 8)
+        for (int64_t c = 0; c < d; c += 8) {
+            for (int64_t i = 0; i < 8; i++) r[i] = j0 + i < m ? _mm256_loadu_ps(k + (j0 + i) * sk + c) : _mm256_setzero_ps();
+            transpose8(r);
+            for (int64_t i = 0; i < 8; i++) _mm256_store_ps(kt + (c + i) * mp + j0, r[i]);
+        }
+}
+
+// S[r][j0 .. j0+16) for S_ROWS query rows q (row stride d): the d loop's two K^T vectors serve
+// all six rows (12 FMAs per 2 loads and 6 broadcasts)
+static inline void s_block(const float *q, const float *kt, int64_t mp, int64_t d, int64_t j0, float *s) {
+    __m256 a0[S_ROWS], a1[S_ROWS];
+    for (int r = 0; r < S_ROWS; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < d; e++) {
+        const __m256 b0 = _mm256_load_ps(kt + e * mp + j0), b1 = _mm256_load_ps(kt + e * mp + j0 + 8);
+        for (int r = 0; r < S_ROWS; r++) {
+            const __m256 a = _mm256_broadcast_ss(q + r * d + e);
+            a0[r] = _mm256_fmadd_ps(a, b0, a0[r]);
+            a1[r] = _mm256_fmadd_ps(a, b1, a1[r]);
+        }
+    }
+    for (int r = 0; r < S_ROWS; r++) {
+        _mm256_store_ps(s + r * mp + j0, a0[r]);
+        _mm256_store_ps(s + r * mp + j0 + 8, a1[r]);
+    }
+}
+
+// softmax numerators of one row in place: s[j] <- 2^((s[j] - max) scale log2e) for j < m (keys
+// j >= m are never read again); returns 1 / their sum
+static inline float softmax_row(float *s, int64_t m, float c) {
+    const int64_t full = m & ~(int64_t)7;
+    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0;
+    int64_t j = 0;
+    for (; j + 16 <= full; j += 16) {  // two chains: vmaxps's latency
+        m0 = _mm256_max_ps(m0, _mm256_load_ps(s + j));
+        m1 = _mm256_max_ps(m1, _mm256_load_ps(s + j + 8));
+    }
+    for (; j < full; j += 8) m0 = _mm256_max_ps(m0, _mm256_load_ps(s + j));
+    float mx = hmax8(_mm256_max_ps(m0, m1));
+    for (j = full; j < m; j++) mx = s[j] > mx ? s[j] : mx;
+    const __m256 cc = _mm256_set1_ps(c), off = _mm256_set1_ps(mx * c);
+    __m256 z0 = _mm256_setzero_ps(), z1 = z0;
+    for (j = 0; j + 16 <= full; j += 16) {
+        const __m256 e0 = exp2_neg(_mm256_fmsub_ps(_mm256_load_ps(s + j), cc, off));
+        const __m256 e1 = exp2_neg(_mm256_fmsub_ps(_mm256_load_ps(s + j + 8), cc, off));
+        _mm256_store_ps(s + j, e0);
+        _mm256_store_ps(s + j + 8, e1);
+        z0 = _mm256_add_ps(z0, e0);
+        z1 = _mm256_add_ps(z1, e1);
+    }
+    for (; j < full; j += 8) {
+        const __m256 e = exp2_neg(_mm256_fmsub_ps(_mm256_load_ps(s + j), cc, off));
+        _mm256_store_ps(s + j, e);
+        z0 = _mm256_add_ps(z0, e);
+    }
+    if (full < m) {  // the ragged keys: lanes >= m get -inf logits, so 2^-126 (t is clamped): zeroed
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(m - full)), lane));
+        const __m256 x = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_load_ps(s + full), keep);
+        const __m256 e = _mm256_and_ps(exp2_neg(_mm256_fmsub_ps(x, cc, off)), keep);
+        _mm256_store_ps(s + full, e);
+        z0 = _mm256_add_ps(z0, e);
+    }
+    return 1.0f / hsum8(_mm256_add_ps(z0, z1));
+}
+
+// o[r][0 .. 32) += sum over keys j in [j0, j1) of p[r][j] v[j][0 .. 32) for PV_ROWS rows, the
+// accumulators in registers for the chunk (12 FMAs, V as their memory operands, per 3 broadcasts)
+static inline void pv_block(const float *p, int64_t mp, const float *vr, int64_t d, int64_t j0, int64_t j1,
+                            float *o) {
+    __m256 acc[PV_ROWS][4];
+    for (int r = 0; r < PV_ROWS; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm256_load_ps(o + r * d + 8 * c);
+    for (int64_t j = j0; j < j1; j++) {
+        const float *vj = vr + j * d;
+        const __m256 v0 = _mm256_load_ps(vj), v1 = _mm256_load_ps(vj + 8), v2 = _mm256_load_ps(vj + 16),
+                     v3 = _mm256_load_ps(vj + 24);
+        for (int r = 0; r < PV_ROWS; r++) {
+            const __m256 a = _mm256_broadcast_ss(p + r * mp + j);
+            acc[r][0] = _mm256_fmadd_ps(a, v0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(a, v1, acc[r][1]);
+            acc[r][2] = _mm256_fmadd_ps(a, v2, acc[r][2]);
+            acc[r][3] = _mm256_fmadd_ps(a, v3, acc[r][3]);
+        }
+    }
+    for (int r = 0; r < PV_ROWS; r++)
+        for (int c = 0; c < 4; c++) _mm256_store_ps(o + r * d + 8 * c, acc[r][c]);
+}
+
+// One block of rows (nrows <= QB) of one (b, h): q rows qp (stride sq) -> o rows op (stride so).
+// kt: K^T [D][Mp]; vr: V rows [Mp][D]; buffers: qbuf [QB][D], sbuf [QB][Mp], obuf [QB][D].
+static void attend_block(const float *qp, int64_t sq, int64_t nrows, const float *kt, const float *vr, int64_t m,
+                         int64_t mp, int64_t d, float scale, float *qbuf, float *sbuf, float *obuf, float *op,
+                         int64_t so) {
+    for (int64_t i = 0; i < QB; i++) {  // zero-padded to QB rows: the micro-kernels run whole groups
+        if (i < nrows)
+            memcpy(qbuf + i * d, qp + i * sq, d * 4);
+        else
+            memset(qbuf + i * d, 0, d * 4);
+    }
+    const int64_t groups = (nrows + S_ROWS - 1) / S_ROWS, rows = groups * S_ROWS;
+    for (int64_t j0 = 0; j0 < mp; j0 += 16)
+        for (int64_t g = 0; g < groups; g++) s_block(qbuf + g * S_ROWS * d, kt, mp, d, j0, sbuf + g * S_ROWS * mp);
+    const float c = scale * 1.44269504088896341f;
+    float inv[QB];
+    for (int64_t i = 0; i < rows; i++) inv[i] = softmax_row(sbuf + i * mp, m, c);
+    memset(obuf, 0, rows * d * 4);
+    for (int64_t j0 = 0; j0 < m; j0 += KCHUNK) {
+        const int64_t j1 = j0 + KCHUNK < m ? j0 + KCHUNK : m;
+        for (int64_t e = 0; e < d; e += 32)
+            for (int64_t r = 0; r < rows; r += PV_ROWS)
+                pv_block(sbuf + r * mp, mp, vr + e, d, j0, j1, obuf + r * d + e);
+    }
+    for (int64_t i = 0; i < nrows; i++) {
+        const __m256 w = _mm256_set1_ps(inv[i]);
+        for (int64_t e = 0; e < d; e += 8) _mm256_storeu_ps(op + i * so + e, _mm256_mul_ps(_mm256_load_ps(obuf + i * d + e), w));
+    }
+}
+
+// One problem of fmf_attention_f32_fwd_many, laid out as cpu_attention.c's fmf_fwd_problem (the
+// Python side fills both with one ctypes structure); lse is not written.
+typedef struct {
+    const float *q, *k, *v;
+    float *o;
+    float *lse;
+    int64_t B, H, n, m, d;
+    int64_t sq[3], sk[3], sv[3], so[3];
+    float scale;
+} fmf_f32_problem;
+
+// at least two items a thread and a whole number of items per thread (cpu_attention.c says why)
+static int64_t query_splits(const fmf_f32_problem *p, int nthreads) {
+    const int64_t bh = p->B * p->H, nblocks = (p->n + QB - 1) / QB;
+    int64_t splits = 1;
+    while ((bh * splits < 2 * (int64_t)nthreads || bh * splits % nthreads) && splits < nblocks) splits++;
+    return splits;
+}
+
+static inline size_t aligned64(size_t x) { return (x + 63) & ~(size_t)63; }
+
+// count problems in one parallel region, their work items in one queue (a layer's two
+// independent attentions in one call). Returns 0 on success, 1 for an unsupported D or count
+// (nothing is computed), 3 out of memory.
+int fmf_attention_f32_fwd_many(const fmf_f32_problem *ps, int count, int nthreads) {
+    enum { MAXP = 8 };
+    if (count < 1 || count > MAXP) return 1;
+    int64_t splits[MAXP], first[MAXP + 1], mpmax = 16, dmax = 32;
+    first[0] = 0;
+    for (int i = 0; i < count; i++) {
+        const fmf_f32_problem *p = ps + i;
+        if (p->d != 32 && p->d != 64) return 1;
+        splits[i] = p->n && p->B && p->H && p->m ? query_splits(p, nthreads) : 0;
+        first[i + 1] = first[i] + p->B * p->H * splits[i];
+        const int64_t mp = (p->m + 15) & ~(int64_t)15;
+        if (mp > mpmax) mpmax = mp;
+        if (p->d > dmax) dmax = p->d;
+    }
+    const int64_t items = first[count];
+    if (!items) return 0;
+    // per thread: K^T, V rows, the block's Q, logits and O
+    const size_t sizes[] = {aligned64(mpmax * dmax * 4), aligned64(mpmax * dmax * 4), aligned64(QB * dmax * 4),
+                            aligned64(QB * mpmax * 4), aligned64(QB * dmax * 4)};
+    const size_t per_thread = sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4];
+    char *pool = aligned_alloc(64, per_thread * nthreads);
+    if (!pool) return 3;
+#pragma omp parallel num_threads(nthreads)
+    {
+        char *at = pool + per_thread * omp_get_thread_num();
+        float *kt = (float *)at, *vr = (float *)(at + sizes[0]), *qbuf = (float *)(at + sizes[0] + sizes[1]);
+        float *sbuf = (float *)(at + sizes[0] + sizes[1] + sizes[2]);
+        float *obuf = (float *)(at + sizes[0] + sizes[1] + sizes[2] + sizes[3]);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            int i = 0;
+            while (it >= first[i + 1]) i++;
+            const fmf_f32_problem *p = ps + i;
+            const int64_t n = p->n, m = p->m, d = p->d, mp = (m + 15) & ~(int64_t)15, nblocks = (n + QB - 1) / QB;
+            const int64_t j = it - first[i], bh = j / splits[i], part = j % splits[i], bb = bh / p->H, h = bh % p->H;
+            const int64_t per = (nblocks + splits[i] - 1) / splits[i];
+            const int64_t blk0 = part * per, blk1 = blk0 + per < nblocks ? blk0 + per : nblocks;
+            if (blk0 >= blk1) continue;
+            pack_kt(p->k + bb * p->sk[0] + h * p->sk[1], p->sk[2], m, mp, d, kt);
+            const float *v = p->v + bb * p->sv[0] + h * p->sv[1];
+            for (int64_t r = 0; r < m; r++) memcpy(vr + r * d, v + r * p->sv[2], d * 4);
+            for (int64_t blk = blk0; blk < blk1; blk++) {
+                const int64_t i0 = blk * QB, rows = n - i0 < QB ? n - i0 : QB;
+                attend_block(p->q + bb * p->sq[0] + h * p->sq[1] + i0 * p->sq[2], p->sq[2], rows, kt, vr, m, mp, d,
+                             p->scale, qbuf, sbuf, obuf, p->o + bb * p->so[0] + h * p->so[1] + i0 * p->so[2], p->so[2]);
+            }
+        }
+    }
+    free(pool);
+    return 0;
+}
