@@ -139,6 +139,32 @@ def test_compiled_cpu_path_agrees_with_eager():
     torch.testing.assert_close(pred(video, current), want, rtol=1e-4, atol=1e-4)
 
 
+def linear_ops(pred, video, current) -> set[str]:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        pred(video, current)
+    return {e.name for e in prof.events() if "linear" in e.name}
+
+
+@pytest.mark.slow
+def test_large_fp32_batches_compile_with_a_symbolic_batch_for_onednn():
+    """fp32 from ONEDNN_MIN_BATCH rows a chunk: compiled with a symbolic batch, so freezing packs
+    the Linears for oneDNN (faster than MKL's at the paper's B=32); smaller chunks keep the static
+    compile (MKL's packed Linear where torch has MKL). Both agree with eager within 1e-4."""
+    m = model()
+    video, current = inputs(P.ONEDNN_MIN_BATCH + 3)
+    want = eager(m, "fmformer", video, current)
+    big = Predictor(m, precision="fp32", batch_size=P.ONEDNN_MIN_BATCH, compile="on")
+    torch.testing.assert_close(big(video, current), want, rtol=1e-4, atol=1e-4)
+    ops = linear_ops(big, video[:P.ONEDNN_MIN_BATCH], current[:P.ONEDNN_MIN_BATCH])
+    assert "mkldnn::_linear_pointwise" in ops and "mkl::_mkl_linear" not in ops, ops
+    small = Predictor(m, precision="fp32", batch_size=4, compile="on")
+    torch.testing.assert_close(small(video, current), want, rtol=1e-4, atol=1e-4)
+    if torch._C.has_mkl:
+        assert "mkl::_mkl_linear" in linear_ops(small, video[:4], current[:4])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not native_bf16(), reason="bf16 inference needs a CPU with native bf16")
 def test_compiled_bf16_cpu_path_freezes_the_weights():
