@@ -13,7 +13,8 @@ Training step (B=32): ours = what ``fmfast train`` runs on a CPU (the fused back
 ``--amp auto``: bf16 where the CPU has native bf16, its attention in fmfast's CPU kernels, AMX or AVX512-BF16) and at
 ``--amp off`` (fp32), vs (a) and (b) in training mode (forward, cross-entropy, backward, Adam).
 Attention forward: fmfast's CPU kernel (its AMX build, or AVX512-BF16 where the CPU has no AMX) vs PyTorch's SDPA on bf16 inputs;
-its fp32 kernel (AVX2) vs SDPA and matmul-softmax on fp32 inputs, B=32 and B=1. Attention forward +
+its fp32 kernel (AVX2) vs SDPA and matmul-softmax on fp32 inputs, B=32 and B=1, forward and
+forward + backward. Attention forward +
 backward: fmfast's CPU kernels vs PyTorch's SDPA in bf16 and on fp32 casts of the same inputs.
 
 Parity first: fp32 peers within 1e-4 of (a); bf16 ones within 2x plain PyTorch bf16 autocast's
@@ -275,6 +276,46 @@ def test_bench_cpu_attention_forward_fp32(nq, nk, batch):
           f"max error vs float64: ours {err['ours (AVX2 fp32)']:.1e}, SDPA {err['SDPA fp32']:.1e}; {pinned}")
     for n, t in secs.items():
         print(f"  {n:20s} {t * 1e3:8.2f} ms   ours x {t / secs['ours (AVX2 fp32)']:4.2f}")
+
+
+@pytest.mark.parametrize("nq, nk", [(401, 401), (241, 241), (401, 241), (241, 401), (41, 41), (17, 17)])
+def test_bench_cpu_attention_backward_fp32(nq, nk):
+    """Attention forward + backward on fp32 inputs, B=32, 3 heads x 32, 2 threads: fmfast's AVX2
+    kernels (what fp32 CPU training runs, except at the main job's short sizes, where the
+    matmuls are faster) against PyTorch's SDPA and the reference's matmul-softmax. Parity first:
+    each gradient's relative error against float64 at most 2x SDPA fp32's + 1e-6."""
+    from fmfast.kernels import cpu_attention as ca
+    from fmfast.nn.attention import attention_ref
+
+    ok, why = ca.available_f32()
+    if not ok:
+        pytest.skip(f"fmfast fp32 CPU attention unavailable: {why}")
+    torch.set_num_threads(2)
+    pinned = ca.pin_threads()[1]
+    B, H, D = 32, 3, 32
+    g = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(B, H, n, D, generator=g) for n in (nq, nk, nk)]
+    go = torch.randn(B, H, nq, D, generator=g)
+    sc = D ** -0.5
+
+    def run(fn):
+        xs = [x.detach().requires_grad_() for x in qkv]
+        fn(*xs).backward(go)
+        return [x.grad.double() for x in xs]
+
+    OURS = "ours (AVX2 fp32)"
+    routes = {OURS: lambda q, k, v: ca.cpu_attention(q, k, v, sc),
+              "SDPA fp32": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=sc),
+              "matmul-softmax fp32": lambda q, k, v: attention_ref(q, k, v, sc)}
+    xs64 = [x.double().requires_grad_() for x in qkv]
+    F.scaled_dot_product_attention(*xs64, scale=sc).backward(go.double())
+    err = {k: max(((a - e.grad).norm() / e.grad.norm()).item() for a, e in zip(run(f), xs64)) for k, f in routes.items()}
+    assert err[OURS] <= 2 * err["SDPA fp32"] + 1e-6, err
+    secs = interleaved({k: (lambda f=f: run(f)) for k, f in routes.items()}, rounds=7)
+    print(f"\nCPU attention forward+backward, q [{B},{H},{nq},{D}] k/v [{B},{H},{nk},{D}] fp32, 2 threads; "
+          f"grad rel. error vs float64: " + ", ".join(f"{k} {e:.1e}" for k, e in err.items()) + f"; {pinned}")
+    for k, t in secs.items():
+        print(f"  {k:20s} {t * 1e3:8.2f} ms   ours x {t / secs[OURS]:4.2f}")
 
 
 @pytest.mark.parametrize("nq, nk", [(401, 401), (241, 241), (401, 241), (241, 401)])

@@ -194,6 +194,9 @@ def _library_f32() -> tuple[ctypes.CDLL | None, str]:
         return None, f"its build failed: {e}"
     lib.fmf_attention_f32_fwd_many.restype = ctypes.c_int
     lib.fmf_attention_f32_fwd_many.argtypes = [ctypes.POINTER(_Problem), ctypes.c_int, ctypes.c_int]
+    lib.fmf_attention_f32_bwd.restype = ctypes.c_int
+    lib.fmf_attention_f32_bwd.argtypes = ([ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5
+                                          + [ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_int])
     lib.fmf_pin_threads.restype = ctypes.c_int
     lib.fmf_pin_threads.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
     return lib, ""
@@ -236,16 +239,14 @@ def pin_threads() -> tuple[bool, str]:
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether ``cpu_attention`` runs these inputs, head dim in HEAD_DIMS on a CPU: bf16 where the
-    bf16 kernel is available (forward and backward), or fp32 where the AVX2 kernel is available,
-    for a forward that will not be differentiated and is not being exported (the exported graph
-    must run where fmfast is not installed)."""
+    """Whether ``cpu_attention`` runs these inputs, head dim in HEAD_DIMS on a CPU (forward and
+    backward): bf16 where the bf16 kernel is available, fp32 where the AVX2 kernel is, unless
+    under ``torch.export`` (the exported graph must run where fmfast is not installed)."""
     if q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype or q.shape[-1] not in HEAD_DIMS:
         return False
     if q.dtype == torch.bfloat16:
         return _available_constant()
-    return (q.dtype == torch.float32 and not torch.compiler.is_exporting() and _available_f32_constant()
-            and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))))
+    return q.dtype == torch.float32 and not torch.compiler.is_exporting() and _available_f32_constant()
 
 
 @torch.compiler.assume_constant_result
@@ -266,15 +267,15 @@ class _Problem(ctypes.Structure):
                 + [(f, ctypes.c_int64 * 3) for f in ("sq", "sk", "sv", "so")] + [("scale", ctypes.c_float)])
 
 
-def _forward_f32(*problems: tuple) -> list[torch.Tensor]:
-    """(q, k, v, scale) each, fp32 -> [o], all computed in one call of the AVX2 kernel."""
+def _forward_f32(*problems: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(q, k, v, scale) each, fp32 -> [(o, lse)], all computed in one call of the AVX2 kernel."""
     outs, cs = [], (_Problem * len(problems))()
     for c, (q, k, v, scale) in zip(cs, problems):
         _check(q, k, v, _library_f32())
         q, k, v = _unit(q), _unit(k), _unit(v)
-        o = _output(q)
-        _fill(c, q, k, v, o, None, scale)
-        outs.append(o)
+        o, lse = _output(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+        _fill(c, q, k, v, o, lse, scale)
+        outs.append((o, lse))
     _raise(_library_f32()[0].fmf_attention_f32_fwd_many(cs, len(problems), torch.get_num_threads()), *problems[0][:2])
     return outs
 
@@ -389,9 +390,13 @@ def _setup(ctx, inputs, output):
     ctx.scale = scale
 
 
+def _grads(do, q, k, v, o, lse, scale):
+    return (_attention_f32_bwd if q.dtype == torch.float32 else _attention_bwd)(do, q, k, v, o, lse, scale)
+
+
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.scale)
+    dq, dk, dv = _grads(do, q, k, v, o, lse, ctx.scale)
     return dq, dk, dv, None
 
 
@@ -407,45 +412,71 @@ def _setup_pair(ctx, inputs, output):
 def _backward_pair(ctx, do1, _dlse1, do2, _dlse2):
     # training runs at batch sizes where one call's overhead is noise: two backward calls
     q1, k1, v1, q2, k2, v2, o1, lse1, o2, lse2 = ctx.saved_tensors
-    return (*_attention_bwd(do1, q1, k1, v1, o1, lse1, ctx.scales[0]),
-            *_attention_bwd(do2, q2, k2, v2, o2, lse2, ctx.scales[1]), None, None)
+    return (*_grads(do1, q1, k1, v1, o1, lse1, ctx.scales[0]),
+            *_grads(do2, q2, k2, v2, o2, lse2, ctx.scales[1]), None, None)
 
 
 _attention_pair_fwd.register_autograd(_backward_pair, setup_context=_setup_pair)
 
 
 @torch.library.custom_op("fmfast::cpu_attention_f32_fwd", mutates_args=())
-def _attention_f32_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """fp32 -> o [B, H, N, D] over a [B, N, H, D] buffer. Forward only: no autograd is registered,
-    so a backward through it raises (``takes`` never routes a differentiated call here)."""
+def _attention_f32_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 -> (o [B, H, N, D] over a [B, N, H, D] buffer, lse [B, H, N]: the backward's input)."""
     return _forward_f32((q, k, v, scale))[0]
 
 
 @_attention_f32_fwd.register_fake
 def _(q, k, v, scale):
-    return _output(q)
+    return _output(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fmfast::cpu_attention_f32_bwd", mutates_args=())
+def _attention_f32_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv), fp32, contiguous."""
+    lib = _check(q, k, v, _library_f32())
+    do, q, k, v, o = (_unit(x.float()) for x in (do, q, k, v, o))
+    lse = lse.contiguous()
+    dq, dk, dv = (torch.empty(x.shape) for x in (q, k, v))
+    b, h, n, d = q.shape
+    if n and b * h:
+        st = _strides(q, k, v, o, do, dq, dk, dv)
+        _raise(lib.fmf_attention_f32_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), do.data_ptr(),
+                                         lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), b, h, n,
+                                         k.shape[2], d, st, scale, torch.get_num_threads()), q, k)
+    else:
+        dk.zero_(), dv.zero_()
+    return dq, dk, dv
+
+
+@_attention_f32_bwd.register_fake
+def _(do, q, k, v, o, lse, scale):
+    return torch.empty(q.shape), torch.empty(k.shape), torch.empty(v.shape)
 
 
 @torch.library.custom_op("fmfast::cpu_attention_f32_pair_fwd", mutates_args=())
 def _attention_f32_pair_fwd(q1: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, q2: torch.Tensor,
                             k2: torch.Tensor, v2: torch.Tensor, scale1: float, scale2: float
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (o1, o2): ``_attention_f32_fwd`` of both triples, in one kernel call."""
-    o1, o2 = _forward_f32((q1, k1, v1, scale1), (q2, k2, v2, scale2))
-    return o1, o2
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (o1, lse1, o2, lse2): ``_attention_f32_fwd`` of both triples, in one kernel call."""
+    (o1, lse1), (o2, lse2) = _forward_f32((q1, k1, v1, scale1), (q2, k2, v2, scale2))
+    return o1, lse1, o2, lse2
 
 
 @_attention_f32_pair_fwd.register_fake
 def _(q1, k1, v1, q2, k2, v2, scale1, scale2):
-    return _output(q1), _output(q2)
+    return (_output(q1), q1.new_empty(q1.shape[:3], dtype=torch.float32), _output(q2),
+            q2.new_empty(q2.shape[:3], dtype=torch.float32))
+
+
+_attention_f32_fwd.register_autograd(_backward, setup_context=_setup)
+_attention_f32_pair_fwd.register_autograd(_backward_pair, setup_context=_setup_pair)
 
 
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """``softmax(q k^T * scale) v`` (see the module docstring for shapes): bf16, differentiable;
-    fp32, forward only."""
-    if q.dtype == torch.float32:
-        return _attention_f32_fwd(q, k, v, scale)
-    return _attention_fwd(q, k, v, scale)[0]
+    """``softmax(q k^T * scale) v``, differentiable (see the module docstring for shapes)."""
+    return (_attention_f32_fwd if q.dtype == torch.float32 else _attention_fwd)(q, k, v, scale)[0]
 
 
 def cpu_attention_pair(q1: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, q2: torch.Tensor, k2: torch.Tensor,
@@ -454,9 +485,8 @@ def cpu_attention_pair(q1: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, q2:
     (both triples of one dtype)."""
     if q1.dtype != q2.dtype:
         raise ValueError(f"cpu_attention_pair: both triples of one dtype, got {q1.dtype} and {q2.dtype}")
-    if q1.dtype == torch.float32:
-        return _attention_f32_pair_fwd(q1, k1, v1, q2, k2, v2, scale1, scale2)
-    o1, _, o2, _ = _attention_pair_fwd(q1, k1, v1, q2, k2, v2, scale1, scale2)
+    pair = _attention_f32_pair_fwd if q1.dtype == torch.float32 else _attention_pair_fwd
+    o1, _, o2, _ = pair(q1, k1, v1, q2, k2, v2, scale1, scale2)
     return o1, o2
 
 

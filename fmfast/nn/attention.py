@@ -48,12 +48,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fuse
     a CPU with AMX-BF16 tiles or AVX512-BF16, bf16 runs fmfast's CPU kernel, forward and backward
     (``fmfast.kernels.cpu_attention``; at FmFormer's shapes, AMX: 1.6-1.9x PyTorch's bf16 flash
     attention forward, 3.2-3.8x its fp32 forward + backward; AVX512-BF16 on Zen 5: about 3x and
-    2.4-2.7x); an fp32 CPU forward that will not be differentiated, fmfast's AVX2 kernel
-    (1.3-1.7x PyTorch's fp32 flash attention at 241-401 tokens, B=32, on a Zen 3); short
-    differentiated fp32 sequences on a CPU the reference's matmuls (``_short_on_cpu``);
+    2.4-2.7x); fp32 fmfast's AVX2 kernel, forward and backward (on a Zen 3 at B=32: forward
+    1.3-1.5x PyTorch's fp32 flash attention at 241-401 tokens, forward + backward 1.26-1.35x);
+    short fp32 sequences on a CPU the reference's matmuls (``_short_on_cpu``) where they will be
+    differentiated (0.83-0.90x of the kernel's time there) or the kernel cannot run;
     everything else PyTorch's SDPA."""
     if fused:
-        if cpu_attention.takes(q, k, v):
+        if _cpu_kernel_takes(q, k, v):
             return cpu_attention.cpu_attention(q, k, v, scale)
         if _short_on_cpu(q, k):
             return attention_ref(q, k, v, scale)
@@ -69,9 +70,19 @@ def attend_pair(q1: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, q2: torch.
     """``(attend(q1, k1, v1, scale1, ...), attend(q2, k2, v2, scale2, ...))``, the same numbers;
     where fmfast's CPU kernel takes both, in one call of it (a layer's two independent
     attentions: half the calls, about 0.3 ms of a 10 ms FmFormer forward at B=1)."""
-    if fused and q1.dtype == q2.dtype and cpu_attention.takes(q1, k1, v1) and cpu_attention.takes(q2, k2, v2):
+    if fused and q1.dtype == q2.dtype and _cpu_kernel_takes(q1, k1, v1) and _cpu_kernel_takes(q2, k2, v2):
         return cpu_attention.cpu_attention_pair(q1, k1, v1, q2, k2, v2, scale1, scale2)
     return attend(q1, k1, v1, scale1, fused), attend(q2, k2, v2, scale2, fused)
+
+
+def _cpu_kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """fmfast's CPU kernel takes it, unless the reference's matmuls are faster: a short fp32
+    attention that will be differentiated (``_short_on_cpu``)."""
+    return cpu_attention.takes(q, k, v) and not (_short_on_cpu(q, k) and _differentiated(q, k, v))
+
+
+def _differentiated(*xs: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
 SHORT_SEQ, SHORT_MIN_SLICES = 48, 24  # _short_on_cpu's bounds, measured (its docstring)
@@ -100,8 +111,7 @@ def _train_sdpa_in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bo
     fp32 at FmFormer's shapes (B=32, 3 heads x 32, 401/241 tokens: the attention case of
     bench/test_bench_cpu.py) and its gradients are less exact; it made a bf16 training step
     slower than an fp32 one. Inference keeps the faster 16-bit forward."""
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled() \
-        and any(x.requires_grad for x in (q, k, v))
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and _differentiated(q, k, v)
 
 
 def _kernel_takes(x: torch.Tensor, dim_head: int) -> bool:

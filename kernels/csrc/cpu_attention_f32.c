@@ -1,9 +1,9 @@
-// Attention forward in fp32 on x86 CPUs with AVX2 and FMA (every x86-64 CPU since 2013-15:
-// Intel Haswell, AMD Zen 1, and all later): softmax(q k^T * scale) v for fp32 q, k, v, for
-// inference (no backward: a training step keeps PyTorch's SDPA).
+// Attention, forward and backward, in fp32 on x86 CPUs with AVX2 and FMA (every x86-64 CPU since
+// 2013-15: Intel Haswell, AMD Zen 1, and all later): softmax(q k^T * scale) v for fp32 q, k, v.
 //
 // q [B, H, N, D], k and v [B, H, M, D], fp32 with unit stride over D and any strides over
-// (B, H, N); o [B, H, N, D] fp32 (any strides over B, H, N). D in {32, 64}.
+// (B, H, N); o [B, H, N, D] fp32 (any strides over B, H, N); lse [B, H, N] fp32 (natural log of
+// the softmax denominator plus the row max times scale; may be NULL). D in {32, 64}.
 //
 // Why a kernel of our own: at head dim 32 PyTorch's CPU flash attention is about half a compiled
 // fp32 FmFormer forward on CPUs without bf16 hardware, at about 40% of the FMA units' peak: its
@@ -114,8 +114,8 @@ static inline void s_block(const float *q, const float *kt, int64_t mp, int64_t 
 }
 
 // softmax numerators of one row in place: s[j] <- 2^((s[j] - max) scale log2e) for j < m (keys
-// j >= m are never read again); returns 1 / their sum
-static inline float softmax_row(float *s, int64_t m, float c) {
+// j >= m are never read again); returns their sum, and the row's max logit in *rowmax
+static inline float softmax_row(float *s, int64_t m, float c, float *rowmax) {
     const int64_t full = m & ~(int64_t)7;
     __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0;
     int64_t j = 0;
@@ -126,6 +126,7 @@ static inline float softmax_row(float *s, int64_t m, float c) {
     for (; j < full; j += 8) m0 = _mm256_max_ps(m0, _mm256_load_ps(s + j));
     float mx = hmax8(_mm256_max_ps(m0, m1));
     for (j = full; j < m; j++) mx = s[j] > mx ? s[j] : mx;
+    *rowmax = mx;
     const __m256 cc = _mm256_set1_ps(c), off = _mm256_set1_ps(mx * c);
     __m256 z0 = _mm256_setzero_ps(), z1 = z0;
     for (j = 0; j + 16 <= full; j += 16) {
@@ -149,22 +150,24 @@ static inline float softmax_row(float *s, int64_t m, float c) {
         _mm256_store_ps(s + full, e);
         z0 = _mm256_add_ps(z0, e);
     }
-    return 1.0f / hsum8(_mm256_add_ps(z0, z1));
+    return hsum8(_mm256_add_ps(z0, z1));
 }
 
-// o[r][0 .. 32) += sum over keys j in [j0, j1) of p[r][j] v[j][0 .. 32) for PV_ROWS rows, the
-// accumulators in registers for the chunk (12 FMAs, V as their memory operands, per 3 broadcasts)
-static inline void pv_block(const float *p, int64_t mp, const float *vr, int64_t d, int64_t j0, int64_t j1,
-                            float *o) {
+// o[r][0 .. 32) += sum over k in [k0, k1) of p[r rs + k ks] v[k][0 .. 32) (row strides vs, os) for
+// PV_ROWS rows r, the accumulators in registers for the run (12 FMAs, V as their memory operands,
+// per 3 broadcasts). O = P V: P's rows are queries (rs = Mp, ks = 1); the backward's dV = P^T dO
+// and dK = dS^T Q read P and dS transposed (rs = 1, ks = Mp).
+static inline void pv_block(const float *p, int64_t rs, int64_t ks, const float *v, int64_t vs, int64_t k0,
+                            int64_t k1, float *o, int64_t os) {
     __m256 acc[PV_ROWS][4];
     for (int r = 0; r < PV_ROWS; r++)
-        for (int c = 0; c < 4; c++) acc[r][c] = _mm256_load_ps(o + r * d + 8 * c);
-    for (int64_t j = j0; j < j1; j++) {
-        const float *vj = vr + j * d;
-        const __m256 v0 = _mm256_load_ps(vj), v1 = _mm256_load_ps(vj + 8), v2 = _mm256_load_ps(vj + 16),
-                     v3 = _mm256_load_ps(vj + 24);
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm256_loadu_ps(o + r * os + 8 * c);
+    for (int64_t k = k0; k < k1; k++) {
+        const float *vk = v + k * vs;
+        const __m256 v0 = _mm256_loadu_ps(vk), v1 = _mm256_loadu_ps(vk + 8), v2 = _mm256_loadu_ps(vk + 16),
+                     v3 = _mm256_loadu_ps(vk + 24);
         for (int r = 0; r < PV_ROWS; r++) {
-            const __m256 a = _mm256_broadcast_ss(p + r * mp + j);
+            const __m256 a = _mm256_broadcast_ss(p + r * rs + k * ks);
             acc[r][0] = _mm256_fmadd_ps(a, v0, acc[r][0]);
             acc[r][1] = _mm256_fmadd_ps(a, v1, acc[r][1]);
             acc[r][2] = _mm256_fmadd_ps(a, v2, acc[r][2]);
@@ -172,14 +175,15 @@ static inline void pv_block(const float *p, int64_t mp, const float *vr, int64_t
         }
     }
     for (int r = 0; r < PV_ROWS; r++)
-        for (int c = 0; c < 4; c++) _mm256_store_ps(o + r * d + 8 * c, acc[r][c]);
+        for (int c = 0; c < 4; c++) _mm256_storeu_ps(o + r * os + 8 * c, acc[r][c]);
 }
 
-// One block of rows (nrows <= QB) of one (b, h): q rows qp (stride sq) -> o rows op (stride so).
+// One block of rows (nrows <= QB) of one (b, h): q rows qp (stride sq) -> o rows op (stride so)
+// and, with lse not NULL, lse[i] = the row's max logit * scale + log(its softmax denominator).
 // kt: K^T [D][Mp]; vr: V rows [Mp][D]; buffers: qbuf [QB][D], sbuf [QB][Mp], obuf [QB][D].
 static void attend_block(const float *qp, int64_t sq, int64_t nrows, const float *kt, const float *vr, int64_t m,
                          int64_t mp, int64_t d, float scale, float *qbuf, float *sbuf, float *obuf, float *op,
-                         int64_t so) {
+                         int64_t so, float *lse) {
     for (int64_t i = 0; i < QB; i++) {  // zero-padded to QB rows: the micro-kernels run whole groups
         if (i < nrows)
             memcpy(qbuf + i * d, qp + i * sq, d * 4);
@@ -190,23 +194,29 @@ static void attend_block(const float *qp, int64_t sq, int64_t nrows, const float
     for (int64_t j0 = 0; j0 < mp; j0 += 16)
         for (int64_t g = 0; g < groups; g++) s_block(qbuf + g * S_ROWS * d, kt, mp, d, j0, sbuf + g * S_ROWS * mp);
     const float c = scale * 1.44269504088896341f;
-    float inv[QB];
-    for (int64_t i = 0; i < rows; i++) inv[i] = softmax_row(sbuf + i * mp, m, c);
+    float inv[QB], rowlse[QB];
+    for (int64_t i = 0; i < rows; i++) {
+        float mx;
+        const float sum = softmax_row(sbuf + i * mp, m, c, &mx);
+        inv[i] = 1.0f / sum;
+        rowlse[i] = mx * scale + logf(sum);
+    }
     memset(obuf, 0, rows * d * 4);
     for (int64_t j0 = 0; j0 < m; j0 += KCHUNK) {
         const int64_t j1 = j0 + KCHUNK < m ? j0 + KCHUNK : m;
         for (int64_t e = 0; e < d; e += 32)
             for (int64_t r = 0; r < rows; r += PV_ROWS)
-                pv_block(sbuf + r * mp, mp, vr + e, d, j0, j1, obuf + r * d + e);
+                pv_block(sbuf + r * mp, mp, 1, vr + e, d, j0, j1, obuf + r * d + e, d);
     }
     for (int64_t i = 0; i < nrows; i++) {
         const __m256 w = _mm256_set1_ps(inv[i]);
         for (int64_t e = 0; e < d; e += 8) _mm256_storeu_ps(op + i * so + e, _mm256_mul_ps(_mm256_load_ps(obuf + i * d + e), w));
+        if (lse) lse[i] = rowlse[i];
     }
 }
 
 // One problem of fmf_attention_f32_fwd_many, laid out as cpu_attention.c's fmf_fwd_problem (the
-// Python side fills both with one ctypes structure); lse is not written.
+// Python side fills both with one ctypes structure); lse [B, H, n] contiguous, or NULL.
 typedef struct {
     const float *q, *k, *v;
     float *o;
@@ -273,8 +283,137 @@ int fmf_attention_f32_fwd_many(const fmf_f32_problem *ps, int count, int nthread
             for (int64_t blk = blk0; blk < blk1; blk++) {
                 const int64_t i0 = blk * QB, rows = n - i0 < QB ? n - i0 : QB;
                 attend_block(p->q + bb * p->sq[0] + h * p->sq[1] + i0 * p->sq[2], p->sq[2], rows, kt, vr, m, mp, d,
-                             p->scale, qbuf, sbuf, obuf, p->o + bb * p->so[0] + h * p->so[1] + i0 * p->so[2], p->so[2]);
+                             p->scale, qbuf, sbuf, obuf, p->o + bb * p->so[0] + h * p->so[1] + i0 * p->so[2], p->so[2],
+                             p->lse ? p->lse + (bb * p->H + h) * n + i0 : NULL);
             }
+        }
+    }
+    free(pool);
+    return 0;
+}
+
+// ---- backward -----------------------------------------------------------------------------
+// dq, dk, dv of o = softmax(q k^T * scale) v from o, do and the forward's lse, per (b, h), query
+// blocks of QB outer, all keys inner (the block's P and dS, QB x Mp each, stay in L2):
+//   S = Q K^T, dP = dO V^T                  (s_block, K^T and V^T packed once per (b, h))
+//   P = 2^(S scale log2e - lse log2e),  dS = P (dP - delta) scale,  delta = rowsum(dO o)
+//   dQ = dS K                               (the block's rows are final)
+//   dV += P^T dO, dK += dS^T Q              (fp32 accumulators over all blocks, [Mp][D])
+// Padded query rows (q = do = 0) give dS = 0 and are left out of the P^T and dS^T products.
+typedef struct {
+    float *kt, *vt;          // [D][Mp]
+    float *dk, *dv;          // [Mp + PV_ROWS][D] accumulators (key rows run in PV_ROWS steps past m)
+    float *sbuf, *dpbuf;     // [QB][Mp] + PV_ROWS: S then P; dP then dS (read PV_ROWS keys past m)
+    float *qbuf, *dobuf, *dqbuf;  // [QB][D]
+} bwd_buffers;
+
+static void backward_one(const float *q, int64_t sq, const float *k, int64_t sk, const float *v, int64_t sv,
+                         const float *o, int64_t so, const float *dout, int64_t sdo, const float *lse, float *dq,
+                         int64_t sdq, float *dk, int64_t sdk, float *dv, int64_t sdv, int64_t n, int64_t m, int64_t d,
+                         float scale, const bwd_buffers *w) {
+    const int64_t mp = (m + 15) & ~(int64_t)15, rowsp = (m + PV_ROWS - 1) / PV_ROWS * PV_ROWS;
+    const float log2e = 1.44269504088896341f, c = scale * log2e;
+    pack_kt(k, sk, m, mp, d, w->kt);
+    pack_kt(v, sv, m, mp, d, w->vt);
+    memset(w->dk, 0, rowsp * d * 4);
+    memset(w->dv, 0, rowsp * d * 4);
+    const int64_t full = m & ~(int64_t)7;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(m - full)), lane));
+    const __m256 cc = _mm256_set1_ps(c), sc = _mm256_set1_ps(scale);
+    for (int64_t i0 = 0; i0 < n; i0 += QB) {
+        const int64_t nrows = n - i0 < QB ? n - i0 : QB, groups = (nrows + S_ROWS - 1) / S_ROWS;
+        const int64_t rows = groups * S_ROWS;
+        float lse2[QB], dlt[QB];
+        for (int64_t i = 0; i < QB; i++) {
+            if (i < nrows) {
+                const float *qi = q + (i0 + i) * sq, *oi = o + (i0 + i) * so, *gi = dout + (i0 + i) * sdo;
+                memcpy(w->qbuf + i * d, qi, d * 4);
+                memcpy(w->dobuf + i * d, gi, d * 4);
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t e = 0; e < d; e += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(gi + e), _mm256_loadu_ps(oi + e), acc);
+                dlt[i] = hsum8(acc);
+                lse2[i] = lse[i0 + i] * log2e;
+            } else {
+                memset(w->qbuf + i * d, 0, d * 4);
+                memset(w->dobuf + i * d, 0, d * 4);
+                dlt[i] = lse2[i] = 0.0f;
+            }
+        }
+        for (int64_t j0 = 0; j0 < mp; j0 += 16)
+            for (int64_t g = 0; g < groups; g++) {
+                s_block(w->qbuf + g * S_ROWS * d, w->kt, mp, d, j0, w->sbuf + g * S_ROWS * mp);
+                s_block(w->dobuf + g * S_ROWS * d, w->vt, mp, d, j0, w->dpbuf + g * S_ROWS * mp);
+            }
+        for (int64_t i = 0; i < rows; i++) {  // P and dS in place; lanes of keys >= m zeroed
+            float *sr = w->sbuf + i * mp, *dr = w->dpbuf + i * mp;
+            const __m256 L = _mm256_set1_ps(lse2[i]), D = _mm256_set1_ps(dlt[i]);
+            for (int64_t j = 0; j < mp; j += 8) {
+                __m256 p = exp2_neg(_mm256_fmsub_ps(_mm256_load_ps(sr + j), cc, L));
+                __m256 ds = _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(_mm256_load_ps(dr + j), D)), sc);
+                if (j + 8 > m) {
+                    const __m256 kj = j == full ? keep : _mm256_setzero_ps();
+                    p = _mm256_and_ps(p, kj);
+                    ds = _mm256_and_ps(ds, kj);
+                }
+                _mm256_store_ps(sr + j, p);
+                _mm256_store_ps(dr + j, ds);
+            }
+        }
+        // dQ = dS K (K rows read in place), the block's rows final
+        memset(w->dqbuf, 0, rows * d * 4);
+        for (int64_t e = 0; e < d; e += 32)
+            for (int64_t r = 0; r < rows; r += PV_ROWS)
+                for (int64_t j0 = 0; j0 < m; j0 += KCHUNK)
+                    pv_block(w->dpbuf + r * mp, mp, 1, k + e, sk, j0, j0 + KCHUNK < m ? j0 + KCHUNK : m,
+                             w->dqbuf + r * d + e, d);
+        for (int64_t i = 0; i < nrows; i++) memcpy(dq + (i0 + i) * sdq, w->dqbuf + i * d, d * 4);
+        // dV += P^T dO, dK += dS^T Q over the block's real rows, PV_ROWS keys at a time
+        for (int64_t e = 0; e < d; e += 32)
+            for (int64_t j = 0; j < rowsp; j += PV_ROWS) {
+                pv_block(w->sbuf + j, 1, mp, w->dobuf + e, d, 0, nrows, w->dv + j * d + e, d);
+                pv_block(w->dpbuf + j, 1, mp, w->qbuf + e, d, 0, nrows, w->dk + j * d + e, d);
+            }
+    }
+    for (int64_t j = 0; j < m; j++) {
+        memcpy(dk + j * sdk, w->dk + j * d, d * 4);
+        memcpy(dv + j * sdv, w->dv + j * d, d * 4);
+    }
+}
+
+// st: strides (b, h, row) of q, k, v, o, do, dq, dk, dv, 3 each. lse: contiguous [B, H, N].
+// Returns 0 on success, 1 for an unsupported D, 3 out of memory.
+int fmf_attention_f32_bwd(const float *q, const float *k, const float *v, const float *o, const float *dout,
+                          const float *lse, float *dq, float *dk, float *dv, int64_t B, int64_t H, int64_t n,
+                          int64_t m, int64_t d, const int64_t *st, float scale, int nthreads) {
+    if (d != 32 && d != 64) return 1;
+    if (!B || !H || !m) return 0;
+    const int64_t mp = (m + 15) & ~(int64_t)15;
+    const size_t sizes[] = {aligned64(d * mp * 4), aligned64(d * mp * 4), aligned64((mp + PV_ROWS) * d * 4),
+                            aligned64((mp + PV_ROWS) * d * 4), aligned64((QB * mp + PV_ROWS) * 4),
+                            aligned64((QB * mp + PV_ROWS) * 4),
+                            aligned64(QB * d * 4), aligned64(QB * d * 4), aligned64(QB * d * 4)};
+    enum { NB = sizeof sizes / sizeof sizes[0] };
+    size_t per_thread = 0;
+    for (int i = 0; i < NB; i++) per_thread += sizes[i];
+    char *pool = aligned_alloc(64, per_thread * nthreads);
+    if (!pool) return 3;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *b[NB];
+        char *at = pool + per_thread * omp_get_thread_num();
+        for (int i = 0; i < NB; i++) {
+            b[i] = (float *)at;
+            at += sizes[i];
+        }
+        const bwd_buffers w = {b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8]};
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            const int64_t bb = bh / H, hh = bh % H;
+#define AT(ptr, i) (ptr + bb * st[3 * (i)] + hh * st[3 * (i) + 1])
+            backward_one(AT(q, 0), st[2], AT(k, 1), st[5], AT(v, 2), st[8], AT(o, 3), st[11], AT(dout, 4), st[14],
+                         lse + bh * n, AT(dq, 5), st[17], AT(dk, 6), st[20], AT(dv, 7), st[23], n, m, d, scale, &w);
+#undef AT
         }
     }
     free(pool);
