@@ -25,15 +25,16 @@ two AMX products, with no online rescaling; the backward runs keys outside and a
 inside, key-major, so its softmax terms are per-lane vectors (the C file says how).
 ``bench/test_bench_cpu.py -k "attention_forward or attention_backward"`` times them against SDPA.
 
-``cpu_attention`` on fp32 inputs runs the fp32 forward kernel of ``csrc/cpu_attention_f32.c``
-instead, built with AVX2 + FMA (every x86-64 CPU since about 2015): the same blocking (exact
-softmax over all keys of a query block, no rescaling) on register-blocked FMA micro-kernels, for
-inference only -- no backward, so ``takes`` routes it only calls that will not be differentiated
-(and not under ``torch.export``, whose graph must run without fmfast). At head dim 32, B=32, on a
-2-core Zen 3 it is 1.3-1.7x PyTorch's fp32 flash attention at 241-401 tokens and 2.4-2.9x at
-17-41 (``bench/test_bench_cpu.py -k attention_forward_fp32``). ``available_f32()`` says whether
-it runs here. Its error against float64 is that of fp32 SDPA (exp2 by a degree-5 polynomial,
-relative error 1.6e-7).
+``cpu_attention`` on fp32 inputs runs the fp32 kernels of ``csrc/cpu_attention_f32.c`` instead,
+built with AVX2 + FMA (every x86-64 CPU since about 2015), forward and backward: the same
+blocking (exact softmax over all keys of a query block, no rescaling; the backward recomputes P
+from the saved lse) on register-blocked FMA micro-kernels, in fp32 throughout. ``takes`` routes
+fp32 here except under ``torch.export``, whose graph must run without fmfast. At head dim 32,
+B=32, on a 2-core Zen 3: forward 1.3-1.5x PyTorch's fp32 flash attention at 241-401 tokens
+(1.2x at 41; level at B=1), forward + backward 1.26-1.35x
+(``bench/test_bench_cpu.py -k "attention_forward_fp32 or attention_backward_fp32"``).
+``available_f32()`` says whether it runs here. Its errors against float64 are those of fp32
+SDPA (exp2 by a degree-5 polynomial, relative error 1.6e-7).
 
 ``pin_threads()`` pins the OpenMP pool's worker threads (PyTorch's intra-op pool, which the kernel
 shares) one to a CPU, leaving the calling thread free: a call after idle then starts on every core

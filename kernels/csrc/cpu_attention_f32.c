@@ -5,7 +5,7 @@
 // (B, H, N); o [B, H, N, D] fp32 (any strides over B, H, N); lse [B, H, N] fp32 (natural log of
 // the softmax denominator plus the row max times scale; may be NULL). D in {32, 64}.
 //
-// Why a kernel of our own: at head dim 32 PyTorch's CPU flash attention is about half a compiled
+// Why kernels of our own: at head dim 32 PyTorch's CPU flash attention is about half a compiled
 // fp32 FmFormer forward on CPUs without bf16 hardware, at about 40% of the FMA units' peak: its
 // blocks are GEMM-library calls with K = D = 32, too thin to amortise them, and an online softmax
 // rescales its accumulators per key block. FmFormer's segments are short (M <= a few thousand), so,
@@ -18,9 +18,10 @@
 // Within a pass the loop order keeps the reused operand in L1: a 16-key slice of K^T (2 KB) serves
 // all QB queries; a 64-key chunk of V (8 KB) serves all QB rows of P.
 //
-// Threads: OpenMP over (b, h, query range); each work item packs its (b, h)'s K^T and V rows
-// into per-thread buffers (O(M D) against the O(N M D) of the item), so any batch, B = 1
-// included, splits into enough items.
+// Threads: OpenMP over (b, h, query range) in the forward; each work item packs its (b, h)'s K^T
+// and V rows into per-thread buffers (O(M D) against the O(N M D) of the item), so any batch,
+// B = 1 included, splits into enough items. The backward (at the end of this file) runs one item
+// per (b, h): its dK and dV accumulate over all of that (b, h)'s queries.
 #define _GNU_SOURCE  // sched_setaffinity, CPU_SET (pin_threads.h)
 #include <immintrin.h>
 #include <math.h>
