@@ -33,7 +33,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include "pin_threads.h"  // fmf_pin_threads
+#include "cpu_common.h"  // fmf_pin_threads, per-thread scratch pools, query splits
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -272,25 +272,6 @@ static inline __m512 exp2_neg(__m512 t) {
     return _mm512_scalef_ps(p, t);
 }
 
-// Per-thread scratch, one allocation for all threads: buffer i of every thread is sizes[i] bytes,
-// 64-byte aligned. pool_alloc returns the pool (NULL when out of memory) and each thread's stride;
-// pool_carve points out[0..n) at thread t's buffers.
-static inline size_t aligned64(size_t x) { return (x + 63) & ~(size_t)63; }
-
-static char *pool_alloc(const size_t *sizes, int n, int nthreads, size_t *per_thread) {
-    *per_thread = 0;
-    for (int i = 0; i < n; i++) *per_thread += aligned64(sizes[i]);
-    return aligned_alloc(64, *per_thread * nthreads);
-}
-
-static void pool_carve(char *pool, size_t per_thread, int t, const size_t *sizes, int n, void **out) {
-    char *at = pool + per_thread * t;
-    for (int i = 0; i < n; i++) {
-        out[i] = at;
-        at += aligned64(sizes[i]);
-    }
-}
-
 // r[i][j] <- r[j][i] for a 16 x 16 block of 32-bit words: the usual 4-stage unpack/shuffle.
 static inline void transpose16(__m512i r[16]) {
     __m512i t[16];
@@ -460,15 +441,8 @@ typedef struct {
     float scale;
 } fmf_fwd_problem;
 
-// Splits of each (b, h) into query ranges, so that small batches still feed every thread: at
-// least two items a thread and a whole number of items per thread (B=1, 3 heads, 2 threads: 6
-// items, 6-8% faster than 9, which left one thread a third of an item behind, and than 12, which
-// repacked k and v twice as often).
 static int64_t query_splits(const fmf_fwd_problem *p, int nthreads) {
-    const int64_t bh = p->B * p->H, nblocks = (p->n + QB - 1) / QB;
-    int64_t splits = 1;
-    while ((bh * splits < 2 * (int64_t)nthreads || bh * splits % nthreads) && splits < nblocks) splits++;
-    return splits;
+    return fmf_query_splits(p->B * p->H, (p->n + QB - 1) / QB, nthreads);
 }
 
 // count problems in one parallel region, their work items in one queue: one call for the

@@ -22,7 +22,7 @@
 // and V rows into per-thread buffers (O(M D) against the O(N M D) of the item), so any batch,
 // B = 1 included, splits into enough items. The backward (at the end of this file) runs one item
 // per (b, h): its dK and dV accumulate over all of that (b, h)'s queries.
-#define _GNU_SOURCE  // sched_setaffinity, CPU_SET (pin_threads.h)
+#define _GNU_SOURCE  // sched_setaffinity, CPU_SET (cpu_common.h)
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -30,7 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "pin_threads.h"  // fmf_pin_threads
+#include "cpu_common.h"  // fmf_pin_threads, per-thread scratch pools, query splits
 
 #define QB 24  // queries per block: four 6-row groups of the S micro-kernel, a multiple of PV_ROWS
 #define S_ROWS 6
@@ -227,15 +227,9 @@ typedef struct {
     float scale;
 } fmf_f32_problem;
 
-// at least two items a thread and a whole number of items per thread (cpu_attention.c says why)
 static int64_t query_splits(const fmf_f32_problem *p, int nthreads) {
-    const int64_t bh = p->B * p->H, nblocks = (p->n + QB - 1) / QB;
-    int64_t splits = 1;
-    while ((bh * splits < 2 * (int64_t)nthreads || bh * splits % nthreads) && splits < nblocks) splits++;
-    return splits;
+    return fmf_query_splits(p->B * p->H, (p->n + QB - 1) / QB, nthreads);
 }
-
-static inline size_t aligned64(size_t x) { return (x + 63) & ~(size_t)63; }
 
 // count problems in one parallel region, their work items in one queue (a layer's two
 // independent attentions in one call). Returns 0 on success, 1 for an unsupported D or count
@@ -257,17 +251,15 @@ int fmf_attention_f32_fwd_many(const fmf_f32_problem *ps, int count, int nthread
     const int64_t items = first[count];
     if (!items) return 0;
     // per thread: K^T, V rows, the block's Q, logits and O
-    const size_t sizes[] = {aligned64(mpmax * dmax * 4), aligned64(mpmax * dmax * 4), aligned64(QB * dmax * 4),
-                            aligned64(QB * mpmax * 4), aligned64(QB * dmax * 4)};
-    const size_t per_thread = sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4];
-    char *pool = aligned_alloc(64, per_thread * nthreads);
+    const size_t sizes[] = {mpmax * dmax * 4, mpmax * dmax * 4, QB * dmax * 4, QB * mpmax * 4, QB * dmax * 4};
+    size_t per_thread;
+    char *pool = pool_alloc(sizes, 5, nthreads, &per_thread);
     if (!pool) return 3;
 #pragma omp parallel num_threads(nthreads)
     {
-        char *at = pool + per_thread * omp_get_thread_num();
-        float *kt = (float *)at, *vr = (float *)(at + sizes[0]), *qbuf = (float *)(at + sizes[0] + sizes[1]);
-        float *sbuf = (float *)(at + sizes[0] + sizes[1] + sizes[2]);
-        float *obuf = (float *)(at + sizes[0] + sizes[1] + sizes[2] + sizes[3]);
+        void *b[5];
+        pool_carve(pool, per_thread, omp_get_thread_num(), sizes, 5, b);
+        float *kt = b[0], *vr = b[1], *qbuf = b[2], *sbuf = b[3], *obuf = b[4];
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; it++) {
             int i = 0;
@@ -390,23 +382,16 @@ int fmf_attention_f32_bwd(const float *q, const float *k, const float *v, const 
     if (d != 32 && d != 64) return 1;
     if (!B || !H || !m) return 0;
     const int64_t mp = (m + 15) & ~(int64_t)15;
-    const size_t sizes[] = {aligned64(d * mp * 4), aligned64(d * mp * 4), aligned64((mp + PV_ROWS) * d * 4),
-                            aligned64((mp + PV_ROWS) * d * 4), aligned64((QB * mp + PV_ROWS) * 4),
-                            aligned64((QB * mp + PV_ROWS) * 4),
-                            aligned64(QB * d * 4), aligned64(QB * d * 4), aligned64(QB * d * 4)};
+    const size_t sizes[] = {d * mp * 4, d * mp * 4, (mp + PV_ROWS) * d * 4, (mp + PV_ROWS) * d * 4,
+                            (QB * mp + PV_ROWS) * 4, (QB * mp + PV_ROWS) * 4, QB * d * 4, QB * d * 4, QB * d * 4};
     enum { NB = sizeof sizes / sizeof sizes[0] };
-    size_t per_thread = 0;
-    for (int i = 0; i < NB; i++) per_thread += sizes[i];
-    char *pool = aligned_alloc(64, per_thread * nthreads);
+    size_t per_thread;
+    char *pool = pool_alloc(sizes, NB, nthreads, &per_thread);
     if (!pool) return 3;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *b[NB];
-        char *at = pool + per_thread * omp_get_thread_num();
-        for (int i = 0; i < NB; i++) {
-            b[i] = (float *)at;
-            at += sizes[i];
-        }
+        void *b[NB];
+        pool_carve(pool, per_thread, omp_get_thread_num(), sizes, NB, b);
         const bwd_buffers w = {b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8]};
 #pragma omp for schedule(dynamic, 1)
         for (int64_t bh = 0; bh < B * H; bh++) {
