@@ -348,16 +348,21 @@ def _(q, k, v, scale):
 def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                    lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv), bf16, contiguous."""
-    lib = _check(q, k, v)
-    do, q, k, v, o = (_unit(x.to(torch.bfloat16)) for x in (do, q, k, v, o))
+    return _run_backward(_check(q, k, v).fmf_attention_bwd, torch.bfloat16, do, q, k, v, o, lse, scale)
+
+
+def _run_backward(entry, dtype: torch.dtype, do, q, k, v, o, lse, scale: float):
+    """(dq, dk, dv) in ``dtype``, contiguous, from the C backward ``entry`` (one of the libraries'
+    fmf_attention_bwd / fmf_attention_f32_bwd: the same signature)."""
+    do, q, k, v, o = (_unit(x.to(dtype)) for x in (do, q, k, v, o))
     lse = lse.contiguous()
-    dq, dk, dv = (torch.empty(x.shape, dtype=torch.bfloat16) for x in (q, k, v))
+    dq, dk, dv = (torch.empty(x.shape, dtype=dtype) for x in (q, k, v))
     b, h, n, d = q.shape
     if n and b * h:
         st = _strides(q, k, v, o, do, dq, dk, dv)
-        _raise(lib.fmf_attention_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), do.data_ptr(),
-                                     lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), b, h, n, k.shape[2],
-                                     d, st, scale, torch.get_num_threads()), q, k)
+        _raise(entry(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), do.data_ptr(), lse.data_ptr(),
+                     dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), b, h, n, k.shape[2], d, st, scale,
+                     torch.get_num_threads()), q, k)
     else:
         dk.zero_(), dv.zero_()
     return dq, dk, dv
@@ -436,19 +441,8 @@ def _(q, k, v, scale):
 def _attention_f32_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                        lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv), fp32, contiguous."""
-    lib = _check(q, k, v, _library_f32())
-    do, q, k, v, o = (_unit(x.float()) for x in (do, q, k, v, o))
-    lse = lse.contiguous()
-    dq, dk, dv = (torch.empty(x.shape) for x in (q, k, v))
-    b, h, n, d = q.shape
-    if n and b * h:
-        st = _strides(q, k, v, o, do, dq, dk, dv)
-        _raise(lib.fmf_attention_f32_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), do.data_ptr(),
-                                         lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), b, h, n,
-                                         k.shape[2], d, st, scale, torch.get_num_threads()), q, k)
-    else:
-        dk.zero_(), dv.zero_()
-    return dq, dk, dv
+    entry = _check(q, k, v, _library_f32()).fmf_attention_f32_bwd
+    return _run_backward(entry, torch.float32, do, q, k, v, o, lse, scale)
 
 
 @_attention_f32_bwd.register_fake

@@ -43,12 +43,13 @@ def qkv(b, h, n, m, d, seed=0, scale=1.0):
 
 
 def errors(q, k, v):
-    """(ours, SDPA bf16) max abs error against float64 on the same bf16 inputs."""
+    """(ours, SDPA) max abs error against float64 on the same inputs (bf16 or fp32), SDPA in
+    their dtype."""
     sc = q.shape[-1] ** -0.5
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=sc)
     ours = ca.cpu_attention(q, k, v, sc)
     plain = F.scaled_dot_product_attention(q, k, v, scale=sc)
-    assert ours.dtype == torch.bfloat16 and ours.shape == q.shape
+    assert ours.dtype == q.dtype and ours.shape == q.shape
     return (ours.double() - exact).abs().max().item(), (plain.double() - exact).abs().max().item()
 
 
@@ -173,22 +174,23 @@ def test_pair_op_registration_compile_and_bad_inputs():
         ca.cpu_attention_pair(*a, b[0], b[1], b[2][:, :, :4], 0.1, 0.1)
 
 
-def grad_errors(b, h, n, m, d, seed=0, scale=1.0, strided=False):
-    """Per input, (ours, SDPA bf16) relative L2 error of the gradient against float64."""
-    q, k, v = qkv(b, h, n, m, d, seed, scale)
+def grad_errors(b, h, n, m, d, seed=0, scale=1.0, strided=False, dtype=torch.bfloat16):
+    """Per input, (ours, SDPA in ``dtype``) relative L2 error of the gradient against float64,
+    on the same ``dtype`` inputs."""
+    q, k, v = (qkv if dtype == torch.bfloat16 else qkv32)(b, h, n, m, d, seed, scale)
     if strided:  # views of one projection, as in the model (n == m)
         proj = torch.cat([q, k, v], -1).transpose(1, 2).contiguous()  # [B, N, H, 3D]
         q, k, v = proj.transpose(1, 2).split(d, -1)
-    do = torch.randn(b, h, n, d, generator=torch.Generator().manual_seed(seed + 7)).bfloat16()
+    do = torch.randn(b, h, n, d, generator=torch.Generator().manual_seed(seed + 7)).to(dtype)
     sc = d ** -0.5
 
-    def grads(fn, dtype):
-        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-        fn(*xs).backward(do.to(dtype))
+    def grads(fn, dt):
+        xs = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
+        fn(*xs).backward(do.to(dt))
         return [x.grad.double() for x in xs]
     exact = grads(lambda *x: F.scaled_dot_product_attention(*x, scale=sc), torch.float64)
-    ours = grads(lambda *x: ca.cpu_attention(*x, sc), torch.bfloat16)
-    plain = grads(lambda *x: F.scaled_dot_product_attention(*x, scale=sc), torch.bfloat16)
+    ours = grads(lambda *x: ca.cpu_attention(*x, sc), dtype)
+    plain = grads(lambda *x: F.scaled_dot_product_attention(*x, scale=sc), dtype)
     assert all(g.dtype == torch.float64 for g in ours)
     rel = lambda a, e: ((a - e).norm() / e.norm().clamp_min(1e-30)).item()  # noqa: E731
     return [(rel(a, e), rel(p, e), e.norm().item()) for a, p, e in zip(ours, plain, exact)]
@@ -350,16 +352,6 @@ def qkv32(b, h, n, m, d, seed=0, scale=1.0):
     return q * scale, k, v
 
 
-def errors32(q, k, v):
-    """(ours, SDPA fp32) max abs error against float64 on the same fp32 inputs."""
-    sc = q.shape[-1] ** -0.5
-    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=sc)
-    ours = ca.cpu_attention(q, k, v, sc)
-    plain = F.scaled_dot_product_attention(q, k, v, scale=sc)
-    assert ours.dtype == torch.float32 and ours.shape == q.shape
-    return (ours.double() - exact).abs().max().item(), (plain.double() - exact).abs().max().item()
-
-
 @needs_f32
 @pytest.mark.parametrize("b, h, n, m, d", [
     (2, 3, 401, 401, 32), (2, 3, 241, 401, 32), (2, 3, 401, 241, 32),  # FmFormer's four shapes
@@ -368,7 +360,7 @@ def errors32(q, k, v):
 def test_f32_matches_float64_as_well_as_sdpa(b, h, n, m, d):
     """Ragged queries and keys around the kernel's blocks (24 queries, 6-row groups, 16-key
     slices, 8-key vectors, 64-key chunks)."""
-    ours, plain = errors32(*qkv32(b, h, n, m, d))
+    ours, plain = errors(*qkv32(b, h, n, m, d))
     assert ours <= 2 * plain + 2e-6, (ours, plain)
 
 
@@ -378,13 +370,13 @@ def test_f32_large_logits_stay_finite_and_exact(scale):
     """Logits in the hundreds: no overflow, and keys far below the row max (clamped at 2^-126)
     add nothing visible; a row of all-negative logits is not lifted by the zero padding."""
     q, k, v = qkv32(2, 2, 70, 90, 32, scale=scale)
-    ours, plain = errors32(q, k, v)
+    ours, plain = errors(q, k, v)
     assert ours <= 2 * plain + 2e-6, (ours, plain)
     v = qkv32(1, 1, 5, 3, 32)[2]  # 3 keys in a 16-key slice: 13 zero logits of padding
     qq, kk = torch.zeros(1, 1, 5, 32), torch.zeros(1, 1, 3, 32)
     qq[..., 0] = 1.0
     kk[..., 0] = torch.tensor([-50.0, -51.0, -52.0]) / 32 ** -0.5  # logits -50..-52: padding's 0 would win a max
-    ours, plain = errors32(qq, kk, v)
+    ours, plain = errors(qq, kk, v)
     assert ours <= 2 * plain + 2e-6, (ours, plain)
 
 
@@ -444,26 +436,6 @@ def test_f32_custom_ops_registration_and_compile():
         torch.testing.assert_close(got, want * 2)
 
 
-def grad_errors32(b, h, n, m, d, seed=0, scale=1.0, strided=False):
-    """Per input, (ours, SDPA fp32) relative L2 error of the gradient against float64."""
-    q, k, v = qkv32(b, h, n, m, d, seed, scale)
-    if strided:  # views of one projection, as in the model (n == m)
-        proj = torch.cat([q, k, v], -1).transpose(1, 2).contiguous()
-        q, k, v = proj.transpose(1, 2).split(d, -1)
-    do = torch.randn(b, h, n, d, generator=torch.Generator().manual_seed(seed + 7))
-    sc = d ** -0.5
-
-    def grads(fn, dtype):
-        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-        fn(*xs).backward(do.to(dtype))
-        return [x.grad.double() for x in xs]
-    exact = grads(lambda *x: F.scaled_dot_product_attention(*x, scale=sc), torch.float64)
-    ours = grads(lambda *x: ca.cpu_attention(*x, sc), torch.float32)
-    plain = grads(lambda *x: F.scaled_dot_product_attention(*x, scale=sc), torch.float32)
-    rel = lambda a, e: ((a - e).norm() / e.norm().clamp_min(1e-30)).item()  # noqa: E731
-    return [(rel(a, e), rel(p, e), e.norm().item()) for a, p, e in zip(ours, plain, exact)]
-
-
 @needs_f32
 @pytest.mark.parametrize("b, h, n, m, d", [
     (2, 3, 401, 401, 32), (2, 3, 241, 401, 32), (2, 3, 401, 241, 32), (1, 2, 17, 5, 32), (3, 1, 33, 50, 64),
@@ -471,7 +443,7 @@ def grad_errors32(b, h, n, m, d, seed=0, scale=1.0, strided=False):
     (2, 3, 41, 17, 32), (1, 1, 48, 32, 64)])
 def test_f32_gradients_match_float64_as_well_as_sdpa(b, h, n, m, d):
     """Ragged queries (24-row blocks) and keys (16-key slices, 3-key accumulator rows past M)."""
-    for ours, plain, norm in grad_errors32(b, h, n, m, d):
+    for ours, plain, norm in grad_errors(b, h, n, m, d, dtype=torch.float32):
         if norm < 1e-6:  # a single key: q and k get no gradient; ours must be ~0 too
             assert ours * norm <= 1e-5  # (relative error of ~0 is meaningless: the absolute one)
             continue
@@ -480,7 +452,8 @@ def test_f32_gradients_match_float64_as_well_as_sdpa(b, h, n, m, d):
 
 @needs_f32
 def test_f32_gradients_with_large_logits_and_strided_views():
-    for ours, plain, _ in grad_errors32(2, 3, 57, 57, 32, scale=8.0) + grad_errors32(2, 3, 57, 57, 32, strided=True):
+    for ours, plain, _ in grad_errors(2, 3, 57, 57, 32, scale=8.0, dtype=torch.float32) + grad_errors(
+            2, 3, 57, 57, 32, strided=True, dtype=torch.float32):
         assert ours <= 2 * plain + 1e-6, (ours, plain)
 
 

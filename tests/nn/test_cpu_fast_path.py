@@ -167,14 +167,9 @@ def test_short_sequences_run_without_sdpa_and_match_the_reference(monkeypatch):
     assert len(calls) == 4 * TINY["depth"]
 
 
-@pytest.mark.skipif(not cpu_attention.available_f32()[0],
-                    reason=f"fmfast fp32 CPU attention: {cpu_attention.available_f32()[1]}")
-@pytest.mark.parametrize("task", ["classification", "segmentation"])
-def test_fp32_runs_the_avx2_kernel_and_matches_the_reference(monkeypatch, task):
-    """At head dim 32 every fp32 attention, in inference and in training, runs fmfast's AVX2
-    kernel, as pairs (a layer's two self-attentions in one call, its two cross-attentions in
-    another): logits within 1e-5 of the reference, gradients within 1e-4; a torch.export keeps
-    it out of the graph (an exported file must run without fmfast)."""
+def kernel_models(task, monkeypatch):
+    """The tiny FmFormer at head dim 32 (the kernels' and the paper's), as reference and auto
+    twins, and a list that records each call of fmfast's CPU kernels (1: single, 2: pair)."""
     seg = {"seg_hidden_dims": (8, 8, 8)} if task == "segmentation" else {}
     c = ModelConfig(task=task, **{**TINY, "dim_head": 32}, **seg)
     torch.manual_seed(0)
@@ -185,6 +180,18 @@ def test_fp32_runs_the_avx2_kernel_and_matches_the_reference(monkeypatch, task):
     single, pair = cpu_attention.cpu_attention, cpu_attention.cpu_attention_pair
     monkeypatch.setattr(cpu_attention, "cpu_attention", lambda *a: calls.append(1) or single(*a))
     monkeypatch.setattr(cpu_attention, "cpu_attention_pair", lambda *a: calls.append(2) or pair(*a))
+    return ref, auto, calls
+
+
+@pytest.mark.skipif(not cpu_attention.available_f32()[0],
+                    reason=f"fmfast fp32 CPU attention: {cpu_attention.available_f32()[1]}")
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_fp32_runs_the_avx2_kernel_and_matches_the_reference(monkeypatch, task):
+    """At head dim 32 every fp32 attention, in inference and in training, runs fmfast's AVX2
+    kernel, as pairs (a layer's two self-attentions in one call, its two cross-attentions in
+    another): logits within 1e-5 of the reference, gradients within 1e-4; a torch.export keeps
+    it out of the graph (an exported file must run without fmfast)."""
+    ref, auto, calls = kernel_models(task, monkeypatch)
     video, current = inputs()
     with torch.no_grad():
         got, want = auto(video, current), ref(video, current)
@@ -250,16 +257,7 @@ def test_bf16_runs_the_cpu_kernel_within_the_flash_attention_rule(monkeypatch, t
     training -- runs fmfast's CPU kernel, and logits and gradients are as close to the fp32
     reference as plain PyTorch bf16's (the rule of the test above). They run as pairs: each layer's
     two self-attentions in one kernel call, its two cross-attentions in another."""
-    seg = {"seg_hidden_dims": (8, 8, 8)} if task == "segmentation" else {}
-    c = ModelConfig(task=task, **{**TINY, "dim_head": 32}, **seg)
-    torch.manual_seed(0)
-    ref = build_model("fmformer", c, backend="reference").eval()
-    auto = build_model("fmformer", c, backend="auto").eval()
-    auto.load_state_dict(ref.state_dict())
-    calls = []
-    single, pair = cpu_attention.cpu_attention, cpu_attention.cpu_attention_pair
-    monkeypatch.setattr(cpu_attention, "cpu_attention", lambda *a: calls.append(1) or single(*a))
-    monkeypatch.setattr(cpu_attention, "cpu_attention_pair", lambda *a: calls.append(2) or pair(*a))
+    ref, auto, calls = kernel_models(task, monkeypatch)
     video, current = inputs()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         auto(video, current)
