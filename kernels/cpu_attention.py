@@ -33,7 +33,8 @@ fp32 here except under ``torch.export``, whose graph must run without fmfast. At
 B=32, on a 2-core Zen 3: forward 1.3-1.5x PyTorch's fp32 flash attention at 241-401 tokens
 (1.2x at 41; level at B=1), forward + backward 1.26-1.35x
 (``bench/test_bench_cpu.py -k "attention_forward_fp32 or attention_backward_fp32"``).
-``available_f32()`` says whether it runs here. Its errors against float64 are those of fp32
+``available_f32()`` says whether it runs here, ``prefers_f32()`` whether ``takes`` routes fp32 to
+it (by default only on CPUs without AVX-512: see there). Its errors against float64 are those of fp32
 SDPA (exp2 by a degree-5 polynomial, relative error 1.6e-7).
 
 ``pin_threads()`` pins the OpenMP pool's worker threads (PyTorch's intra-op pool, which the kernel
@@ -204,9 +205,27 @@ def _library_f32() -> tuple[ctypes.CDLL | None, str]:
 
 
 def available_f32() -> tuple[bool, str]:
-    """(True, "") where the fp32 forward kernel (AVX2) runs on this machine, else (False, the reason)."""
+    """(True, "") where the fp32 kernels (AVX2) run on this machine, else (False, the reason)."""
     lib, why = _library_f32()
     return lib is not None, why
+
+
+def prefers_f32() -> tuple[bool, str]:
+    """Whether ``takes`` routes fp32 to the AVX2 kernels, and why: by default only on CPUs without
+    AVX-512, where they were measured faster than PyTorch's fp32 flash attention (a Zen 3); on
+    AVX-512 CPUs SDPA's 512-bit code is unmeasured against them, so fp32 keeps SDPA there.
+    ``FMFAST_CPU_ATTENTION_F32`` = auto (that rule), 1 (wherever they run), 0 (never)."""
+    ok, why = available_f32()
+    ask = os.environ.get("FMFAST_CPU_ATTENTION_F32", "auto")
+    if not ok:
+        return False, why
+    if ask not in ("auto", "0", "1"):
+        return False, f"FMFAST_CPU_ATTENTION_F32={ask!r} is not one of auto, 0, 1"
+    if ask == "0":
+        return False, "turned off (FMFAST_CPU_ATTENTION_F32=0)"
+    if ask == "auto" and "avx512f" in _cpu_flags():
+        return False, "this CPU has AVX-512: fp32 keeps PyTorch's SDPA (FMFAST_CPU_ATTENTION_F32=1 takes the kernels)"
+    return True, ""
 
 
 _PINNED: dict[int, tuple[bool, str]] = {}  # thread count -> what pin_threads did for it
@@ -241,8 +260,9 @@ def pin_threads() -> tuple[bool, str]:
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether ``cpu_attention`` runs these inputs, head dim in HEAD_DIMS on a CPU (forward and
-    backward): bf16 where the bf16 kernel is available, fp32 where the AVX2 kernel is, unless
-    under ``torch.export`` (the exported graph must run where fmfast is not installed)."""
+    backward): bf16 where the bf16 kernel is available, fp32 where the AVX2 kernels are and
+    ``prefers_f32`` says so, unless under ``torch.export`` (the exported graph must run where
+    fmfast is not installed)."""
     if q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype or q.shape[-1] not in HEAD_DIMS:
         return False
     if q.dtype == torch.bfloat16:
@@ -258,7 +278,7 @@ def _available_constant() -> bool:
 
 @torch.compiler.assume_constant_result
 def _available_f32_constant() -> bool:
-    return available_f32()[0]
+    return prefers_f32()[0]
 
 
 class _Problem(ctypes.Structure):

@@ -130,7 +130,7 @@ class Predictor:
             ok, why = cpu_attention.available()
             backend = f"{cpu_attention.variant()} attention" if ok else f"fused SDPA (fmfast's CPU attention: {why})"
         elif self.device.type == "cpu" and self.dtype is None:
-            ok, why = cpu_attention.available_f32()
+            ok, why = cpu_attention.prefers_f32()
             backend = "AVX2 fp32 attention" if ok else f"fused SDPA (fmfast's fp32 CPU attention: {why})"
         if getattr(self.model, "backend", "auto") == "reference":  # as the caller built it: kept, and said
             backend = "the reference math (model.backend = 'reference')"

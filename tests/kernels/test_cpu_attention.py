@@ -492,9 +492,10 @@ def test_f32_pair_is_two_calls_bit_for_bit(first, second, threads):
         torch.set_num_threads(before)
 
 
-def test_f32_takes_only_what_it_can_run():
+def test_f32_takes_only_what_it_can_run(monkeypatch):
     """fp32 that is not being exported, differentiated or not; never another head dim, mixed
     dtypes or a non-CPU tensor."""
+    monkeypatch.setenv("FMFAST_CPU_ATTENTION_F32", "1")
     q, k, v = qkv32(1, 2, 9, 9, 32)
     assert ca.takes(q, k, v) == OK32
     assert not ca.takes(*qkv32(1, 2, 9, 9, 48))
@@ -513,3 +514,23 @@ def test_f32_switched_off_says_why(monkeypatch):
         assert not ca.takes(*qkv32(1, 2, 9, 9, 32))
     finally:
         ca._library_f32.cache_clear()
+
+
+@pytest.mark.parametrize("ask", ["auto", "1", "0", "yes"])
+def test_f32_preference_by_cpu_and_environment(ask, monkeypatch):
+    """By default the AVX2 kernels take fp32 only on CPUs without AVX-512 (where they were
+    measured faster than SDPA); the environment can force either way; a bad value says so."""
+    monkeypatch.setenv("FMFAST_CPU_ATTENTION_F32", ask)
+    ok, why = ca.prefers_f32()
+    q = qkv32(1, 2, 9, 9, 32)
+    assert ca.takes(*q) == ok
+    if not OK32:
+        assert not ok and why == WHY32
+    elif ask == "1":
+        assert ok, why
+    elif ask == "0":
+        assert not ok and "FMFAST_CPU_ATTENTION_F32=0" in why
+    elif ask == "yes":
+        assert not ok and "not one of auto, 0, 1" in why
+    else:
+        assert ok == ("avx512f" not in ca._cpu_flags()), why

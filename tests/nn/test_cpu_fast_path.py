@@ -118,11 +118,12 @@ def test_short_fp32_cpu_attentions_take_the_reference_matmuls():
 
 @pytest.mark.skipif(not cpu_attention.available_f32()[0],
                     reason=f"fmfast fp32 CPU attention: {cpu_attention.available_f32()[1]}")
-def test_short_fp32_training_takes_the_matmuls_and_everything_else_the_kernel():
+def test_short_fp32_training_takes_the_matmuls_and_everything_else_the_kernel(monkeypatch):
     """At the main job's sizes the matmuls beat the kernel's forward + backward (0.83-0.90x its
     time), the kernel beats them in inference; longer or fewer attentions take the kernel."""
     from fmfast.nn.attention import _cpu_kernel_takes
 
+    monkeypatch.setenv("FMFAST_CPU_ATTENTION_F32", "1")  # (on an AVX-512 CPU fp32 would keep SDPA)
     q = torch.randn(12, 2, 41, 32)  # 24 slices of 41 tokens: short
     assert _cpu_kernel_takes(q, q, q)
     x = q.clone().requires_grad_()
@@ -191,6 +192,7 @@ def test_fp32_runs_the_avx2_kernel_and_matches_the_reference(monkeypatch, task):
     kernel, as pairs (a layer's two self-attentions in one call, its two cross-attentions in
     another): logits within 1e-5 of the reference, gradients within 1e-4; a torch.export keeps
     it out of the graph (an exported file must run without fmfast)."""
+    monkeypatch.setenv("FMFAST_CPU_ATTENTION_F32", "1")  # (on an AVX-512 CPU fp32 would keep SDPA)
     ref, auto, calls = kernel_models(task, monkeypatch)
     video, current = inputs()
     with torch.no_grad():
