@@ -14,8 +14,9 @@ What runs (``pred.path`` says it in words, ``pred.note`` why, e.g. a fallback):
 
 - CPU: the fused backend, bf16 autocast where the CPU has native bf16 matrix units (AMX-BF16 or
   AVX512-BF16; fp32 elsewhere, never slower) with its attention in fmfast's CPU kernels
-  (``fmfast.kernels.cpu_attention``: the bf16 kernel, or in fp32 the AVX2 forward kernel;
-  PyTorch's SDPA where neither can run), and
+  (``fmfast.kernels.cpu_attention``: the bf16 kernel, or in fp32 the AVX2 kernel where the CPU
+  has no AVX-512; PyTorch's SDPA where neither runs), fp32 chunks of ``ONEDNN_MIN_BATCH`` rows or
+  more compiled with a symbolic batch (oneDNN's Linears), and
   ``torch.compile`` (inductor with weight freezing), compiled and warmed up once, at
   construction, outside any timed loop. Where compilation is unavailable or fails, the same
   model eagerly, with the reason. When the process uses every CPU it may run on, the OpenMP
