@@ -245,13 +245,13 @@ def test_bench_cpu_attention_forward(nq, nk):
         print(f"  {n:20s} {t * 1e3:8.2f} ms   ours x {t / secs[OURS]:4.2f}")
 
 
-@pytest.mark.parametrize("nq, nk", [(401, 401), (241, 241), (401, 241), (241, 401), (41, 41), (17, 17)])
-@pytest.mark.parametrize("batch", [32, 1])
-def test_bench_cpu_attention_forward_fp32(nq, nk, batch):
-    """fmfast's fp32 CPU attention (AVX2: what Predictor's fp32 forward runs where the CPU has no
-    bf16 hardware) against PyTorch's SDPA and the reference's matmul-softmax on the same fp32
-    inputs, laid out as in the model, 3 heads x 32, 2 threads; the paper's four shapes and the
-    main job's two. Parity first: max error against float64 at most 2x SDPA fp32's + 2e-6."""
+OURS32 = "ours (AVX2 fp32)"
+
+
+def fp32_attention_routes(sc: float):
+    """fmfast's fp32 CPU attention (skipped, with the reason, where it cannot run) and its peers
+    on fp32 inputs, each (q, k, v) -> o, on 2 threads pinned as under Predictor (the pool is
+    shared, so the peers run pinned too) -> (routes, what pinning did)."""
     from fmfast.kernels import cpu_attention as ca
     from fmfast.nn.attention import attention_ref
 
@@ -260,22 +260,33 @@ def test_bench_cpu_attention_forward_fp32(nq, nk, batch):
         pytest.skip(f"fmfast fp32 CPU attention unavailable: {why}")
     torch.set_num_threads(2)
     pinned = ca.pin_threads()[1]
+    return {OURS32: lambda q, k, v: ca.cpu_attention(q, k, v, sc),
+            "SDPA fp32": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=sc),
+            "matmul-softmax fp32": lambda q, k, v: attention_ref(q, k, v, sc)}, pinned
+
+
+@pytest.mark.parametrize("nq, nk", [(401, 401), (241, 241), (401, 241), (241, 401), (41, 41), (17, 17)])
+@pytest.mark.parametrize("batch", [32, 1])
+def test_bench_cpu_attention_forward_fp32(nq, nk, batch):
+    """fmfast's fp32 CPU attention (AVX2: what Predictor's fp32 forward runs where the CPU has no
+    bf16 hardware) against PyTorch's SDPA and the reference's matmul-softmax on the same fp32
+    inputs, laid out as in the model, 3 heads x 32, 2 threads; the paper's four shapes and the
+    main job's two. Parity first: max error against float64 at most 2x SDPA fp32's + 2e-6."""
     B, H, D = batch, 3, 32
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, nq, 3, H, D, generator=g).permute(2, 0, 3, 1, 4)[0]
     k, v = torch.randn(B, nk, 3, H, D, generator=g).permute(2, 0, 3, 1, 4)[1:]
     sc = D ** -0.5
+    routes, pinned = fp32_attention_routes(sc)
+    fns = {n: (lambda f=f: f(q, k, v)) for n, f in routes.items()}
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=sc)
-    fns = {"ours (AVX2 fp32)": lambda: ca.cpu_attention(q, k, v, sc),
-           "SDPA fp32": lambda: F.scaled_dot_product_attention(q, k, v, scale=sc),
-           "matmul-softmax fp32": lambda: attention_ref(q, k, v, sc)}
     err = {n: (f().double() - exact).abs().max().item() for n, f in fns.items()}
-    assert err["ours (AVX2 fp32)"] <= 2 * err["SDPA fp32"] + 2e-6, err
+    assert err[OURS32] <= 2 * err["SDPA fp32"] + 2e-6, err
     secs = interleaved(fns, rounds=9)
     print(f"\nCPU attention forward, q [{B},{H},{nq},{D}] k/v [{B},{H},{nk},{D}] fp32 (strided views), 2 threads; "
-          f"max error vs float64: ours {err['ours (AVX2 fp32)']:.1e}, SDPA {err['SDPA fp32']:.1e}; {pinned}")
+          f"max error vs float64: ours {err[OURS32]:.1e}, SDPA {err['SDPA fp32']:.1e}; {pinned}")
     for n, t in secs.items():
-        print(f"  {n:20s} {t * 1e3:8.2f} ms   ours x {t / secs['ours (AVX2 fp32)']:4.2f}")
+        print(f"  {n:20s} {t * 1e3:8.2f} ms   ours x {t / secs[OURS32]:4.2f}")
 
 
 @pytest.mark.parametrize("nq, nk", [(401, 401), (241, 241), (401, 241), (241, 401), (41, 41), (17, 17)])
@@ -284,38 +295,27 @@ def test_bench_cpu_attention_backward_fp32(nq, nk):
     kernels (what fp32 CPU training runs, except at the main job's short sizes, where the
     matmuls are faster) against PyTorch's SDPA and the reference's matmul-softmax. Parity first:
     each gradient's relative error against float64 at most 2x SDPA fp32's + 1e-6."""
-    from fmfast.kernels import cpu_attention as ca
-    from fmfast.nn.attention import attention_ref
-
-    ok, why = ca.available_f32()
-    if not ok:
-        pytest.skip(f"fmfast fp32 CPU attention unavailable: {why}")
-    torch.set_num_threads(2)
-    pinned = ca.pin_threads()[1]
     B, H, D = 32, 3, 32
     g = torch.Generator().manual_seed(0)
     qkv = [torch.randn(B, H, n, D, generator=g) for n in (nq, nk, nk)]
     go = torch.randn(B, H, nq, D, generator=g)
     sc = D ** -0.5
+    routes, pinned = fp32_attention_routes(sc)
 
     def run(fn):
         xs = [x.detach().requires_grad_() for x in qkv]
         fn(*xs).backward(go)
         return [x.grad.double() for x in xs]
 
-    OURS = "ours (AVX2 fp32)"
-    routes = {OURS: lambda q, k, v: ca.cpu_attention(q, k, v, sc),
-              "SDPA fp32": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=sc),
-              "matmul-softmax fp32": lambda q, k, v: attention_ref(q, k, v, sc)}
     xs64 = [x.double().requires_grad_() for x in qkv]
     F.scaled_dot_product_attention(*xs64, scale=sc).backward(go.double())
     err = {k: max(((a - e.grad).norm() / e.grad.norm()).item() for a, e in zip(run(f), xs64)) for k, f in routes.items()}
-    assert err[OURS] <= 2 * err["SDPA fp32"] + 1e-6, err
+    assert err[OURS32] <= 2 * err["SDPA fp32"] + 1e-6, err
     secs = interleaved({k: (lambda f=f: run(f)) for k, f in routes.items()}, rounds=7)
     print(f"\nCPU attention forward+backward, q [{B},{H},{nq},{D}] k/v [{B},{H},{nk},{D}] fp32, 2 threads; "
           f"grad rel. error vs float64: " + ", ".join(f"{k} {e:.1e}" for k, e in err.items()) + f"; {pinned}")
     for k, t in secs.items():
-        print(f"  {k:20s} {t * 1e3:8.2f} ms   ours x {t / secs[OURS]:4.2f}")
+        print(f"  {k:20s} {t * 1e3:8.2f} ms   ours x {t / secs[OURS32]:4.2f}")
 
 
 @pytest.mark.parametrize("nq, nk", [(401, 401), (241, 241), (401, 241), (241, 401)])

@@ -1,5 +1,5 @@
-"""Attention, forward and backward, for x86 CPUs with bf16 hardware, and an fp32 forward for any
-AVX2 CPU: the C kernels in
+"""Attention, forward and backward, for x86 CPUs with bf16 hardware, and in fp32 for any AVX2
+CPU: the C kernels in
 ``csrc/cpu_attention.c``, built once with the system C compiler in one of two builds -- on AMX-BF16
 tiles (Intel Sapphire Rapids and later) or on AVX512-BF16 registers (AMD Zen 4/5, Intel Cooper
 Lake), the same code with the tile products emulated by vdpbf16ps -- called through ctypes inside
@@ -100,8 +100,32 @@ def _build(cc: str, source: Path, flags: list[str]) -> Path:
     return out
 
 
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+def _refused_here() -> str | None:
+    """Why neither library can run here (not Linux on x86-64, or ``FMFAST_CPU_ATTENTION=0``), or None."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs Linux on x86-64 (this is {platform.system()} {platform.machine()})"
+    if os.environ.get("FMFAST_CPU_ATTENTION", "auto") == "0":
+        return "turned off (FMFAST_CPU_ATTENTION=0)"
+    return None
+
+
+def _load(source: Path, flags: list[str], fwd: str, bwd: str) -> tuple[ctypes.CDLL | None, str]:
+    """``source`` built (or found in the cache) and loaded, its entry points declared: the forward
+    ``fwd`` over _Problem structures, the backward ``bwd`` and fmf_pin_threads -> (lib, "") or
+    (None, why not)."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        return None, "no C compiler (cc or gcc) to build it"
+    try:
+        lib = ctypes.CDLL(str(_build(cc, source, flags)))
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
+        return None, f"its build failed: {e}"
+    getattr(lib, fwd).restype = getattr(lib, bwd).restype = lib.fmf_pin_threads.restype = ctypes.c_int
+    getattr(lib, fwd).argtypes = [ctypes.POINTER(_Problem), ctypes.c_int, ctypes.c_int]
+    getattr(lib, bwd).argtypes = ([ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5
+                                  + [ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_int])
+    lib.fmf_pin_threads.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+    return lib, ""
 
 
 def supported_variants() -> list[str]:
@@ -119,11 +143,10 @@ def supported_variants() -> list[str]:
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded kernel, its variant) or (None, why it cannot run here). The variant is the
     fastest this CPU supports, or the one ``FMFAST_CPU_ATTENTION`` names (amx, avx512; 0: off)."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"needs Linux on x86-64 (this is {platform.system()} {platform.machine()})"
+    refused = _refused_here()
+    if refused:
+        return None, refused
     ask = os.environ.get("FMFAST_CPU_ATTENTION", "auto")
-    if ask == "0":
-        return None, "turned off (FMFAST_CPU_ATTENTION=0)"
     have = supported_variants()
     if ask in _CHOICE:
         if _CHOICE[ask] not in have:
@@ -135,22 +158,11 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, "this CPU has neither AMX-BF16 tiles nor AVX512-BF16"
     else:
         variant = have[0]
-    cc = _compiler()
-    if cc is None:
-        return None, "no C compiler (cc or gcc) to build it"
-    try:
-        lib = ctypes.CDLL(str(_build(cc, SOURCE, FLAGS + VARIANTS[variant])))
-    except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
-        return None, f"its build failed: {e}"
+    lib, why = _load(SOURCE, FLAGS + VARIANTS[variant], "fmf_attention_fwd_many", "fmf_attention_bwd")
+    if lib is None:
+        return None, why
     if not lib.fmf_amx_init():
         return None, "the OS refused AMX tile state (arch_prctl)"
-    i64p = ctypes.POINTER(ctypes.c_int64)
-    lib.fmf_attention_fwd_many.restype = ctypes.c_int
-    lib.fmf_attention_fwd_many.argtypes = [ctypes.POINTER(_Problem), ctypes.c_int, ctypes.c_int]
-    lib.fmf_pin_threads.restype = ctypes.c_int
-    lib.fmf_pin_threads.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
-    lib.fmf_attention_bwd.restype = ctypes.c_int
-    lib.fmf_attention_bwd.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5 + [i64p, ctypes.c_float, ctypes.c_int]
     return lib, variant
 
 
@@ -181,27 +193,12 @@ def _cpu_flags() -> set[str]:
 def _library_f32() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded fp32 kernel, "") or (None, why it cannot run here): it needs Linux on x86-64
     with AVX2 and FMA; ``FMFAST_CPU_ATTENTION=0`` turns it off too."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"needs Linux on x86-64 (this is {platform.system()} {platform.machine()})"
-    if os.environ.get("FMFAST_CPU_ATTENTION", "auto") == "0":
-        return None, "turned off (FMFAST_CPU_ATTENTION=0)"
+    refused = _refused_here()
+    if refused:
+        return None, refused
     if not {"avx2", "fma"} <= _cpu_flags():
         return None, "this CPU lacks AVX2 with FMA"
-    cc = _compiler()
-    if cc is None:
-        return None, "no C compiler (cc or gcc) to build it"
-    try:
-        lib = ctypes.CDLL(str(_build(cc, SOURCE_F32, FLAGS_F32)))
-    except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
-        return None, f"its build failed: {e}"
-    lib.fmf_attention_f32_fwd_many.restype = ctypes.c_int
-    lib.fmf_attention_f32_fwd_many.argtypes = [ctypes.POINTER(_Problem), ctypes.c_int, ctypes.c_int]
-    lib.fmf_attention_f32_bwd.restype = ctypes.c_int
-    lib.fmf_attention_f32_bwd.argtypes = ([ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5
-                                          + [ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_int])
-    lib.fmf_pin_threads.restype = ctypes.c_int
-    lib.fmf_pin_threads.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
-    return lib, ""
+    return _load(SOURCE_F32, FLAGS_F32, "fmf_attention_f32_fwd_many", "fmf_attention_f32_bwd")
 
 
 def available_f32() -> tuple[bool, str]:
@@ -267,7 +264,7 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         return False
     if q.dtype == torch.bfloat16:
         return _available_constant()
-    return q.dtype == torch.float32 and not torch.compiler.is_exporting() and _available_f32_constant()
+    return q.dtype == torch.float32 and not torch.compiler.is_exporting() and _prefers_f32_constant()
 
 
 @torch.compiler.assume_constant_result
@@ -277,7 +274,7 @@ def _available_constant() -> bool:
 
 
 @torch.compiler.assume_constant_result
-def _available_f32_constant() -> bool:
+def _prefers_f32_constant() -> bool:
     return prefers_f32()[0]
 
 
@@ -288,36 +285,25 @@ class _Problem(ctypes.Structure):
                 + [(f, ctypes.c_int64 * 3) for f in ("sq", "sk", "sv", "so")] + [("scale", ctypes.c_float)])
 
 
-def _forward_f32(*problems: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(q, k, v, scale) each, fp32 -> [(o, lse)], all computed in one call of the AVX2 kernel."""
-    outs, cs = [], (_Problem * len(problems))()
-    for c, (q, k, v, scale) in zip(cs, problems):
-        _check(q, k, v, _library_f32())
-        q, k, v = _unit(q), _unit(k), _unit(v)
-        o, lse = _output(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-        _fill(c, q, k, v, o, lse, scale)
-        outs.append((o, lse))
-    _raise(_library_f32()[0].fmf_attention_f32_fwd_many(cs, len(problems), torch.get_num_threads()), *problems[0][:2])
-    return outs
-
-
-def _fill(c: _Problem, q, k, v, o, lse, scale: float) -> None:
-    c.q, c.k, c.v, c.o, c.lse = q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr() if lse is not None else None
-    c.B, c.H, c.n, c.d = q.shape
-    c.m, c.scale = k.shape[2], scale
-    c.sq[:], c.sk[:], c.sv[:], c.so[:] = q.stride()[:3], k.stride()[:3], v.stride()[:3], o.stride()[:3]
-
-
 def _forward(*problems: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(q, k, v, scale) each -> [(o, lse)], all computed in one kernel call."""
+    """(q, k, v, scale) each, all bf16 or all fp32 -> [(o, lse)], all computed in one call of that
+    dtype's kernel."""
+    f32 = problems[0][0].dtype == torch.float32
+    want = torch.float32 if f32 else torch.bfloat16
     lib, outs, cs = None, [], (_Problem * len(problems))()
     for c, (q, k, v, scale) in zip(cs, problems):
-        lib = _check(q, k, v)
+        lib = _check(q, k, v, _library_f32() if f32 else None)
+        if not q.dtype == k.dtype == v.dtype == want:  # (the C side reads the bytes as `want`)
+            raise ValueError(f"cpu_attention: q, k, v all {want}, got {q.dtype}, {k.dtype}, {v.dtype}")
         q, k, v = _unit(q), _unit(k), _unit(v)
         o, lse = _output(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-        _fill(c, q, k, v, o, lse, scale)
+        c.q, c.k, c.v, c.o, c.lse = q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr()
+        c.B, c.H, c.n, c.d = q.shape
+        c.m, c.scale = k.shape[2], scale
+        c.sq[:], c.sk[:], c.sv[:], c.so[:] = q.stride()[:3], k.stride()[:3], v.stride()[:3], o.stride()[:3]
         outs.append((o, lse))
-    _raise(lib.fmf_attention_fwd_many(cs, len(problems), torch.get_num_threads()), *problems[0][:2])
+    entry = lib.fmf_attention_f32_fwd_many if f32 else lib.fmf_attention_fwd_many
+    _raise(entry(cs, len(problems), torch.get_num_threads()), *problems[0][:2])
     return outs
 
 
@@ -359,9 +345,11 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     return _forward((q, k, v, scale))[0]
 
 
-@_attention_fwd.register_fake
-def _(q, k, v, scale):
+def _fake_forward(q, k, v, scale):
     return _output(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+_attention_fwd.register_fake(_fake_forward)
 
 
 @torch.library.custom_op("fmfast::cpu_attention_bwd", mutates_args=())
@@ -403,10 +391,11 @@ def _attention_pair_fwd(q1: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, q2
     return o1, lse1, o2, lse2
 
 
-@_attention_pair_fwd.register_fake
-def _(q1, k1, v1, q2, k2, v2, scale1, scale2):
-    return (_output(q1), q1.new_empty(q1.shape[:3], dtype=torch.float32), _output(q2),
-            q2.new_empty(q2.shape[:3], dtype=torch.float32))
+def _fake_pair_forward(q1, k1, v1, q2, k2, v2, scale1, scale2):
+    return (*_fake_forward(q1, k1, v1, scale1), *_fake_forward(q2, k2, v2, scale2))
+
+
+_attention_pair_fwd.register_fake(_fake_pair_forward)
 
 
 def _setup(ctx, inputs, output):
@@ -449,12 +438,10 @@ _attention_pair_fwd.register_autograd(_backward_pair, setup_context=_setup_pair)
 def _attention_f32_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 -> (o [B, H, N, D] over a [B, N, H, D] buffer, lse [B, H, N]: the backward's input)."""
-    return _forward_f32((q, k, v, scale))[0]
+    return _forward((q, k, v, scale))[0]
 
 
-@_attention_f32_fwd.register_fake
-def _(q, k, v, scale):
-    return _output(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+_attention_f32_fwd.register_fake(_fake_forward)
 
 
 @torch.library.custom_op("fmfast::cpu_attention_f32_bwd", mutates_args=())
@@ -475,14 +462,11 @@ def _attention_f32_pair_fwd(q1: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor
                             k2: torch.Tensor, v2: torch.Tensor, scale1: float, scale2: float
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (o1, lse1, o2, lse2): ``_attention_f32_fwd`` of both triples, in one kernel call."""
-    (o1, lse1), (o2, lse2) = _forward_f32((q1, k1, v1, scale1), (q2, k2, v2, scale2))
+    (o1, lse1), (o2, lse2) = _forward((q1, k1, v1, scale1), (q2, k2, v2, scale2))
     return o1, lse1, o2, lse2
 
 
-@_attention_f32_pair_fwd.register_fake
-def _(q1, k1, v1, q2, k2, v2, scale1, scale2):
-    return (_output(q1), q1.new_empty(q1.shape[:3], dtype=torch.float32), _output(q2),
-            q2.new_empty(q2.shape[:3], dtype=torch.float32))
+_attention_f32_pair_fwd.register_fake(_fake_pair_forward)
 
 
 _attention_f32_fwd.register_autograd(_backward, setup_context=_setup)
