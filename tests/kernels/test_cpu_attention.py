@@ -413,6 +413,8 @@ def test_f32_bad_inputs_raise_in_words():
         ca.cpu_attention(q, k, v[:, :, :4], 0.1)
     with pytest.raises(ValueError, match="one dtype"):
         ca.cpu_attention_pair(q, k, v, q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.1, 0.1)
+    with pytest.raises(ValueError, match="all torch.float32"):  # the op itself: bytes the C side would misread
+        torch.ops.fmfast.cpu_attention_f32_fwd(q, k.bfloat16(), v, 0.1)
     x = q.clone().requires_grad_()
     with pytest.raises(ValueError, match="k, v"):  # the backward's inputs are checked too
         torch.ops.fmfast.cpu_attention_f32_bwd(q, x, k, v[:, :, :4], q, q[..., 0], 0.1)
