@@ -17,7 +17,8 @@ What runs (``pred.path`` says it in words, ``pred.note`` why, e.g. a fallback):
   (``fmfast.kernels.cpu_attention``: the bf16 kernel, or in fp32 the AVX2 kernel where the CPU
   has no AVX-512; PyTorch's SDPA where neither runs), fp32 chunks of ``ONEDNN_MIN_BATCH`` rows or
   more compiled with a symbolic batch (oneDNN's Linears), and
-  ``torch.compile`` (inductor with weight freezing), compiled and warmed up once, at
+  ``torch.compile`` (inductor with weight freezing; chunks of at most ``CPP_WRAPPER_MAX_BATCH``
+  rows with inductor's C++ wrapper), compiled and warmed up once, at
   construction, outside any timed loop. Where compilation is unavailable or fails, the same
   model eagerly, with the reason. When the process uses every CPU it may run on, the OpenMP
   worker threads are pinned one to a CPU (``cpu_attention.pin_threads``; ``pred.threads`` says
@@ -98,10 +99,11 @@ class Predictor:
         self._run = self._eager
         self.note = "eager (compile off)" if compile == "off" else ""
         kind = "captured CUDA graph" if self.device.type == "cuda" else "torch.compile (inductor, freezing)"
+        self.wrapper_note = ""  # the compiled program's wrapper, where it is not the default
         if compile != "off":
             try:
                 self._run = self._build()
-                self.note = kind
+                self.note = f"{kind[:-1]}, {self.wrapper_note})" if self.wrapper_note else kind
             except Exception as e:  # noqa: BLE001 -- any compiler/capture failure: run eagerly, say why
                 if compile == "on":
                     raise SettingsError(f"Predictor: {kind} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
@@ -169,14 +171,32 @@ class Predictor:
 
     def _build_compiled(self):
         video, current = self._example()
-        import torch._inductor.config as inductor_config
-
         # fp32 at large batches: a symbolic batch makes freezing pack the Linears for oneDNN
         # (its fused epilogues included) instead of MKL, which inductor takes for static fp32 shapes
         # and has no setting against: B=32 at the paper shape 7.8-16% faster on a Zen 3 (three
         # interleaved A/B runs). At B=8 it was level and at B=1 (401 rows) MKL's calls are faster;
         # a size-1 batch is specialised anyway. 16-bit weights take oneDNN at any shape.
         dynamic = self.dtype is None and self.batch_size >= ONEDNN_MIN_BATCH
+        # Tiny chunks: the program's wrapper in C++ instead of Python. At B=1 a forward is ~150
+        # small kernels, whose Python calls were 8-10% of it (bf16 at the paper shape on a Zen 4:
+        # 17.2 -> 15.8 ms, B=2 29.8 -> 26.9; fp32 at B=1 5%); from B=8 on it measured level, and
+        # it costs ~9 s more to compile. Where it fails to build, the Python wrapper, said in note.
+        cpp = self.batch_size <= CPP_WRAPPER_MAX_BATCH
+        try:
+            compiled = self._compile(video, current, dynamic, cpp_wrapper=cpp)
+        except Exception as e:  # noqa: BLE001 -- any failure of the C++ wrapper: the Python one
+            if not cpp:
+                raise
+            compiled = self._compile(video, current, dynamic, cpp_wrapper=False)
+            self.wrapper_note = f"Python wrapper (C++ wrapper failed: {type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        else:
+            self.wrapper_note = "C++ wrapper" if cpp else ""
+        return self._skip_guards(compiled, video, current)
+
+    def _compile(self, video, current, dynamic: bool, cpp_wrapper: bool):
+        """``torch.compile`` of the forward, compiled and warmed up on the example inputs."""
+        import torch._inductor.config as inductor_config
+
         compiled = torch.compile(self._forward, dynamic=None if dynamic else False)
         if dynamic:
             for x in (video, current):
@@ -186,9 +206,13 @@ class Predictor:
         # epilogues) is read from inductor's global config when the first call compiles; passed
         # as torch.compile(options=...) it is silently not applied (torch 2.13): the weights
         # stayed graph inputs, cast to bf16 on every call.
-        with torch.no_grad(), inductor_config.patch(freezing=True):
+        with torch.no_grad(), inductor_config.patch(freezing=True, cpp_wrapper=cpp_wrapper):
             for _ in range(2):  # compile, then one warm run: the first timed call is a steady one
                 compiled(video, current)
+        return compiled
+
+    @staticmethod
+    def _skip_guards(compiled, video, current):
         # Dynamo re-checks ~200 guards per call (0.9 ms: 8% of a B=1 forward). Inputs of the
         # compiled example's signature skip them: the weights are frozen into the program anyway
         # (it is a snapshot of the model), and any other input runs the guarded call, which
@@ -247,6 +271,7 @@ class Predictor:
 
 
 ONEDNN_MIN_BATCH = 16  # fp32 CPU batches from here compile with a symbolic batch (_build_compiled)
+CPP_WRAPPER_MAX_BATCH = 2  # CPU chunks up to this compile with inductor's C++ wrapper (_build_compiled)
 
 
 def _signature(*xs: Tensor | None) -> tuple:

@@ -165,6 +165,47 @@ def test_large_fp32_batches_compile_with_a_symbolic_batch_for_onednn():
         assert "mkl::_mkl_linear" in linear_ops(small, video[:4], current[:4])
 
 
+def generated_code(build) -> str:
+    """The source inductor generated while ``build()`` ran (a Predictor compiles at construction)."""
+    from torch._inductor.utils import run_and_get_code
+
+    return "\n".join(run_and_get_code(build)[1])
+
+
+@pytest.mark.slow
+def test_tiny_chunks_compile_with_the_cpp_wrapper():
+    """Chunks of at most CPP_WRAPPER_MAX_BATCH rows run inductor's C++ wrapper (the Python calls of
+    ~150 small kernels were 8-10% of a B=1 forward), larger ones the Python wrapper; both agree
+    with eager within 1e-4 in fp32, and the path says which."""
+    m = model()
+    video, current = inputs(3)
+    want = eager(m, "fmformer", video, current)
+    preds = {}
+    for b in (P.CPP_WRAPPER_MAX_BATCH, P.CPP_WRAPPER_MAX_BATCH + 2):
+        code = generated_code(lambda: preds.setdefault(b, Predictor(m, precision="fp32", batch_size=b, compile="on")))
+        assert ("inductor_entry_impl" in code) == (b <= P.CPP_WRAPPER_MAX_BATCH), b
+        torch.testing.assert_close(preds[b](video, current), want, rtol=1e-4, atol=1e-4)
+    assert "C++ wrapper" in preds[P.CPP_WRAPPER_MAX_BATCH].path
+    assert "C++ wrapper" not in preds[P.CPP_WRAPPER_MAX_BATCH + 2].path
+
+
+@pytest.mark.slow
+def test_a_failing_cpp_wrapper_falls_back_to_the_python_one(monkeypatch):
+    compile_ = Predictor._compile
+
+    def no_cpp(self, video, current, dynamic, cpp_wrapper):
+        if cpp_wrapper:
+            raise RuntimeError("no aoti headers here")
+        return compile_(self, video, current, dynamic, cpp_wrapper)
+
+    monkeypatch.setattr(Predictor, "_compile", no_cpp)
+    m = model()
+    pred = Predictor(m, precision="fp32", batch_size=1, compile="on")
+    assert "torch.compile" in pred.path and "C++ wrapper failed" in pred.note and "no aoti headers here" in pred.note
+    video, current = inputs(2)
+    torch.testing.assert_close(pred(video, current), eager(m, "fmformer", video, current), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not native_bf16(), reason="bf16 inference needs a CPU with native bf16")
 def test_compiled_bf16_cpu_path_freezes_the_weights():
