@@ -11,7 +11,7 @@ setup(
               "fmfast.kernels"],
     package_dir={"fmfast.kernels": "kernels"},
     # the CPU attention kernel's C source, built at first use (kernels/cpu_attention.py)
-    package_data={"fmfast.kernels": ["csrc/*.c", "csrc/*.h"]},
+    package_data={"fmfast.kernels": ["csrc/*.c", "csrc/*.cpp", "csrc/*.h"]},
     install_requires=[
         # (Triton is not required: CUDA builds of torch bring the one they match; without it the
         # models run their reference / fused paths, as on macOS and Windows, where it has no wheels)

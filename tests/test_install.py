@@ -140,14 +140,19 @@ for ok, why in (ca.available(), ca.available_f32()):
 ok, why = ca.available_f32()
 if ok:
     assert torch.allclose(ca.cpu_attention(x, x, x, 0.2), ca.cpu_attention_ref(x, x, x, 0.2), atol=1e-5)
+op_ok, op_why = ca._library_op()
+assert op_ok or "its build failed" not in op_why, op_why  # and the C++ operators' source
+if op_ok and ok:
+    with torch.no_grad():
+        assert torch.allclose(ca.cpu_attention(x, x, x, 0.2), ca.cpu_attention_ref(x, x, x, 0.2), atol=1e-5)
 print(ca.__file__)
 print("f32", ok, why)
 """
 
 
 def test_the_installed_package_builds_its_cpu_kernels(venv, tmp_path):
-    """The C sources and their shared header ship in the wheel: the CPU kernels build from the
-    installed package (the tiny models above, head dim 16, never call them)."""
+    """The C and C++ sources and their shared header ship in the wheel: the CPU kernels and the
+    inference operators build from the installed package (the tiny models above, head dim 16, never call them)."""
     env = {**clean_env(tmp_path / "cache"), "FMFAST_KERNEL_CACHE": str(tmp_path / "k")}
     said = run([venv / "python", "-I", "-c", KERNELS_PROBE], env=env).strip().splitlines()  # -I: not the tree
     assert said[-1].startswith("f32 ") and said[-2].startswith(str(venv.parent)), said

@@ -187,6 +187,11 @@ def test_tiny_chunks_compile_with_the_cpp_wrapper():
         torch.testing.assert_close(preds[b](video, current), want, rtol=1e-4, atol=1e-4)
     assert "C++ wrapper" in preds[P.CPP_WRAPPER_MAX_BATCH].path
     assert "C++ wrapper" not in preds[P.CPP_WRAPPER_MAX_BATCH + 2].path
+    if native_bf16():  # the bf16 kernel's C++ inference operator, called from the C++ wrapper
+        fast = Predictor(m, precision="bf16", batch_size=1, compile="on")
+        slow = Predictor(m, precision="bf16", compile="off")
+        assert "C++ wrapper" in fast.path
+        torch.testing.assert_close(fast(video, current), slow(video, current), rtol=5e-2, atol=5e-2)
 
 
 @pytest.mark.slow

@@ -25,10 +25,17 @@ def variant(request, monkeypatch):
     """Runs a test once per build this CPU supports (an AMX CPU runs both)."""
     if request.param:
         monkeypatch.setenv("FMFAST_CPU_ATTENTION", ENV[request.param])
-    ca._library.cache_clear()
+    clear_caches()
     assert ca.variant() == request.param or not OK
     yield request.param
-    ca._library.cache_clear()
+    clear_caches()
+
+
+def clear_caches():
+    """Forget the loaded kernels (and so the C++ operators' entries into them): the next call
+    loads what the environment now asks for."""
+    for f in (ca._library, ca._library_f32, ca._library_op):
+        f.cache_clear()
 
 
 def needs_kernel(test):
@@ -243,7 +250,7 @@ def test_switched_off_or_unavailable_says_why_and_the_model_falls_back(tmp_path)
 @pytest.mark.parametrize("ask", ["amx", "avx512", "fast", "auto"])
 def test_the_environment_picks_a_build_or_says_why_not(ask, monkeypatch):
     monkeypatch.setenv("FMFAST_CPU_ATTENTION", ask)
-    ca._library.cache_clear()
+    clear_caches()
     try:
         ok, why = ca.available()
         have = ca.supported_variants()
@@ -256,7 +263,7 @@ def test_the_environment_picks_a_build_or_says_why_not(ask, monkeypatch):
         else:
             assert not ok and f"no {ca._CHOICE[ask]}" in why
     finally:
-        ca._library.cache_clear()
+        clear_caches()
 
 
 @needs_kernel
@@ -509,13 +516,13 @@ def test_f32_takes_only_what_it_can_run(monkeypatch):
 
 def test_f32_switched_off_says_why(monkeypatch):
     monkeypatch.setenv("FMFAST_CPU_ATTENTION", "0")
-    ca._library_f32.cache_clear()
+    clear_caches()
     try:
         ok, why = ca.available_f32()
         assert not ok and "FMFAST_CPU_ATTENTION=0" in why
         assert not ca.takes(*qkv32(1, 2, 9, 9, 32))
     finally:
-        ca._library_f32.cache_clear()
+        clear_caches()
 
 
 @pytest.mark.parametrize("ask", ["auto", "1", "0", "yes"])
@@ -536,3 +543,111 @@ def test_f32_preference_by_cpu_and_environment(ask, monkeypatch):
         assert not ok and "not one of auto, 0, 1" in why
     else:
         assert ok == ("avx512f" not in ca._cpu_flags()), why
+
+
+# ---- the C++ inference operators (csrc/cpu_attention_op.cpp) -------------------------------------
+OK_OP, WHY_OP = ca._library_op()
+needs_op = pytest.mark.skipif(not OK_OP, reason=f"the C++ inference operators are unavailable here: {WHY_OP}")
+OP_DTYPES = [pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not OK, reason=f"no bf16 kernel: {WHY}")),
+             pytest.param(torch.float32, marks=pytest.mark.skipif(not OK32, reason=f"no fp32 kernel: {WHY32}"))]
+
+
+def model_views(b, h, n, d, dtype, seed=0):
+    """q, k, v as the model makes them: strided views of one [B, N, 3, H, D] projection."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, n, 3, h, d, generator=g).to(dtype).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def fmfast_ops(fn) -> list[str]:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return sorted({e.name for e in prof.events() if e.name.startswith("fmfast::")})
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", OP_DTYPES)
+@pytest.mark.parametrize("b, h, n, m, d", [(2, 3, 401, 241, 32), (1, 2, 17, 5, 32), (3, 1, 33, 50, 64),
+                                           (1, 1, 1, 1, 32), (2, 1, 100, 300, 64)])
+def test_inference_operators_are_the_python_ops_bit_for_bit(dtype, b, h, n, m, d):
+    """Without autograd, cpu_attention and cpu_attention_pair call the C++ operators: the same
+    kernel entry, so the same bits and the same output layout as the Python ops, on the model's
+    strided views and on contiguous ragged inputs alike."""
+    q, _, _ = model_views(b, h, n, d, dtype)
+    _, k, v = model_views(b, h, m, d, dtype, seed=1)
+    q2 = torch.randn(b, h, m, d).to(dtype)
+    sc, sc2 = d ** -0.5, 0.3
+    forward = ca._attention_f32_fwd if dtype == torch.float32 else ca._attention_fwd
+    pair = ca._attention_f32_pair_fwd if dtype == torch.float32 else ca._attention_pair_fwd
+    want = forward(q, k, v, sc)[0]
+    want1, _, want2, _ = pair(q, k, v, q2, q, q, sc, sc2)
+    with torch.no_grad():
+        got = ca.cpu_attention(q, k, v, sc)
+        got1, got2 = ca.cpu_attention_pair(q, k, v, q2, q, q, sc, sc2)
+    for g, w in ((got, want), (got1, want1), (got2, want2)):
+        assert torch.equal(g, w) and g.stride() == w.stride() and g.dtype == dtype
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", OP_DTYPES)
+def test_only_calls_without_autograd_take_the_inference_operators(dtype):
+    q, k, v = model_views(1, 2, 20, 32, dtype)
+    with torch.no_grad():
+        assert fmfast_ops(lambda: ca.cpu_attention(q, k, v, 0.2)) == ["fmfast::cpu_attention_infer"]
+        assert fmfast_ops(lambda: ca.cpu_attention_pair(q, k, v, k, q, q, 0.2, 0.3)) == [
+            "fmfast::cpu_attention_infer_pair"]
+    with torch.inference_mode():
+        assert fmfast_ops(lambda: ca.cpu_attention(q, k, v, 0.2)) == ["fmfast::cpu_attention_infer"]
+    trained = fmfast_ops(lambda: ca.cpu_attention(q.clone().requires_grad_(), k, v, 0.2))
+    assert "fmfast::cpu_attention_infer" not in trained and trained, trained
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", OP_DTYPES)
+def test_inference_operators_registration_compile_and_bad_inputs(dtype):
+    q, k, v = (x.contiguous() for x in model_views(2, 3, 24, 32, dtype))
+    torch.library.opcheck(torch.ops.fmfast.cpu_attention_infer.default, (q, k, v, 0.2))
+    torch.library.opcheck(torch.ops.fmfast.cpu_attention_infer_pair.default, (q, k, v, k, q, q, 0.2, 0.3))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b, c: ca.cpu_attention_pair(a, b, c, b, a, a, 0.2, 0.3), fullgraph=True)
+    with torch.no_grad():
+        want = ca.cpu_attention_pair(q, k, v, k, q, q, 0.2, 0.3)
+        got = compiled(q, k, v)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="head dim 32 or 64"):
+            ca.cpu_attention(q[..., :16], k[..., :16], v[..., :16], 0.2)
+        with pytest.raises(RuntimeError, match="all bf16 or all fp32"):
+            torch.ops.fmfast.cpu_attention_infer(q, k.double(), v, 0.2)
+        with pytest.raises(RuntimeError, match="q \\[B, H, N, D\\] and k, v \\[B, H, M, D\\]"):
+            ca.cpu_attention(q, k[:1], v[:1], 0.2)
+
+
+def test_inference_operators_switched_off_or_unbuildable_say_why(monkeypatch):
+    """FMFAST_CPU_ATTENTION_OP=0, or a failed C++ build: the reason, and calls without autograd
+    keep the Python ops."""
+    monkeypatch.setenv("FMFAST_CPU_ATTENTION_OP", "0")
+    ca._library_op.cache_clear()
+    try:
+        ok, why = ca._library_op()
+        assert not ok and "FMFAST_CPU_ATTENTION_OP=0" in why
+        if OK:
+            q, k, v = model_views(1, 2, 20, 32, torch.bfloat16)
+            with torch.no_grad():
+                assert fmfast_ops(lambda: ca.cpu_attention(q, k, v, 0.2)) == ["fmfast::cpu_attention_fwd"]
+        monkeypatch.delenv("FMFAST_CPU_ATTENTION_OP")
+        ca._library_op.cache_clear()
+        ca._op_shim.cache_clear()
+
+        def broken(*a, **k):
+            raise RuntimeError("c++: fatal error: torch/library.h: No such file")
+        monkeypatch.setattr(ca, "_build", broken)
+        ok, why = ca._library_op()
+        if OK or OK32:
+            assert not ok and "its build failed" in why and "No such file" in why
+    finally:
+        monkeypatch.undo()
+        ca._library_op.cache_clear()
+        ca._op_shim.cache_clear()
+        assert ca._library_op()[0] == OK_OP
