@@ -297,6 +297,7 @@ def _op_shim() -> tuple[ctypes.CDLL | None, str]:
     from torch.utils import cpp_extension
 
     torch_lib = cpp_extension.library_paths()[0]
+    # (FMF_TORCH_VERSION is unused by the source: it keys the cache, so a torch upgraded in place rebuilds)
     flags = ["-O2", "-shared", "-fPIC", "-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
              f"-DFMF_TORCH_VERSION={torch.__version__}", *(f"-I{p}" for p in cpp_extension.include_paths())]
     try:
@@ -318,8 +319,8 @@ def _register_infer_fakes() -> None:
         lambda q1, k1, v1, q2, k2, v2, scale1, scale2: (_output(q1), _output(q2)))
 
 
-def _infers(q: torch.Tensor) -> bool:
-    """Whether this call takes the C++ inference operator: no autograd recording (no_grad or
+def _infers() -> bool:
+    """Whether a call now takes the C++ inference operators: no autograd recording (no_grad or
     inference mode), not under ``torch.export`` (its graph keeps the Python ops), and the operator
     loaded here."""
     return not torch.is_grad_enabled() and not torch.compiler.is_exporting() and _op_constant()
@@ -550,7 +551,7 @@ _attention_f32_pair_fwd.register_autograd(_backward_pair, setup_context=_setup_p
 
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """``softmax(q k^T * scale) v``, differentiable (see the module docstring for shapes)."""
-    if _infers(q):
+    if _infers():
         return torch.ops.fmfast.cpu_attention_infer(q, k, v, scale)
     return (_attention_f32_fwd if q.dtype == torch.float32 else _attention_fwd)(q, k, v, scale)[0]
 
@@ -561,7 +562,7 @@ def cpu_attention_pair(q1: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, q2:
     (both triples of one dtype)."""
     if q1.dtype != q2.dtype:
         raise ValueError(f"cpu_attention_pair: both triples of one dtype, got {q1.dtype} and {q2.dtype}")
-    if _infers(q1):
+    if _infers():
         return torch.ops.fmfast.cpu_attention_infer_pair(q1, k1, v1, q2, k2, v2, scale1, scale2)
     pair = _attention_f32_pair_fwd if q1.dtype == torch.float32 else _attention_pair_fwd
     o1, _, o2, _ = pair(q1, k1, v1, q2, k2, v2, scale1, scale2)
