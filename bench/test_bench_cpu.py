@@ -398,7 +398,7 @@ def test_bench_cpu_detect_throughput(tmp_path):
     tol = 2e-2 if scorers["ours"].predictor.dtype is not None else 1e-4
     assert np.abs(np.array(a.probs) - np.array(b.probs)).max() <= tol
     print(f"\ndetect, {seconds} s recording at {fps} fps 320x240 (decoding included), hop {hop}, paper FmFormer, "
-          f"2 threads; ours = {scorers['ours'].path} (built in {compile_s:.0f} s, before timing)")
+          f"2 threads; model chunks of {scorers['ours'].predictor.batch_size}; ours = {scorers['ours'].path} (built in {compile_s:.0f} s, before timing)")
     for k, (res, wall) in results.items():
         print(f"  {k:24s} {len(res.probs) / wall:8.1f} windows/s  {seconds / wall:6.1f}x real time")
     c = check("detect windows/s (ours)", len(b.probs) / results["ours"][1], 100.0)

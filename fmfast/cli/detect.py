@@ -58,7 +58,7 @@ def build_parser(prog: str = "fmfast detect") -> Parser:
     p.add_argument("--timestamps", help="CSV with a header and the time of each frame in column 0")
     p.add_argument("--max-gap", type=float, default=5.0, help="longest tolerated gap in the current log, s")
     p.add_argument("--hop", type=int, default=10, help="frames between window ends")
-    p.add_argument("--batch", type=int, default=64, help="windows per forward pass")
+    p.add_argument("--batch", type=int, default=64, help="windows gathered per scoring call (on a CPU the model runs them in chunks of at most 16)")
     p.add_argument("--on", type=float, default=None, help="probability that starts an alarm (default: the threshold "
                    "calibrated on validation stored in the checkpoint, else 0.6)")
     p.add_argument("--off", type=float, default=None, help="probability below which it ends (default: 2/3 of --on)")
