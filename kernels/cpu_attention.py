@@ -119,17 +119,25 @@ def _refused_here() -> str | None:
     return None
 
 
-def _load(source: Path, flags: list[str], fwd: str, bwd: str) -> tuple[ctypes.CDLL | None, str]:
-    """``source`` built (or found in the cache) and loaded, its entry points declared: the forward
-    ``fwd`` over _Problem structures, the backward ``bwd`` and fmf_pin_threads -> (lib, "") or
-    (None, why not)."""
+def build_and_load(source: Path, flags: list[str]) -> tuple[ctypes.CDLL | None, str]:
+    """``source`` built with the system C compiler (or found in the cache) and loaded -> (lib, "")
+    or (None, why not: no compiler, a failed build)."""
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         return None, "no C compiler (cc or gcc) to build it"
     try:
-        lib = ctypes.CDLL(str(_build(cc, source, flags)))
+        return ctypes.CDLL(str(_build(cc, source, flags))), ""
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
         return None, f"its build failed: {e}"
+
+
+def _load(source: Path, flags: list[str], fwd: str, bwd: str) -> tuple[ctypes.CDLL | None, str]:
+    """``source`` built and loaded (``build_and_load``), its entry points declared: the forward
+    ``fwd`` over _Problem structures, the backward ``bwd`` and fmf_pin_threads -> (lib, "") or
+    (None, why not)."""
+    lib, why = build_and_load(source, flags)
+    if lib is None:
+        return None, why
     getattr(lib, fwd).restype = getattr(lib, bwd).restype = lib.fmf_pin_threads.restype = ctypes.c_int
     getattr(lib, fwd).argtypes = [ctypes.POINTER(_Problem), ctypes.c_int, ctypes.c_int]
     getattr(lib, bwd).argtypes = ([ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5

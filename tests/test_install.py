@@ -145,14 +145,21 @@ assert op_ok or "its build failed" not in op_why, op_why  # and the C++ operator
 if op_ok and ok:
     with torch.no_grad():
         assert torch.allclose(ca.cpu_attention(x, x, x, 0.2), ca.cpu_attention_ref(x, x, x, 0.2), atol=1e-5)
+from fmfast.kernels import cpu_mlp
+mlp_ok, mlp_why = cpu_mlp.available()
+assert mlp_ok or "its build failed" not in mlp_why, mlp_why  # and the feed-forward kernel's
+if mlp_ok:
+    w = [torch.randn(64, 32), torch.randn(64), torch.randn(32, 64), torch.randn(32)]
+    y = torch.randn(20, 32).bfloat16()
+    assert torch.allclose(cpu_mlp.cpu_mlp(y, *w).float(), cpu_mlp.cpu_mlp_ref(y, *w).float(), atol=0.1, rtol=0.05)
 print(ca.__file__)
 print("f32", ok, why)
 """
 
 
 def test_the_installed_package_builds_its_cpu_kernels(venv, tmp_path):
-    """The C and C++ sources and their shared header ship in the wheel: the CPU kernels and the
-    inference operators build from the installed package (the tiny models above, head dim 16, never call them)."""
+    """The C and C++ sources and their shared header ship in the wheel: the CPU kernels (attention,
+    feed-forward) and the inference operators build from the installed package (the tiny models above, head dim 16, never call them)."""
     env = {**clean_env(tmp_path / "cache"), "FMFAST_KERNEL_CACHE": str(tmp_path / "k")}
     said = run([venv / "python", "-I", "-c", KERNELS_PROBE], env=env).strip().splitlines()  # -I: not the tree
     assert said[-1].startswith("f32 ") and said[-2].startswith(str(venv.parent)), said

@@ -15,8 +15,10 @@ What runs (``pred.path`` says it in words, ``pred.note`` why, e.g. a fallback):
 - CPU: the fused backend, bf16 autocast where the CPU has native bf16 matrix units (AMX-BF16 or
   AVX512-BF16; fp32 elsewhere, never slower) with its attention in fmfast's CPU kernels
   (``fmfast.kernels.cpu_attention``: the bf16 kernel, or in fp32 the AVX2 kernel where the CPU
-  has no AVX-512; PyTorch's SDPA where neither runs), fp32 chunks of ``ONEDNN_MIN_BATCH`` rows or
-  more compiled with a symbolic batch (oneDNN's Linears), and
+  has no AVX-512; PyTorch's SDPA where neither runs), in bf16 on AVX512-BF16 CPUs without AMX the
+  feed-forwards of chunks with enough rows in fmfast's MLP kernel (``fmfast.kernels.cpu_mlp``),
+  fp32 chunks of ``ONEDNN_MIN_BATCH`` rows or more compiled with a symbolic batch (oneDNN's
+  Linears), and
   ``torch.compile`` (inductor with weight freezing; chunks of at most ``CPP_WRAPPER_MAX_BATCH``
   rows with inductor's C++ wrapper), compiled and warmed up once, at
   construction, outside any timed loop. Where compilation is unavailable or fails, the same

@@ -15,7 +15,7 @@ from torch import nn
 
 import torch.nn.functional as F
 
-from fmfast.kernels import cpu_attention
+from fmfast.kernels import cpu_attention, cpu_mlp
 from fmfast.nn.backend import Dispatching, check_backend, implementation
 
 
@@ -265,9 +265,12 @@ def cross_branches(m: nn.Module, x1: torch.Tensor, x2: torch.Tensor, fused: bool
     return m.to_out1(_merge_heads(r1)), m.to_out2(_merge_heads(r2))
 
 
-class FeedForward(nn.Module):
-    """Pre-LN MLP branch ``LN -> Linear -> GELU -> Linear`` (no residual).
-    ``net`` indices 0, 1, 4 hold the weights, as in the reference (3 and 5 were Dropout(0))."""
+class FeedForward(Dispatching, nn.Module):
+    """Pre-LN MLP branch ``LN -> Linear -> GELU -> Linear`` (no residual), ``[..., dim]`` ->
+    ``[..., dim]``. ``net`` indices 0, 1, 4 hold the weights, as in the reference (3 and 5 were
+    Dropout(0)). On the fused backend, bf16 inference on a CPU with AVX512-BF16 and no AMX runs
+    ``Linear -> GELU -> Linear`` as one fmfast kernel (``fmfast.kernels.cpu_mlp``, where its
+    ``takes`` says so: the compiled paper-shape FmFormer forward 4-6% faster on a Zen 4)."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -277,6 +280,9 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc1, fc2 = self.net[1], self.net[4]
+        if implementation(self.backend, x.device) == "fused" and cpu_mlp.takes(x, fc1.out_features):
+            return cpu_mlp.cpu_mlp(self.net[0](x), fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         return self.net(x)
 
 

@@ -33,6 +33,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "cpu_avx512.h"  // exp2_neg
 #include "cpu_common.h"  // fmf_pin_threads, per-thread scratch pools, query splits
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
@@ -260,17 +261,7 @@ static inline void tile_dp2_run(int c0, int c1, int at, int bt0, int bt1, const 
 }
 #endif
 
-// 2^t for t <= 0 in three steps: f = t - floor(t) in [0, 1) (vreduceps), 2^f by a degree-3
-// minimax polynomial (relative error 7.6e-5, far below the 3.9e-3 of the bf16 P it feeds), times
-// 2^floor(t) (vscalefps: exact, and 0 for any t below the float range, so no clamp is needed).
-static inline __m512 exp2_neg(__m512 t) {
-    __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 p = _mm512_set1_ps(7.8022547e-2f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.2606564e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9583648e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9992466e-1f));
-    return _mm512_scalef_ps(p, t);
-}
+// (exp2_neg, the softmax's 2^t: cpu_avx512.h)
 
 // r[i][j] <- r[j][i] for a 16 x 16 block of 32-bit words: the usual 4-stage unpack/shuffle.
 static inline void transpose16(__m512i r[16]) {

@@ -254,3 +254,26 @@ def test_the_path_says_whether_the_threads_are_pinned(monkeypatch):
     monkeypatch.setattr(cpu_attention, "pin_threads", lambda: (False, "threads not pinned: one thread"))
     pred = Predictor(model(), compile="off")
     assert not pred.pinned and pred.threads == "threads not pinned: one thread" and "pinned" not in pred.path
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not native_bf16(), reason="bf16 inference needs a CPU with native bf16")
+def test_compiled_bf16_feed_forwards_take_the_cpu_mlp_kernel_where_it_runs():
+    """Chunks with enough rows (96 clips of a model whose dim and hidden are multiples of 32)
+    compile their feed-forwards into fmfast's CPU MLP kernel where it runs (AVX512-BF16 without
+    AMX), and the logits stay within twice the eager bf16 path's error against fp32."""
+    from fmfast.kernels import cpu_mlp
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(task="classification", image_size=16, num_frames=4, dim=32, depth=1, heads=2, dim_head=16,
+                      mlp_dim=64, current_len=16)
+    m = build_model("fmformer", cfg).eval()
+    video, current = inputs(96)
+    preds = {}
+    code = generated_code(lambda: preds.setdefault(0, Predictor(m, precision="bf16", batch_size=96, compile="on")))
+    assert ("cpu_mlp_infer" in code) == cpu_mlp.available()[0], cpu_mlp.available()
+    exact = eager(m, "fmformer", video, current)
+    plain = Predictor(m, precision="bf16", compile="off")(video, current)
+    e_fast = (preds[0](video, current) - exact).abs().max().item()
+    e_plain = (plain - exact).abs().max().item()
+    assert e_fast <= 2 * e_plain + 2e-3, (e_fast, e_plain)
