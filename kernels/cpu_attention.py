@@ -131,6 +131,23 @@ def build_and_load(source: Path, flags: list[str]) -> tuple[ctypes.CDLL | None, 
         return None, f"its build failed: {e}"
 
 
+def load_switched(var: str, refusal: str | None, source: Path, flags: list[str]) -> tuple[ctypes.CDLL | None, str]:
+    """A kernel library behind the environment switch ``var`` (auto, the default, or 0: off):
+    ``build_and_load(source, flags)``, unless this platform, the switch or ``refusal`` (why this
+    CPU should not run it, or None) says no -> (lib, "") or (None, why not)."""
+    refused = _refused_here()
+    if refused:
+        return None, refused
+    ask = os.environ.get(var, "auto")
+    if ask == "0":
+        return None, f"turned off ({var}=0)"
+    if ask != "auto":
+        return None, f"{var}={ask!r} is not one of auto, 0"
+    if refusal:
+        return None, refusal
+    return build_and_load(source, flags)
+
+
 def _load(source: Path, flags: list[str], fwd: str, bwd: str) -> tuple[ctypes.CDLL | None, str]:
     """``source`` built and loaded (``build_and_load``), its entry points declared: the forward
     ``fwd`` over _Problem structures, the backward ``bwd`` and fmf_pin_threads -> (lib, "") or

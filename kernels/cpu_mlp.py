@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .cpu_attention import FLAGS, _refused_here, build_and_load, supported_variants
+from .cpu_attention import FLAGS, load_switched, supported_variants
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_mlp.c"
 MAX_C, MAX_H = 512, 2048  # the kernel's per-thread buffers
@@ -43,30 +42,19 @@ _ERRORS = {1: "unsupported sizes", 3: "out of memory"}
 @functools.lru_cache(maxsize=None)
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded kernel, "") or (None, why it does not run here)."""
-    refused = _refused_here()
-    if refused:
-        return None, refused
-    ask = os.environ.get("FMFAST_CPU_MLP", "auto")
-    if ask == "0":
-        return None, "turned off (FMFAST_CPU_MLP=0)"
-    if ask != "auto":
-        return None, f"FMFAST_CPU_MLP={ask!r} is not one of auto, 0"
     have = supported_variants()
-    if "AMX" in have:
-        return None, "this CPU has AMX-BF16 tiles, on which oneDNN's Linears run faster"
-    if "AVX512-BF16" not in have:
-        return None, "this CPU lacks AVX512-BF16"
-    lib, why = build_and_load(SOURCE, FLAGS)
-    if lib is None:
-        return None, why
-    lib.fmf_mlp_fwd.restype = ctypes.c_int
-    lib.fmf_mlp_fwd.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
-                                + [ctypes.c_void_p] * 5 + [ctypes.c_int64])
-    return lib, ""
+    refusal = ("this CPU has AMX-BF16 tiles, on which oneDNN's Linears run faster" if "AMX" in have else
+               None if "AVX512-BF16" in have else "this CPU lacks AVX512-BF16")
+    lib, why = load_switched("FMFAST_CPU_MLP", refusal, SOURCE, FLAGS)
+    if lib is not None:
+        lib.fmf_mlp_fwd.restype = ctypes.c_int
+        lib.fmf_mlp_fwd.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 5
+                                    + [ctypes.c_int64])
+    return lib, why
 
 
 def available() -> tuple[bool, str]:
-    """(True, "") where the kernel runs on this machine, else (False, the reason)."""
+    """(True, "") where the feed-forward kernel runs on this machine, else (False, the reason)."""
     lib, why = _library()
     return lib is not None, why
 

@@ -861,8 +861,13 @@ def multiscale_tokenize(video: torch.Tensor, cls_token: torch.Tensor, scales: Se
 def multiscale_tokenize_ref(video: torch.Tensor, cls_token: torch.Tensor, scales: Sequence[Sequence[torch.Tensor]], *,
                             patch_size: int, frame_patch_size: int, dilations: Sequence[int],
                             frame_index: Optional[torch.Tensor] = None, eps: float = 1e-5,
-                            out_dtype: Optional[torch.dtype] = None, for_compiler: bool = False) -> torch.Tensor:
+                            out_dtype: Optional[torch.dtype] = None, for_compiler: bool = False,
+                            patch_norm=None) -> torch.Tensor:
     """Plain-PyTorch twin of :func:`multiscale_tokenize` (same arguments, same result).
+
+    ``patch_norm``: a function computing each scale's tubelet LayerNorm from the uint8 clip
+    instead, ``patch_norm(video, dilation, patch_size, frame_patch_size, w_in, b_in, eps) ->
+    [B, n, K]`` (``fmfast.kernels.cpu_patch_norm.patch_norm``); the rest is the same.
 
     ``for_compiler``: the patch LayerNorm is written out over the four patch dims of the
     ``[B, t, h, w, p1, p2, pf, c]`` view rather than as ``F.layer_norm`` on the flattened rows --
@@ -886,7 +891,9 @@ def multiscale_tokenize_ref(video: torch.Tensor, cls_token: torch.Tensor, scales
         _, C, T, H, W = xs.shape
         xs = xs.reshape(B, C, T // pf, pf, H // p, p, W // p, p)
         xs = xs.permute(0, 2, 4, 6, 5, 7, 3, 1)  # b t h w p1 p2 pf c
-        if for_compiler:
+        if patch_norm is not None:
+            z = patch_norm(video, d, p, pf, w_in, b_in, eps)
+        elif for_compiler:
             xc = xs - xs[..., :1, :1, :1, :1]  # shifted by each patch's first pixel: exact
             xc = xc - xc.mean((-4, -3, -2, -1), keepdim=True)  # sums of a near-constant patch
             var = xc.square().mean((-4, -3, -2, -1), keepdim=True)

@@ -152,6 +152,13 @@ if mlp_ok:
     w = [torch.randn(64, 32), torch.randn(64), torch.randn(32, 64), torch.randn(32)]
     y = torch.randn(20, 32).bfloat16()
     assert torch.allclose(cpu_mlp.cpu_mlp(y, *w).float(), cpu_mlp.cpu_mlp_ref(y, *w).float(), atol=0.1, rtol=0.05)
+from fmfast.kernels import cpu_patch_norm
+pn_ok, pn_why = cpu_patch_norm.available()
+assert pn_ok or "its build failed" not in pn_why, pn_why  # and the tokenizer's patch norm
+if pn_ok:
+    v, w1 = torch.randint(0, 256, (1, 3, 2, 16, 16), dtype=torch.uint8), torch.ones(384)
+    assert torch.allclose(cpu_patch_norm.patch_norm(v, 1, 8, 2, w1, w1).float(),
+                          cpu_patch_norm.patch_norm_ref(v, 1, 8, 2, w1, w1).float(), atol=0.05, rtol=0.01)
 print(ca.__file__)
 print("f32", ok, why)
 """
@@ -159,7 +166,7 @@ print("f32", ok, why)
 
 def test_the_installed_package_builds_its_cpu_kernels(venv, tmp_path):
     """The C and C++ sources and their shared header ship in the wheel: the CPU kernels (attention,
-    feed-forward) and the inference operators build from the installed package (the tiny models above, head dim 16, never call them)."""
+    feed-forward, patch norm) and the inference operators build from the installed package (the tiny models above, head dim 16, never call them)."""
     env = {**clean_env(tmp_path / "cache"), "FMFAST_KERNEL_CACHE": str(tmp_path / "k")}
     said = run([venv / "python", "-I", "-c", KERNELS_PROBE], env=env).strip().splitlines()  # -I: not the tree
     assert said[-1].startswith("f32 ") and said[-2].startswith(str(venv.parent)), said

@@ -17,6 +17,8 @@ What runs (``pred.path`` says it in words, ``pred.note`` why, e.g. a fallback):
   (``fmfast.kernels.cpu_attention``: the bf16 kernel, or in fp32 the AVX2 kernel where the CPU
   has no AVX-512; PyTorch's SDPA where neither runs), in bf16 on AVX512-BF16 CPUs without AMX the
   feed-forwards of chunks with enough rows in fmfast's MLP kernel (``fmfast.kernels.cpu_mlp``),
+  in bf16 on AVX512-BF16 CPUs the tokenizer's tubelet LayerNorm in its patch-norm kernel
+  (``fmfast.kernels.cpu_patch_norm``),
   fp32 chunks of ``ONEDNN_MIN_BATCH`` rows or more compiled with a symbolic batch (oneDNN's
   Linears), and
   ``torch.compile`` (inductor with weight freezing; chunks of at most ``CPP_WRAPPER_MAX_BATCH``

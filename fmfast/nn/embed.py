@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmfast.kernels import cpu_patch_norm
 from fmfast.nn.backend import Dispatching, check_backend, implementation
 
 LN_EPS = 1e-5  # nn.LayerNorm's default, as in the reference model
@@ -46,10 +47,14 @@ def multiscale_tokens(video: torch.Tensor, cls_token: torch.Tensor, scales: Sequ
     impl = implementation(backend, video.device)
     if impl == "triton" and (backend == "fast" or not wants_video_grad):
         return tokenize.multiscale_tokenize(video, cls_token, scales, **kw)
-    # under torch.compile the fused path writes the patch LayerNorm out by dims, which inductor
-    # vectorises; eagerly F.layer_norm is faster (see multiscale_tokenize_ref)
+    # bf16 inference on a CPU: the tubelet LayerNorm in fmfast's C kernel where it runs (see
+    # fmfast.kernels.cpu_patch_norm); under torch.compile otherwise the fused path writes it out by
+    # dims, which inductor vectorises; eagerly F.layer_norm is faster (see multiscale_tokenize_ref)
+    patch_dim = scales[0][0].shape[0]
+    fast_norm = (impl == "fused" and kw.get("frame_index") is None and cpu_patch_norm.takes(video, patch_dim))
     compiled = impl == "fused" and torch.compiler.is_compiling()
-    return tokenize.multiscale_tokenize_ref(video, cls_token, scales, for_compiler=compiled, **kw)
+    return tokenize.multiscale_tokenize_ref(video, cls_token, scales, for_compiler=compiled,
+                                            patch_norm=cpu_patch_norm.patch_norm if fast_norm else None, **kw)
 
 
 def current_tokens(current: torch.Tensor, cls_token: torch.Tensor, p: ScaleParams, eps: float = LN_EPS) -> torch.Tensor:

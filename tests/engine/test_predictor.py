@@ -258,11 +258,12 @@ def test_the_path_says_whether_the_threads_are_pinned(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not native_bf16(), reason="bf16 inference needs a CPU with native bf16")
-def test_compiled_bf16_feed_forwards_take_the_cpu_mlp_kernel_where_it_runs():
+def test_compiled_bf16_cpu_path_takes_the_mlp_and_patch_norm_kernels_where_they_run():
     """Chunks with enough rows (96 clips of a model whose dim and hidden are multiples of 32)
     compile their feed-forwards into fmfast's CPU MLP kernel where it runs (AVX512-BF16 without
-    AMX), and the logits stay within twice the eager bf16 path's error against fp32."""
-    from fmfast.kernels import cpu_mlp
+    AMX) and the tokenizer's tubelet LayerNorm into its patch-norm kernel (AVX512-BF16), and the
+    logits stay within twice the eager bf16 path's error against fp32."""
+    from fmfast.kernels import cpu_mlp, cpu_patch_norm
 
     torch.manual_seed(0)
     cfg = ModelConfig(task="classification", image_size=16, num_frames=4, dim=32, depth=1, heads=2, dim_head=16,
@@ -272,6 +273,7 @@ def test_compiled_bf16_feed_forwards_take_the_cpu_mlp_kernel_where_it_runs():
     preds = {}
     code = generated_code(lambda: preds.setdefault(0, Predictor(m, precision="bf16", batch_size=96, compile="on")))
     assert ("cpu_mlp_infer" in code) == cpu_mlp.available()[0], cpu_mlp.available()
+    assert ("cpu_patch_norm" in code) == cpu_patch_norm.available()[0], cpu_patch_norm.available()
     exact = eager(m, "fmformer", video, current)
     plain = Predictor(m, precision="bf16", compile="off")(video, current)
     e_fast = (preds[0](video, current) - exact).abs().max().item()
