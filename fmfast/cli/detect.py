@@ -34,6 +34,7 @@ from fmfast.data.csvfiles import format_seconds
 from fmfast.data.decoders import LABEL
 from fmfast.data.decoders import NAMES as DECODERS
 from fmfast.data.decoders import resolve as resolve_decoder
+from fmfast.data.probe import probe_ahead
 from fmfast.detect.alarms import AlarmTracker, default_levels
 from fmfast.detect.follow import FollowFeed, follow
 from fmfast.detect.report import (ALARM_HEADER, WINDOW_HEADER, LiveLog, alarm_line, publish, recording_span, window_lines,
@@ -97,6 +98,8 @@ def main(argv=None) -> int:
 
 
 def _run(a, out: Path) -> int:
+    if a.video and not a.follow and Path(a.video).is_file():  # the video's probe runs while the model loads and compiles
+        probe_ahead(a.video, a.decode_timeout, a.decoder)
     model, meta = load_model(a.checkpoint)
     scorer = Scorer(model, meta, a.device, batch=a.batch, precision=a.precision,
                     compile=a.compile)

@@ -10,6 +10,11 @@ said on stderr, not a dead process with nothing on the screen.
 has bytes is refused before the decoder sees it. Run as a script (``python
 fmfast/data/probe.py FILE [BACKEND]``) it prints the probe as one JSON line. ``pyav_index`` is
 how PyAV counts frames: one per packet of the stream, as decord does.
+
+``probe_ahead(path, ...)`` starts the same probe in a background thread; the next ``probe`` of
+that file (unchanged: same inode, size and mtime) with the same backend takes its answer or
+its error. ``fmfast detect`` starts it before it builds the model, so the child's ~0.2 s (its
+Python start and the decoder's import) overlaps the compile instead of preceding the decoding.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -159,21 +165,60 @@ def _child(path: str, backend: str = "decord") -> Probe:
     return Probe(declared, n, fps or rate or 0.0, int(h), int(w))
 
 
-def _limit_memory():  # runs in the child before exec
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+_AHEAD: dict[tuple, tuple[threading.Thread, dict]] = {}  # file key -> (thread, its answer)
+
+
+def _key(path: Path, backend: str) -> tuple:
+    st = path.stat()
+    return os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, backend
+
+
+def probe_ahead(path: str | os.PathLike, timeout: float = 60.0, backend: str = "decord") -> None:
+    """Start ``probe(path, timeout, backend)`` in a background thread (see the module's
+    docstring). A path that cannot be stat'ed starts nothing: ``probe`` names the problem."""
+    try:
+        key = _key(Path(path), backend)
+    except OSError:
+        return
+    box: dict = {}
+
+    def run():
+        try:
+            box["probe"] = _run_child(Path(path), timeout, backend)
+        except BaseException as e:  # re-raised by the probe() that takes it
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="fmfast-probe", daemon=True)
+    t.start()
+    _AHEAD[key] = (t, box)
 
 
 def probe(path: str | os.PathLike, timeout: float = 60.0, backend: str = "decord") -> Probe:
     """Probe ``path`` in a child process with ``backend`` (decord or pyav, resolved by the
-    caller); a crash, a stall or a lying header is a DataError."""
+    caller); a crash, a stall or a lying header is a DataError. Takes the answer of a
+    ``probe_ahead`` of the same, unchanged file where one was started."""
+    path = Path(path)
+    try:
+        ahead = _AHEAD.pop(_key(path, backend), None)
+    except OSError:
+        ahead = None
+    if ahead is None:
+        return _run_child(path, timeout, backend)
+    thread, box = ahead
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["probe"]
+
+
+def _run_child(path: Path, timeout: float, backend: str) -> Probe:
     from fmfast.errors import DataError
 
-    path = Path(path)
     limit = timeout + path.stat().st_size / 20e6  # indexing reads the file: allow >= 20 MB/s
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         p = subprocess.run([sys.executable, __file__, str(path), backend], capture_output=True, text=True,
-                           timeout=limit, preexec_fn=_limit_memory, env=env)
+                           timeout=limit, env=env)
     except subprocess.TimeoutExpired:
         raise DataError(path, f"reading the video header stalled for more than {limit:.0f} s "
                               f"(corrupt or truncated video?)") from None
@@ -192,6 +237,9 @@ def probe(path: str | os.PathLike, timeout: float = 60.0, backend: str = "decord
 
 
 if __name__ == "__main__":
+    # set here, before the decoder is imported, rather than in a preexec_fn: that runs Python
+    # between fork and exec, which can deadlock in a parent with threads (the model's, a probe_ahead)
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     try:
         result = _child(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "decord")
     except MemoryError:

@@ -109,6 +109,23 @@ def test_detect_classification_end_to_end(rec, tmp_path, capsys, decoder):
     assert not [q for q in out.iterdir() if q.name.startswith(".")]
 
 
+def test_detect_probes_the_video_while_the_model_is_built(rec, tmp_path, monkeypatch):
+    """The video's probe child starts before the checkpoint is loaded (in probe_ahead's thread),
+    and the reader takes its answer instead of running a second child."""
+    import fmfast.cli.detect as cli
+    import fmfast.data.probe as probe_mod
+    d, video, cur, cls, _ = rec
+    seen, children = [], []
+    run_child, ahead, load = probe_mod._run_child, cli.probe_ahead, cli.load_model
+    monkeypatch.setattr(probe_mod, "_run_child", lambda *a: children.append(threading.current_thread().name)
+                        or run_child(*a))
+    monkeypatch.setattr(cli, "probe_ahead", lambda *a: seen.append("probe_ahead") or ahead(*a))
+    monkeypatch.setattr(cli, "load_model", lambda *a: seen.append("load_model") or load(*a))
+    assert detect("--checkpoint", cls, video, cur, "--start", stamp(0), "--out", tmp_path / "out", "--hop", HOP) == 0
+    assert seen == ["probe_ahead", "load_model"] and children == ["fmfast-probe"]
+    assert not probe_mod._AHEAD
+
+
 def test_windows_match_the_training_data_path(rec, tmp_path):
     """The probability of each window equals the model on FMFDataset's sample for that frame
     (the ingested recording, same clip offsets and current window)."""
