@@ -311,6 +311,14 @@ def _reg_cap(q: Tensor, dkdv: bool, head_dim: int) -> dict:
     return {}
 
 
+# Launch settings that replace the above for the dk/dv programs, for A/B runs only (the lead
+# case of bench/test_bench_attention.py, tools/kernel_report.py --dkdv). The lead: bf16 at head
+# dim 32 with {"num_stages": 1} compiles to 145 registers (3 blocks/SM, no spills) instead of
+# 188 (2 blocks/SM); the cost model, which does not price the lost prefetch of the next q/dO
+# tile, puts it at 182/161 us against 210/188 (self/cross phase, B=256). Measured on no GPU yet.
+DKDV_OVERRIDES: dict = {}
+
+
 def _like_bnhd(q: Tensor) -> Tensor:
     """An empty [B, H, N, D] tensor stored as [B, N, H, D], so 'b h n d -> b n (h d)' is free."""
     b, h, n, d = q.shape
@@ -353,6 +361,9 @@ def _bwd_impl(do, q, k, v, o, lse, t, sm_scale, block_m, block_n, radius):
     num_qb, num_kb = t.q_starts.numel() - 1, t.k_starts.numel() - 1
     # dq first: its programs also write delta, which the dk/dv programs read
     for dkdv, grid in ((False, num_qb * bsz * heads), (True, num_kb * bsz * heads)):
+        launch = dict(num_warps=_warps(d, block_m, block_n), num_stages=_stages(q.dtype, d), **_reg_cap(q, dkdv, d))
+        if dkdv:
+            launch.update(DKDV_OVERRIDES)
         _bwd_kernel[(grid,)](
             q, k, v, o, do, dq, dk, dv, lse, delta,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -365,8 +376,7 @@ def _bwd_impl(do, q, k, v, o, lse, t, sm_scale, block_m, block_n, radius):
             0 if elem_bits is None else elem_bits.stride(0), t.q_starts, t.k_starts,
             n, heads, num_qb, num_kb, sm_scale, sm_scale * _LOG2E, rt, rh, rw,
             BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, HAS_WINDOW=coords is not None,
-            HAS_EBITS=elem_bits is not None, DOT_PREC=_dot_precision(q.dtype), DKDV=dkdv,
-            num_warps=_warps(d, block_m, block_n), num_stages=_stages(q.dtype, d), **_reg_cap(q, dkdv, d))
+            HAS_EBITS=elem_bits is not None, DOT_PREC=_dot_precision(q.dtype), DKDV=dkdv, **launch)
     return dq, dk, dv
 
 

@@ -1,7 +1,7 @@
 """Compiled-resource report and cost model of fmfast's Triton kernels for an H200, without a GPU.
 
     python tools/kernel_report.py [--sweep | --sweep-only] [--dtypes bfloat16,float32] [--json FILE]
-                                  [--components FILE] [--markdown FILE]
+                                  [--components FILE] [--markdown FILE] [--dkdv num_stages=1,...]
 
 Compiles every kernel variant the model launches at the paper shape (tools/kernel_variants.py),
 through the kernels' own host code, for sm_90 (tools/sm90.py), reads ptxas -v and the SASS, and
@@ -10,6 +10,8 @@ instruction kinds, global load widths, the grid against 132 SMs, and the cost mo
 (tools/cost_model.py, tools/kernel_costs.py). Then the components against their peers and
 targets: tokenizer fwd+bwd, one encoder layer's attention, the whole training step and an epoch.
 ``--sweep`` adds every width the docstrings promise (small batch) for the shared-memory limit.
+``--dkdv KEY=INT,...`` compiles the attention backward's dk/dv programs with these launch
+settings (num_warps, num_stages, maxnreg) instead of the kernel's: an A/B lead on paper.
 Nothing runs on a GPU: every time here is a model's estimate, to be checked by tools/gpu_check.sh.
 """
 from __future__ import annotations
@@ -143,6 +145,20 @@ def report(sweep: bool = False, paper: bool = True, dtypes=("bfloat16", "float32
     return rows, comp
 
 
+LAUNCH_KEYS = ("num_warps", "num_stages", "maxnreg")
+
+
+def parse_launch(text: str) -> dict:
+    """"num_stages=1,maxnreg=168" -> {"num_stages": 1, "maxnreg": 168}; a bad item is an OutputError."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in LAUNCH_KEYS or not value.isdigit() or int(value) < 1:
+            raise OutputError(f"--dkdv: {item!r} is not KEY=INT with KEY one of {', '.join(LAUNCH_KEYS)}")
+        out[key] = int(value)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", action="store_true", help="also every promised width, for the smem limit")
@@ -152,6 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="write the per-launch rows as a JSON list")
     ap.add_argument("--components", type=Path, help="write the components, ratios and targets as JSON")
     ap.add_argument("--markdown", type=Path, help="write the tables to this file too")
+    ap.add_argument("--dkdv", default="", help="dk/dv launch settings to try, e.g. num_stages=1,maxnreg=168")
     a = ap.parse_args(argv)
     dtypes = tuple(a.dtypes.split(","))
     bad = [d for d in dtypes if d not in DTYPES]
@@ -159,12 +176,17 @@ def main(argv=None) -> int:
     try:
         if bad:
             raise OutputError(f"--dtypes: {', '.join(bad)} is not one of {', '.join(DTYPES)}")
+        dkdv = parse_launch(a.dkdv)
         for p in outs.values():  # before the compiling, which takes a while
             if p:
                 check_output(p, kind="file")
     except OutputError as e:
         print(f"kernel_report: {e}", file=sys.stderr)
         return 2
+    if dkdv:
+        from fmfast.kernels import attention
+        attention.DKDV_OVERRIDES.update(dkdv)
+        print(f"dk/dv programs compiled with {dkdv}")
     rows, comp = report(a.sweep or a.sweep_only or a.full_sweep, not a.sweep_only, dtypes, a.full_sweep)
     md = markdown(rows, comp)
     print(md, end="")

@@ -74,6 +74,26 @@ def test_forward_backward_fp32(name):
     assert_matches_ref(LAYOUTS[name]())
 
 
+def test_dkdv_overrides_reach_the_dkdv_launch_only(monkeypatch):
+    """DKDV_OVERRIDES (the A/B lead's launch settings) change the dk/dv programs' launch and
+    nothing else, and the gradients stay the reference's."""
+    import fmfast.kernels.attention as ka
+
+    kernel, seen = ka._bwd_kernel, []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((kw["DKDV"], kw["num_stages"], kw["num_warps"]))
+                return kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(ka, "_bwd_kernel", Recorder())
+    monkeypatch.setattr(ka, "DKDV_OVERRIDES", {"num_stages": 1, "num_warps": 8})
+    assert_matches_ref(LAYOUTS["cross_ragged"]())
+    assert seen == [(False, 2, 4), (True, 1, 8)]
+
+
 @pytest.mark.parametrize("d", [64, 128])
 def test_head_dims(d):
     assert_matches_ref(L.cross_attention_layout((21, 19), 16, 16), b=1, h=1, d=d)

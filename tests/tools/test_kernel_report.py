@@ -37,6 +37,22 @@ def paper_bf16(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_dkdv_launch_settings_change_the_dkdv_programs_only(paper_bf16, tmp_path):
+    """--dkdv compiles the attention backward's dk/dv programs with other launch settings (the
+    A/B lead on paper); every other launch compiles as before."""
+    rows, _, out = _run_report(tmp_path, "--dtypes", "bfloat16", "--dkdv", "num_stages=1")
+    assert "dk/dv programs compiled with {'num_stages': 1}" in out
+    base = {(r["kernel"], r["variant"]): r for r in paper_bf16[0]}
+    assert set(base) == {(r["kernel"], r["variant"]) for r in rows}
+    for r in rows:
+        b = base[(r["kernel"], r["variant"])]
+        if r["kernel"] == "attn_bwd_dkdv":
+            assert r["regs"] != b["regs"], r  # a single stage holds no prefetched tile
+        else:
+            assert (r["regs"], r["smem_bytes"]) == (b["regs"], b["smem_bytes"]), r
+
+
+@pytest.mark.slow
 def test_report_covers_every_launch_with_the_promised_fields(paper_bf16):
     rows, comp, md = paper_bf16
     kinds = {(r["kernel"], r["shape"].get("source"), r["shape"].get("cross")) for r in rows}
@@ -127,6 +143,8 @@ def test_loop_bodies_count_nested_loops_once_and_issue_slots_add_up():
 @pytest.mark.parametrize("args, says", [
     (["--dtypes", "float8"], "--dtypes: float8 is not one of bfloat16, float32"),
     (["--json", "{file}/rows.json"], "is not a folder"),
+    (["--dkdv", "num_stages=one"], "--dkdv: 'num_stages=one' is not KEY=INT"),
+    (["--dkdv", "block_m=64"], "with KEY one of num_warps, num_stages, maxnreg"),
 ])
 def test_bad_arguments_fail_in_one_line_before_compiling(tmp_path, args, says):
     """A wrong dtype, or an output under a file, is refused with one line and exit code 2 before
