@@ -148,6 +148,20 @@ def load_switched(var: str, refusal: str | None, source: Path, flags: list[str])
     return build_and_load(source, flags)
 
 
+def availability(library):
+    """For a kernel whose ``library()`` gives (lib, "") or (None, why not): ``available() -> (ok,
+    why)``, and ``constant() -> ok``, which torch.compile takes as a constant (so it never traces
+    the build)."""
+    def available() -> tuple[bool, str]:
+        lib, why = library()
+        return lib is not None, why
+
+    @torch.compiler.assume_constant_result
+    def constant() -> bool:
+        return available()[0]
+    return available, constant
+
+
 def _load(source: Path, flags: list[str], fwd: str, bwd: str) -> tuple[ctypes.CDLL | None, str]:
     """``source`` built and loaded (``build_and_load``), its entry points declared: the forward
     ``fwd`` over _Problem structures, the backward ``bwd`` and fmf_pin_threads -> (lib, "") or

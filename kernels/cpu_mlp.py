@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cpu_attention import FLAGS, load_switched, supported_variants
+from .cpu_attention import FLAGS, availability, load_switched, supported_variants
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_mlp.c"
 MAX_C, MAX_H = 512, 2048  # the kernel's per-thread buffers
@@ -53,16 +53,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     return lib, why
 
 
-def available() -> tuple[bool, str]:
-    """(True, "") where the feed-forward kernel runs on this machine, else (False, the reason)."""
-    lib, why = _library()
-    return lib is not None, why
-
-
-@torch.compiler.assume_constant_result
-def _available_constant() -> bool:
-    # a constant to torch.compile, which so never traces the build
-    return available()[0]
+# available() -> (True, "") where the feed-forward kernel runs on this machine, else (False, the reason)
+available, _available_constant = availability(_library)
 
 
 def takes(x: torch.Tensor, hidden: int) -> bool:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cpu_attention import FLAGS, load_switched, supported_variants
+from .cpu_attention import FLAGS, availability, load_switched, supported_variants
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_patch_norm.c"
 MAX_K = 4096  # the kernel's per-thread tubelet buffer
@@ -42,15 +42,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     return lib, why
 
 
-def available() -> tuple[bool, str]:
-    """(True, "") where the patch-norm kernel runs on this machine, else (False, the reason)."""
-    lib, why = _library()
-    return lib is not None, why
-
-
-@torch.compiler.assume_constant_result
-def _available_constant() -> bool:
-    return available()[0]  # (a constant to torch.compile: it never traces the build)
+# available() -> (True, "") where the patch-norm kernel runs on this machine, else (False, the reason)
+available, _available_constant = availability(_library)
 
 
 def takes(video: torch.Tensor, patch_dim: int) -> bool:
