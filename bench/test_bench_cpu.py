@@ -171,6 +171,8 @@ def test_bench_cpu_inference(batch, threads, tmp_path):
               batch, secs)
     for s in skipped:
         print(f"  skipped {s}")
+    if ours.memory[0]:
+        print(f"  malloc: {ours.memory[1]}, process-wide, so every peer here ran with it too")
     checks = [check(f"B={batch} {threads}t: ours vs reference eager fp32", r["(a) reference eager fp32"], 6.0)]
     if "(d) OpenVINO bf16" in r:
         checks.append(check(f"B={batch} {threads}t: ours vs OpenVINO bf16", r["(d) OpenVINO bf16"], 1.2))
@@ -182,7 +184,10 @@ def test_bench_cpu_training_step():
     """ours = what ``fmfast train`` runs on a CPU: the fused backend at ``--amp auto`` (bf16 on
     CPUs with native bf16, its attention in fmfast's CPU kernels; fp32 elsewhere), and ``--amp
     off`` (fp32) beside it."""
+    from fmfast.engine.cpu_memory import keep_freed_memory
+
     torch.set_num_threads(2)
+    memory = keep_freed_memory()  # as fmfast train does on a CPU; process-wide: every peer runs with it
     B = 32
     ref, video, current = weights_and_inputs(B)
     labels = torch.randint(0, 2, (B,), generator=torch.Generator().manual_seed(3))
@@ -209,7 +214,7 @@ def test_bench_cpu_training_step():
     assert all(abs(v - want) <= (2e-2 if dtypes.get(k) else 1e-4) for k, v in losses.items()), losses
     secs = interleaved({k: (lambda k=k: step(k)) for k in models}, rounds=5)
     r = table(f"CPU training step (forward, cross-entropy, backward, Adam), paper shape, B={B}, 2 threads; "
-              f"native bf16: {native_bf16()}; ours: --amp auto = {amp or 'fp32'}", B, secs)
+              f"native bf16: {native_bf16()}; ours: --amp auto = {amp or 'fp32'}; malloc: {memory[1]} (every peer)", B, secs)
     c = check("training step: ours vs reference eager fp32", r["(a) reference eager fp32"], 3.0)
     print(f"  target {c['target']}: {c['value']:.2f} (goal {c['goal']}) -> {'met' if c['met'] else 'NOT met'}")
 

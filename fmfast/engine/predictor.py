@@ -27,7 +27,9 @@ What runs (``pred.path`` says it in words, ``pred.note`` why, e.g. a fallback):
   model eagerly, with the reason. When the process uses every CPU it may run on, the OpenMP
   worker threads are pinned one to a CPU (``cpu_attention.pin_threads``; ``pred.threads`` says
   what was done): a call after idle, as in a plant scoring once a second, otherwise ran up to 1.5x
-  slower on 2 cores while a woken worker shared its waker's core.
+  slower on 2 cores while a woken worker shared its waker's core. glibc's malloc is set to keep
+  freed memory for reuse (``fmfast.engine.cpu_memory``): each call's buffers otherwise came back
+  as fresh zero-filled pages, thousands of page faults per forward.
 - CUDA: the Triton kernels in bf16 and the forward captured as one CUDA graph (replayed per
   chunk); eager, with the reason, where capture fails.
 - An exported file (``fmfast export``: .onnx, OpenVINO .xml, .pt2): its own runtime
@@ -41,6 +43,7 @@ from pathlib import Path
 import torch
 
 from fmfast.data.gather import gather_clip
+from fmfast.engine.cpu_memory import keep_freed_memory
 from fmfast.engine.device import auto_dtype, autocast, resolve_device
 from fmfast.engine.exported import ExportedModel
 from fmfast.errors import SettingsError
@@ -89,6 +92,7 @@ class Predictor:
         self.meta = dict(meta or {})
         self.batch_size = batch_size
         self.pinned, self.threads = False, ""  # an exported file runs its own runtime's threads
+        self.memory = (False, "")  # (malloc set to keep freed memory, in words): CPU only
         if isinstance(model, ExportedModel):
             self._exported(model, device, precision, compile)
             return
@@ -100,6 +104,7 @@ class Predictor:
         self.config = self.model.config
         if self.device.type == "cpu":  # a call after idle then starts on every core at once
             self.pinned, self.threads = cpu_attention.pin_threads()
+            self.memory = keep_freed_memory()  # no page faults on every call's fresh buffers
         self._run = self._eager
         self.note = "eager (compile off)" if compile == "off" else ""
         kind = "captured CUDA graph" if self.device.type == "cuda" else "torch.compile (inductor, freezing)"
@@ -144,7 +149,8 @@ class Predictor:
         if isinstance(self.model, ExportedModel):
             backend = self.model.runtime
         pinned = f", {self.threads}" if self.pinned else ""
-        return f"{self.name} on {self.device.type}, {backend}, {prec}, {self.note}{pinned}"
+        memory = f", {self.memory[1]}" if self.memory[0] else ""
+        return f"{self.name} on {self.device.type}, {backend}, {prec}, {self.note}{pinned}{memory}"
 
     # ---- the forward on one padded chunk -------------------------------------------------
     def _forward(self, video: Tensor | None, current: Tensor | None) -> Tensor:

@@ -28,6 +28,7 @@ from fmfast.data.gather import StableFlips, fits_on_device
 from fmfast.engine import checkpoints as ckpt
 from fmfast.engine import distributed as dist
 from fmfast.engine import finite
+from fmfast.engine.cpu_memory import keep_freed_memory
 from fmfast.engine.device import resolve_amp, resolve_device
 from fmfast.engine.evaluation import evaluate
 from fmfast.engine.logs import RunLog
@@ -63,6 +64,9 @@ class Trainer:
         self.main = self.rank == 0
         self.console = console or Console(stderr=True, quiet=not self.main)
         self.amp = resolve_amp(t["amp"], self.device)
+        # each step's activations otherwise come back as fresh zero-filled pages: ~24k page faults
+        # a step at the paper shape, B=32 (fmfast.engine.cpu_memory)
+        self.memory = keep_freed_memory() if self.device.type == "cpu" else (False, "")
         self.out = Path(t["out"])
         self._lock = None  # taken, with config.yaml written, once data, model and resume check out
         prepare_run_folder(self.out, self.s, resume, write=False)  # checks only: a probe, nothing left behind
@@ -332,7 +336,8 @@ class Trainer:
             f" ({n['dropped']:,} in the guard gap of {max(n['guard_frames'])} frames) · clip {self.cfg.num_frames}×{self.cfg.frame_hw[0]}×{self.cfg.frame_hw[1]}"
             f" stride {d['stride']} · current {self.cfg.current_len}×3 · batch {self.s['train']['batch_size']}"
             f" · {self.device} · amp {self.amp or 'off'} · backend {self.s['train']['backend']} · {self.world} process(es)\n"
-            f"  cuda graphs {self.graph_note}{' · data on the GPU' if self.on_device else ''} · run folder {self.out}"
+            f"  cuda graphs {self.graph_note}{' · data on the GPU' if self.on_device else ''}"
+            f"{f' · {self.memory[1]}' if self.memory[0] else ''} · run folder {self.out}"
         )
 
     def _log_epoch(self, row, improved):
