@@ -64,9 +64,7 @@ class Trainer:
         self.main = self.rank == 0
         self.console = console or Console(stderr=True, quiet=not self.main)
         self.amp = resolve_amp(t["amp"], self.device)
-        # each step's activations otherwise come back as fresh zero-filled pages: ~24k page faults
-        # a step at the paper shape, B=32 (fmfast.engine.cpu_memory)
-        self.memory = keep_freed_memory() if self.device.type == "cpu" else (False, "")
+        self.memory = keep_freed_memory() if self.device.type == "cpu" else (False, "")  # no fresh pages a step
         self.out = Path(t["out"])
         self._lock = None  # taken, with config.yaml written, once data, model and resume check out
         prepare_run_folder(self.out, self.s, resume, write=False)  # checks only: a probe, nothing left behind
@@ -96,9 +94,7 @@ class Trainer:
                                                   train_blockers(self.opt, self.amp, self.world))
         self.on_device = False
         self._lr = []
-        # Reading a loss makes the host wait for the GPU, which then idles while the host queues
-        # the next step; on a GPU losses are read in groups (a CPU runs synchronously anyway).
-        self.loss_read_every = 1 if self.device.type == "cpu" else 25
+        self.loss_read_every = 1 if self.device.type == "cpu" else 25  # a read makes the host wait for the GPU
         if self.graphs:
             self._setup_graphs()
         else:  # the same step, eager, with the GradScaler fp16 needs
@@ -336,8 +332,7 @@ class Trainer:
             f" ({n['dropped']:,} in the guard gap of {max(n['guard_frames'])} frames) · clip {self.cfg.num_frames}×{self.cfg.frame_hw[0]}×{self.cfg.frame_hw[1]}"
             f" stride {d['stride']} · current {self.cfg.current_len}×3 · batch {self.s['train']['batch_size']}"
             f" · {self.device} · amp {self.amp or 'off'} · backend {self.s['train']['backend']} · {self.world} process(es)\n"
-            f"  cuda graphs {self.graph_note}{' · data on the GPU' if self.on_device else ''}"
-            f"{f' · {self.memory[1]}' if self.memory[0] else ''} · run folder {self.out}"
+            f"  cuda graphs {self.graph_note}{' · data on the GPU' if self.on_device else ''}{f' · {self.memory[1]}' if self.memory[0] else ''} · run folder {self.out}"
         )
 
     def _log_epoch(self, row, improved):
