@@ -206,17 +206,13 @@ def test_bench_scaled_window(benchmark, backward):
 def _with_dkdv(step, overrides):
     """``step`` run with the dk/dv launch settings ``overrides`` (kernels/attention.py's
     DKDV_OVERRIDES), restored after each call."""
+    from unittest import mock
+
     from fmfast.kernels import attention as ka
 
     def run():
-        saved = dict(ka.DKDV_OVERRIDES)
-        ka.DKDV_OVERRIDES.clear()
-        ka.DKDV_OVERRIDES.update(overrides)
-        try:
+        with mock.patch.dict(ka.DKDV_OVERRIDES, overrides, clear=True):
             return step()
-        finally:
-            ka.DKDV_OVERRIDES.clear()
-            ka.DKDV_OVERRIDES.update(saved)
     return run
 
 
